@@ -1,0 +1,1 @@
+"""ft eval: filled by later work (see README)."""

@@ -1,0 +1,1 @@
+"""ft export: filled by later work (see README)."""

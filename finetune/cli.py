@@ -1,0 +1,117 @@
+"""`ft`: the command line. Each command is a thin shell over one module.
+
+Exit codes: 0 success, 2 a problem the user can fix (one message, no traceback), 1 a bug in ft.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from finetune.errors import EXIT_INTERNAL_ERROR, EXIT_USER_ERROR, UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-tune an open-weight model on your data, prove it helps, ship a GGUF.")
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+SET_HELP = "override a recipe key, e.g. --set train.lr=1e-4 (repeatable)"
+
+
+@app.command()
+def train(
+    recipe: str = typer.Argument(..., help="recipe YAML file"),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    output: Optional[str] = typer.Option(None, help="run folder (default runs/<recipe name>)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the newest complete checkpoint"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="delete an existing run folder first"),
+):
+    """4-bit LoRA SFT of the recipe's base model on its data; writes a run folder."""
+    from finetune.recipe import load_recipe
+    from finetune.run import run_for
+    from finetune.train import train as run_training
+
+    loaded = load_recipe(recipe, set_)
+    run = run_for(loaded.name, output)
+    err.print(f"[bold]ft train[/bold] {loaded.name} → {run.root}")
+    summary = run_training(loaded, run, resume=resume, overwrite=overwrite, console=err)
+    start, end = summary.get("heldout_loss_start"), summary["heldout_loss_end"]
+    out.print(f"held-out loss: {start:.4f} → {end:.4f}" if start is not None else f"held-out loss: {end:.4f}")
+    out.print(f"adapter: {run.adapter}")
+
+
+@app.command()
+def validate(
+    recipe: str = typer.Argument(..., help="recipe YAML file"),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+):
+    """Check a recipe without training: keys, files, data, model, chat template."""
+    from finetune.validate import validate_recipe
+
+    report = validate_recipe(recipe, set_)
+    for line in report:
+        out.print(f"[green]ok[/green] {line}")
+
+
+@app.command()
+def models():
+    """List the base-model registry and the families ft knows."""
+    from finetune.models import REGISTRY
+
+    table = Table("alias", "family", "source", "gguf arch", "license", "about")
+    for m in REGISTRY.values():
+        table.add_row(m.alias, m.family.name, m.hub_id or "tiny twin (built locally)", m.family.gguf_arch,
+                      m.license, m.about)
+    out.print(table)
+    from finetune.models import FAMILIES
+
+    for f in FAMILIES:
+        out.print(f"[bold]{f.name}[/bold]: model_type {', '.join(f.model_types)}; end of turn "
+                  f"{' '.join(f.end_of_turn)}; LoRA targets {', '.join(f.lora_targets)}")
+
+
+def quiet_libraries() -> None:
+    """ft draws its own progress; the libraries' bars and info logs would interleave with it."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main() -> None:
+    """Entry point: maps errors to exit codes and one-line messages."""
+    quiet_libraries()
+    try:
+        app(standalone_mode=False)
+    except UserError as exc:
+        err.print(exc.render(), markup=False, highlight=False)
+        sys.exit(EXIT_USER_ERROR)
+    except (typer.Exit, SystemExit) as exc:
+        sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)))
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except Exception as exc:  # click's own usage errors are the user's; the rest are ours
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(EXIT_USER_ERROR)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        traceback.print_exc()
+        err.print("internal error in ft (exit 1): please report it with the traceback above")
+        sys.exit(EXIT_INTERNAL_ERROR)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,383 @@
+"""Data: files → conversations → token ids with assistant-only labels.
+
+Three record shapes are accepted, detected from the first record unless the recipe says:
+  chat               {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
+  instruction        {"instruction": ..., "input": ..., "output": ...}
+  prompt_completion  {"prompt": ..., "completion": ...}
+`data.columns` maps these field names onto a file's own columns (`{prompt: text, completion:
+category}`), which is how CSV files are read.
+
+Labels are computed by the chat template itself: the family's *training* template marks the text
+a model must learn to produce with `{% generation %}`, and transformers returns that as a mask.
+The marked span ends with the end-of-turn token, so the model learns to stop; `check_template`
+proves it on every run before a single step is taken.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finetune.errors import UserError
+from finetune.models import Family
+from finetune.recipe import DataSection, Recipe
+
+ROLES = ("system", "user", "assistant")
+FORMAT_FIELDS = {
+    "chat": ("messages",),
+    "instruction": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"),
+}
+
+
+@dataclass
+class Example:
+    messages: list[dict]
+    where: str  # file:line, for every message about this example
+    label: str | None = None  # class of the example (stratified split, label metrics)
+
+    def key(self) -> str:
+        """Identity for duplicate and leakage checks: the exact conversation."""
+        return json.dumps(self.messages, sort_keys=True, ensure_ascii=False)
+
+
+@dataclass
+class Splits:
+    train: list[Example]
+    heldout: list[Example]
+    format: str
+    stats: dict = field(default_factory=dict)
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+def read_records(source: str, data: DataSection) -> list[tuple[dict, str]]:
+    """Records with their location ('file:line' or 'hub:name#row')."""
+    if source.startswith("hub:"):
+        return _read_hub(source[4:], data.hub_split)
+    path = Path(source)
+    if not path.is_file():
+        raise UserError(f"data file not found: {path}", "data", "check the path (relative to the recipe file)")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    if suffix == ".json":
+        return _read_json(path)
+    if suffix == ".csv":
+        return _read_csv(path)
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    raise UserError(f"unsupported data file type '{suffix}'", str(path), "use .jsonl, .json, .csv or .parquet")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise UserError(f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x})", f"{path}:{line}",
+                        "re-save the file as UTF-8") from None
+
+
+def _read_jsonl(path: Path) -> list[tuple[dict, str]]:
+    rows = []
+    for n, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"invalid JSON: {exc.msg} at column {exc.colno}", f"{path}:{n}",
+                            "each line must be one JSON object") from None
+        if not isinstance(record, dict):
+            raise UserError("a line must be a JSON object", f"{path}:{n}", "write one {...} per line")
+        rows.append((record, f"{path}:{n}"))
+    return rows
+
+
+def _read_json(path: Path) -> list[tuple[dict, str]]:
+    try:
+        records = json.loads(_read_text(path))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"invalid JSON: {exc.msg}", f"{path}:{exc.lineno}", "fix the JSON syntax") from None
+    if isinstance(records, dict):
+        records = next((v for v in records.values() if isinstance(v, list)), [records])
+    return [(r, f"{path}#{i}") for i, r in enumerate(records)]
+
+
+def _read_csv(path: Path) -> list[tuple[dict, str]]:
+    reader = csv.DictReader(_read_text(path).splitlines())
+    # DictReader counts physical lines; +1 for the header so messages match an editor
+    return [(dict(row), f"{path}:{reader.line_num}") for row in reader]
+
+
+def _read_parquet(path: Path) -> list[tuple[dict, str]]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    return [(row, f"{path}#{i}") for i, row in enumerate(table.to_pylist())]
+
+
+def _read_hub(name: str, split: str) -> list[tuple[dict, str]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # offline, missing, or private: the user's to fix
+        raise UserError(f"cannot load hub dataset '{name}' ({type(exc).__name__})", "data.train",
+                        "check the name and your network, or download it to a local file") from None
+    return [(row, f"hub:{name}#{i}") for i, row in enumerate(ds)]
+
+
+# --- records → conversations ------------------------------------------------------------------
+
+def detect_format(record: dict, data: DataSection, where: str) -> str:
+    if data.format != "auto":
+        return data.format
+    present = {f for f in ("messages", "instruction", "output", "prompt", "completion")
+               if data.columns.get(f, f) in record}
+    for fmt, needed in FORMAT_FIELDS.items():
+        if all(f in present for f in needed):
+            return fmt
+    raise UserError(
+        f"cannot tell the record format from its fields {sorted(record)[:8]}", where,
+        "use fields messages | instruction/input/output | prompt/completion, or map your "
+        "columns with data.columns (e.g. {prompt: text, completion: label})",
+    )
+
+
+def to_example(record: dict, fmt: str, data: DataSection, where: str) -> Example:
+    def get(name: str, required: bool = True):
+        column = data.columns.get(name, name)
+        value = record.get(column)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            if required:
+                raise UserError(f"missing or empty field '{column}'", where,
+                                f"give every record a non-empty '{column}', or remove the record")
+            return None
+        return value
+
+    if fmt == "chat":
+        messages = get("messages")
+        if not isinstance(messages, list):
+            raise UserError("'messages' must be a list of {role, content}", where, "see the chat format in README.md")
+        messages = [_check_message(m, i, where) for i, m in enumerate(messages)]
+    elif fmt == "instruction":
+        extra = get("input", required=False)
+        user = str(get("instruction")) + (f"\n\n{extra}" if extra else "")
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": str(get("output"))}]
+    else:
+        messages = [{"role": "user", "content": str(get("prompt"))},
+                    {"role": "assistant", "content": str(get("completion"))}]
+    system = get("system", required=False) if fmt != "chat" else None
+    system = system or data.system_prompt
+    if system and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": str(system)})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise UserError("the conversation has no assistant turn to learn from", where,
+                        "add an assistant message, or remove the record")
+    if messages[-1]["role"] != "assistant":
+        raise UserError("the conversation must end with an assistant turn", where,
+                        "remove trailing user messages, or add the assistant's answer")
+    label = None
+    if data.label_column:
+        if data.label_column not in record:
+            raise UserError(f"label column '{data.label_column}' not in the record", where,
+                            f"fix data.label_column; columns here: {', '.join(sorted(record))}")
+        label = str(record[data.label_column])
+    return Example(messages, where, label)
+
+
+def _check_message(message, index: int, where: str) -> dict:
+    if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        raise UserError(f"message {index} must be an object with 'role' and 'content'", where,
+                        "write messages as {\"role\": ..., \"content\": ...}")
+    role, content = message["role"], message["content"]
+    if role not in ROLES:
+        raise UserError(f"message {index} has unknown role '{role}'", where, f"use one of: {', '.join(ROLES)}")
+    if not isinstance(content, str):
+        raise UserError(f"message {index} content must be a string", where, "use plain text content")
+    if role == "assistant" and not content.strip():
+        raise UserError(f"message {index} is an empty assistant turn", where,
+                        "give it the answer the model should learn, or remove the record")
+    if role == "system" and index != 0:
+        raise UserError(f"message {index}: a system message must come first", where,
+                        "move the system message to the start of the conversation")
+    return {"role": role, "content": content}
+
+
+def load_examples(source: str, data: DataSection, limit: int | None = None) -> tuple[list[Example], str]:
+    records = read_records(source, data)
+    if not records:
+        raise UserError("the data file has no records", source, "add examples, one per line")
+    if limit:
+        records = records[:limit]
+    fmt = detect_format(records[0][0], data, records[0][1])
+    examples = [to_example(r, fmt, data, w) for r, w in records]
+    if not data.label_column and fmt != "chat":
+        _auto_label(examples)
+    return examples, fmt
+
+
+def _auto_label(examples: list[Example]) -> None:
+    """A short completion with few distinct values is a class label (a CSV `category`)."""
+    answers = [e.messages[-1]["content"] for e in examples]
+    distinct = set(answers)
+    if len(distinct) <= max(2, len(answers) // 5) and max(map(len, distinct)) <= 64:
+        for e, a in zip(examples, answers):
+            e.label = a
+
+
+# --- splits -----------------------------------------------------------------------------------
+
+def load_splits(recipe: Recipe) -> Splits:
+    data = recipe.data
+    train, fmt = load_examples(data.train, data, data.limit)
+    stats: dict = {"format": fmt}
+    within = len(train) - len({e.key() for e in train})
+    if data.heldout:
+        heldout, _ = load_examples(data.heldout, data)
+    else:
+        train, heldout = split(train, data.heldout_fraction, recipe.train.seed)
+    if data.heldout_max:
+        heldout = heldout[: data.heldout_max]
+    # Leakage: an example in both sets would make held-out scores measure recall, not skill.
+    heldout_keys = {e.key() for e in heldout}
+    kept = [e for e in train if e.key() not in heldout_keys]
+    stats.update(duplicates_in_train=within, leaked_removed=len(train) - len(kept),
+                 train=len(kept), heldout=len(heldout))
+    if not kept:
+        raise UserError("every training example also appears in the held-out set", data.heldout or "data",
+                        "use a held-out file that is separate from the training data")
+    if not heldout:
+        raise UserError("the held-out set is empty", data.heldout or "data.heldout_fraction",
+                        "add held-out examples or raise data.heldout_fraction")
+    return Splits(kept, heldout, fmt, stats)
+
+
+def split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Seeded split; stratified by label when examples have one, so rare classes are held out too."""
+    rng = random.Random(seed)
+    groups: dict[str | None, list[Example]] = defaultdict(list)
+    for e in examples:
+        groups[e.label].append(e)
+    train, heldout = [], []
+    for label in sorted(groups, key=str):
+        group = groups[label][:]
+        rng.shuffle(group)
+        n = round(len(group) * fraction)
+        if label is not None and len(group) >= 2:
+            n = max(n, 1)
+        heldout += group[:n]
+        train += group[n:]
+    rng.shuffle(train)
+    rng.shuffle(heldout)
+    return train, heldout
+
+
+def label_counts(examples: list[Example]) -> Counter:
+    return Counter(e.label for e in examples if e.label is not None)
+
+
+# --- tokenization -----------------------------------------------------------------------------
+
+def template_kwargs(family: Family, recipe: Recipe) -> dict:
+    return {"enable_thinking": recipe.model.thinking} if "enable_thinking" in family.template_switches else {}
+
+
+def tokenize(tokenizer, example: Example, template: str, max_length: int, kwargs: dict) -> dict:
+    """input_ids and labels (-100 outside trained text), truncated to max_length."""
+    try:
+        out = tokenizer.apply_chat_template(
+            example.messages, chat_template=template, tokenize=True, return_dict=True,
+            return_assistant_tokens_mask=True, **kwargs,
+        )
+    except Exception as exc:  # the template raised (e.g. a role it does not allow)
+        raise UserError(f"the chat template rejected this conversation: {exc}", example.where,
+                        "check the roles and order of its messages") from None
+    ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+    labels = [i if m else -100 for i, m in zip(ids, mask)]
+    return {"input_ids": ids[:max_length], "labels": labels[:max_length], "length": len(ids)}
+
+
+def tokenize_all(tokenizer, examples: list[Example], template: str, max_length: int, kwargs: dict):
+    """A datasets.Dataset of input_ids/labels and a report of what truncation did."""
+    import datasets
+
+    rows, truncated, dropped = [], [], []
+    for e in examples:
+        row = tokenize(tokenizer, e, template, max_length, kwargs)
+        if row["length"] > max_length:
+            truncated.append(e.where)
+            if all(label == -100 for label in row["labels"]):
+                dropped.append(e.where)  # nothing left to learn from
+                continue
+        rows.append(row)
+    report = {"examples": len(rows), "truncated": len(truncated), "dropped_all_prompt": len(dropped),
+              "truncated_where": truncated[:5],
+              "tokens": sum(min(r["length"], max_length) for r in rows),
+              "trained_tokens": sum(sum(lab != -100 for lab in r["labels"]) for r in rows)}
+    ds = datasets.Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows],
+                                     "labels": [r["labels"] for r in rows]})
+    return ds, report
+
+
+# --- template check ---------------------------------------------------------------------------
+
+PROBE = [
+    {"role": "system", "content": "You sort tickets."},
+    {"role": "user", "content": "My invoice is wrong."},
+    {"role": "assistant", "content": "billing"},
+    {"role": "user", "content": "The app crashes."},
+    {"role": "assistant", "content": "bug-report"},
+]
+
+
+def check_template(template: str, family: Family, kwargs: dict, where: str, tokenizer=None) -> None:
+    """Every assistant turn's trained span must end with an end-of-turn token; a template that
+    marks nothing, or leaves the end-of-turn token out, trains a model that never stops.
+    Rendering needs no tokenizer, so `ft validate` checks hub models offline; with a tokenizer,
+    each end-of-turn token must also be one token of its vocabulary."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    if not re.search(r"{%-?\s*generation\s*-?%}", template):
+        raise UserError(
+            "the chat template has no {% generation %} ... {% endgeneration %} markers", where,
+            "wrap each assistant turn's text and its end-of-turn token in {% generation %} blocks "
+            "(see finetune/templates/*.train.jinja)",
+        )
+    try:
+        rendered, indices = render_jinja_template(
+            [PROBE], chat_template=template, return_assistant_tokens_mask=True,
+            eos_token=family.eos_token, bos_token=family.bos_token or "", **kwargs)
+    except Exception as exc:
+        raise UserError(f"the chat template fails to render a plain conversation: {exc}", where,
+                        "fix the template's Jinja") from None
+    spans = [rendered[0][a:b] for a, b in indices[0]]
+    if len(spans) != 2 or not all(s.endswith(family.end_of_turn) for s in spans):
+        raise UserError(
+            f"the trained spans {spans!r} do not each end with an end-of-turn token "
+            f"({' or '.join(family.end_of_turn)})", where,
+            "put the end-of-turn token inside the {% generation %} block of every assistant turn",
+        )
+    if tokenizer is not None:
+        for token in family.end_of_turn:
+            if tokenizer.encode(token, add_special_tokens=False) != [tokenizer.convert_tokens_to_ids(token)]:
+                raise UserError(f"'{token}' is not a single token of the tokenizer", where,
+                                "use the tokenizer the model was trained with")
+
+
+def sha256_file(path: str) -> str | None:
+    if path is None or path.startswith("hub:"):
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

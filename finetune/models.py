@@ -1,0 +1,191 @@
+"""The base-model registry: every per-family fact lives here, once.
+
+A *family* is an architecture plus its chat conventions: which chat template it was post-trained
+with, which tokens end an assistant turn, which linear layers LoRA should adapt, what llama.cpp
+calls the architecture, and what Ollama needs to run it. A *base model* is an alias users write
+in a recipe (`base: qwen3.5-9b`), pointing at a hub checkpoint or at a tiny twin that ft builds
+locally (see `twins.py`). Any other hub id or local folder works too: its family comes from
+`config.json`'s `model_type`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from finetune.errors import UserError
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]  # config.json `model_type` values that belong to this family
+    chat_template: str  # file in finetune/templates: the template the model was post-trained with
+    training_template: str  # the same template with {% generation %} markers around trained text
+    end_of_turn: tuple[str, ...]  # tokens that end an assistant turn (trained, and Ollama stops)
+    eos_token: str  # the tokenizer's EOS (templates may emit it as `eos_token`)
+    bos_token: str | None
+    pad_token: str
+    lora_targets: tuple[str, ...]  # module-name suffixes LoRA adapts by default
+    # Linear layers kept out of 4-bit. lm_head: quantizing it costs quality and saves little.
+    # Qwen3.5's in_proj_a / in_proj_b have out_features = linear_num_value_heads (32 in the 9B),
+    # tiny enough that 4-bit saves nothing, and bitsandbytes' CPU kernel needs out % 32 == 0.
+    skip_4bit: tuple[str, ...]
+    gguf_arch: str  # llama.cpp architecture name
+    ollama_renderer: str | None  # Ollama's built-in RENDERER/PARSER name for the family
+    ollama_min_version: str  # first Ollama release that runs llama.cpp-converted GGUFs of the arch
+    # chat-template keyword arguments the family's template understands (others are not passed)
+    template_switches: tuple[str, ...] = ()
+
+    def read_template(self, training: bool = False) -> str:
+        name = self.training_template if training else self.chat_template
+        return resources.files("finetune.templates").joinpath(name).read_text(encoding="utf-8")
+
+
+QWEN3_5 = Family(
+    name="qwen3_5",
+    model_types=("qwen3_5", "qwen3_5_text"),
+    chat_template="qwen3_5.jinja",
+    training_template="qwen3_5.train.jinja",
+    end_of_turn=("<|im_end|>",),
+    eos_token="<|im_end|>",
+    bos_token=None,
+    pad_token="<|endoftext|>",
+    # Gated DeltaNet projections (in_proj_qkv, in_proj_z, out_proj) carry most of the token
+    # mixing in 3 of every 4 layers: leaving them out would adapt only a quarter of the attention.
+    lora_targets=(
+        "q_proj", "k_proj", "v_proj", "o_proj",
+        "in_proj_qkv", "in_proj_z", "out_proj",
+        "gate_proj", "up_proj", "down_proj",
+    ),
+    skip_4bit=("lm_head", "in_proj_a", "in_proj_b"),
+    gguf_arch="qwen35",
+    ollama_renderer="qwen3.5",
+    ollama_min_version="0.17.5",
+    template_switches=("enable_thinking",),
+)
+
+OLMO3 = Family(
+    name="olmo3",
+    model_types=("olmo3",),
+    chat_template="olmo3.jinja",
+    training_template="olmo3.train.jinja",
+    # The OLMo 3 Instruct template ends earlier assistant turns with <|im_end|> and the last one
+    # with the EOS <|endoftext|>: a fine-tune learns both, so both must stop generation.
+    end_of_turn=("<|im_end|>", "<|endoftext|>"),
+    eos_token="<|endoftext|>",
+    bos_token="<|endoftext|>",
+    pad_token="<|pad|>",
+    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    skip_4bit=("lm_head",),
+    gguf_arch="olmo2",  # llama.cpp runs OLMo 3 as olmo2 with a sliding-window layer pattern
+    ollama_renderer="olmo3",
+    ollama_min_version="0.12.4",
+)
+
+FAMILIES = (QWEN3_5, OLMO3)
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    alias: str
+    family: Family
+    hub_id: str | None  # None for a tiny twin, which ft builds locally
+    license: str
+    about: str
+
+    @property
+    def is_twin(self) -> bool:
+        return self.hub_id is None
+
+
+REGISTRY = {
+    m.alias: m
+    for m in (
+        BaseModel("qwen3.5-9b", QWEN3_5, "Qwen/Qwen3.5-9B", "apache-2.0",
+                  "Qwen3.5 9B post-trained; hybrid Gated DeltaNet + gated attention"),
+        BaseModel("qwen3.5-9b-base", QWEN3_5, "Qwen/Qwen3.5-9B-Base", "apache-2.0",
+                  "Qwen3.5 9B pre-trained only"),
+        BaseModel("olmo3-7b", OLMO3, "allenai/Olmo-3-7B-Instruct", "apache-2.0",
+                  "OLMo 3 7B Instruct; sliding-window attention on 3 of 4 layers"),
+        BaseModel("olmo3-7b-base", OLMO3, "allenai/Olmo-3-1025-7B", "apache-2.0",
+                  "OLMo 3 7B pre-trained only (no chat template of its own)"),
+        BaseModel("tiny-qwen3.5", QWEN3_5, None, "apache-2.0",
+                  "tiny Qwen3_5ForCausalLM built locally (3 linear + 1 full attention layers)"),
+        BaseModel("tiny-olmo3", OLMO3, None, "apache-2.0",
+                  "tiny Olmo3ForCausalLM built locally (3 sliding + 1 full attention layers)"),
+    )
+}
+
+
+def family_for_model_type(model_type: str, where: str) -> Family:
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    known = ", ".join(t for f in FAMILIES for t in f.model_types)
+    raise UserError(
+        f"model_type '{model_type}' is not a family ft knows",
+        where,
+        f"use a base model whose config.json model_type is one of: {known}",
+    )
+
+
+@dataclass(frozen=True)
+class ResolvedBase:
+    """Where the base weights are and what family they belong to."""
+
+    name: str  # what the recipe said
+    path: str  # local folder, or hub id to download
+    family: Family
+    license: str
+    alias: BaseModel | None
+
+
+def read_model_type(folder: Path) -> str:
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    return config["model_type"]
+
+
+def resolve_base(name: str, recipe_dir: Path | None = None, where: str = "model.base") -> ResolvedBase:
+    """Turn a recipe's `model.base` into a local folder (or hub id) and a family."""
+    if name in REGISTRY:
+        model = REGISTRY[name]
+        if model.is_twin:
+            from finetune.twins import ensure_twin  # builds on first use
+
+            return ResolvedBase(name, str(ensure_twin(name)), model.family, model.license, model)
+        return ResolvedBase(name, model.hub_id, model.family, model.license, model)
+
+    for candidate in ([recipe_dir / name] if recipe_dir else []) + [Path(name)]:
+        if (candidate / "config.json").is_file():
+            family = family_for_model_type(read_model_type(candidate), f"{candidate}/config.json")
+            return ResolvedBase(name, str(candidate.resolve()), family, "see the model's card", None)
+
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        return ResolvedBase(name, name, _family_from_hub(name, where), "see the model's card", None)
+
+    hint = difflib.get_close_matches(name, list(REGISTRY), n=1)
+    raise UserError(
+        f"unknown base model '{name}'",
+        where,
+        (f"did you mean '{hint[0]}'? " if hint else "")
+        + "use an alias from `ft models`, a hub id like org/name, or a folder with a config.json",
+    )
+
+
+def _family_from_hub(hub_id: str, where: str) -> Family:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(hub_id)
+    except Exception as exc:  # offline, private, or misspelled: all the user's to fix
+        raise UserError(
+            f"cannot read the config of hub model '{hub_id}': {type(exc).__name__}",
+            where,
+            "check the id and your network (or HF_TOKEN for a gated model), or download it and "
+            "point model.base at the local folder",
+        ) from None
+    return family_for_model_type(config.model_type, where)

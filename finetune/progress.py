@@ -1,0 +1,103 @@
+"""What a run shows while it trains (a rich progress bar) and what it keeps (metrics.jsonl, loss.png)."""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import TimeRemainingColumn
+from transformers import TrainerCallback
+
+from finetune.run import RunDir
+
+
+class MetricsCallback(TrainerCallback):
+    """Appends every log (train loss, lr, held-out loss) to metrics.jsonl, with tokens/s."""
+
+    def __init__(self, run: RunDir):
+        self.run = run
+        self.last = None  # (time, num_tokens) at the previous log
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs:
+            return
+        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
+        tokens = logs.get("num_tokens")
+        if tokens is not None:
+            t = time.monotonic()
+            if self.last is not None and t > self.last[0]:
+                record["tokens_per_s"] = round((tokens - self.last[1]) / (t - self.last[0]), 1)
+            self.last = (t, tokens)
+        self.run.log_metrics(record)
+
+
+class RichProgress(TrainerCallback):
+    """Progress bar with step, loss, tokens/s and ETA; replaces transformers' tqdm."""
+
+    def __init__(self, console: Console | None = None):
+        self.console = console or Console(stderr=True)
+        self.progress = None
+        self.task = None
+        self.loss = float("nan")
+        self.tokens_per_s = 0.0
+        self.last = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            console=self.console, transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step,
+                                           loss=self.loss, tps=0.0)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or self.progress is None:
+            return
+        if "loss" in logs:
+            self.loss = logs["loss"]
+        tokens = logs.get("num_tokens")
+        if tokens is not None:
+            t = time.monotonic()
+            if self.last is not None and t > self.last[0]:
+                self.tokens_per_s = (tokens - self.last[1]) / (t - self.last[0])
+            self.last = (t, tokens)
+        self.progress.update(self.task, loss=self.loss, tps=self.tokens_per_s)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def plot_loss(run: RunDir) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    rows = run.read_metrics()
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    heldout = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if heldout:
+        ax.plot(*zip(*heldout), "o-", label="held-out loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (assistant tokens)")
+    ax.set_title(run.root.name)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = run.loss_plot.with_name(".loss.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(run.loss_plot)

@@ -1,0 +1,273 @@
+"""Recipes: YAML → typed, validated sections. Defaults live here and nowhere else.
+
+Loading reports every problem at once, each with its YAML line and key and, for a misspelled
+key, the nearest valid one. Paths in a recipe are relative to the recipe file; the loaded recipe
+holds them resolved, so the copy saved in a run folder works from anywhere.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from finetune.errors import Problem, UserError
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    base: str = Field(description="alias from `ft models`, hub id (org/name), or local folder")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    trust_remote_code: bool = Field(False, description="run model code from the hub (off unless set)")
+    chat_template: Path | None = Field(
+        None, description="custom training template (Jinja, with {% generation %} markers)"
+    )
+    thinking: bool = Field(False, description="Qwen3.5: train and answer with thinking on")
+
+
+ChatFields = Literal["messages", "system", "prompt", "completion", "instruction", "input", "output"]
+
+
+class DataSection(Section):
+    train: str = Field(description="jsonl/json/csv/parquet file, or hub dataset `hub:org/name`")
+    heldout: str | None = Field(None, description="held-out file; if unset, split from train")
+    heldout_fraction: float = Field(0.1, gt=0, lt=0.9, description="share held out when splitting")
+    heldout_max: int | None = Field(None, gt=0, description="cap on held-out examples")
+    format: Literal["auto", "chat", "instruction", "prompt_completion"] = Field(
+        "auto", description="record shape; auto detects it from the first record"
+    )
+    columns: dict[ChatFields, str] = Field(
+        default_factory=dict, description="ft field → column in the file, e.g. {prompt: text}"
+    )
+    system_prompt: str | None = Field(None, description="system message added to every example")
+    label_column: str | None = Field(
+        None, description="column whose values are classes: stratifies the split (auto: a short "
+        "completion with few distinct values)"
+    )
+    max_length: int = Field(1024, ge=16, description="tokens per example; longer ones are truncated")
+    hub_split: str = Field("train", description="split to read from a hub dataset")
+    limit: int | None = Field(None, gt=0, description="use only the first N training examples")
+
+
+class LoraSection(Section):
+    r: int = Field(16, ge=1, le=1024)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    targets: Literal["auto"] | list[str] = Field(
+        "auto", description="module-name suffixes; auto = the family's list (`ft models`)"
+    )
+    rslora: bool = Field(False, description="rank-stabilised scaling alpha/sqrt(r)")
+    dora: bool = Field(False, description="weight-decomposed LoRA")
+
+
+class QuantizationSection(Section):
+    load_in_4bit: bool = Field(True, description="QLoRA: base weights in bitsandbytes 4-bit")
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    skip_modules: Literal["auto"] | list[str] = Field(
+        "auto", description="linear layers kept in 16-bit; auto = the family's list"
+    )
+
+
+class TrainSection(Section):
+    backend: Literal["auto", "hf", "unsloth"] = Field(
+        "auto", description="auto: unsloth when it imports and CUDA is present, else hf"
+    )
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="overrides epochs when set")
+    lr: float = Field(2e-4, gt=0, lt=1)
+    batch_size: int = Field(8, ge=1, description="examples per device per step")
+    grad_accum: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    optimizer: str = Field("adamw_torch", description="any transformers `optim` name")
+    gradient_checkpointing: bool = True
+    seed: int = 42
+    save_steps: int = Field(50, ge=1, description="checkpoint every N optimizer steps")
+    save_total_limit: int = Field(2, ge=1)
+    logging_steps: int = Field(5, ge=1)
+    eval_steps: int | None = Field(None, ge=1, description="held-out loss every N steps")
+
+
+class EvalSection(Section):
+    max_new_tokens: int = Field(256, ge=1)
+    batch_size: int = Field(8, ge=1)
+    max_examples: int | None = Field(None, gt=0, description="cap on held-out examples scored")
+
+
+class ExportSection(Section):
+    quant: Literal["f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"] = "q4_k_m"
+    num_ctx: int = Field(4096, ge=256)
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class Recipe(Section):
+    name: str = Field(description="run name: runs/<name>/")
+    model: ModelSection
+    data: DataSection
+    lora: LoraSection = Field(default_factory=LoraSection)
+    quantization: QuantizationSection = Field(default_factory=QuantizationSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    export: ExportSection = Field(default_factory=ExportSection)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not SAFE_NAME.match(v) or ".." in v:
+            raise ValueError("use letters, digits, '.', '_' and '-' (it names a folder under runs/)")
+        return v
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe file not found: {path}", fix="pass the path of a .yaml recipe")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"not valid YAML: {getattr(exc, 'problem', exc)}", where,
+                        "fix the YAML syntax (indentation, colons, quotes)") from None
+    if not isinstance(data, dict):
+        raise UserError("a recipe must be a mapping of sections", str(path),
+                        "start from a recipe in recipes/")
+    data.setdefault("name", path.stem)
+    for item in overrides:
+        apply_override(data, item)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise UserError([_problem(path, root, err, overrides) for err in exc.errors()]) from None
+    return resolve_paths(recipe, path.parent)
+
+
+def apply_override(data: dict, item: str) -> None:
+    """`--set train.lr=1e-4`: the value is parsed as YAML, so numbers and lists work."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise UserError(f"bad override '{item}'", "--set", "write it as section.key=value")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"'{part}' is not a section", f"--set {key}", "override a key inside a section")
+    node[parts[-1]] = value
+
+
+def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
+    def local(p: str | None) -> str | None:
+        if p is None or p.startswith("hub:"):
+            return p
+        return str((base / p).resolve())
+
+    recipe.data.train = local(recipe.data.train)
+    recipe.data.heldout = local(recipe.data.heldout)
+    if recipe.model.chat_template is not None:
+        recipe.model.chat_template = (base / recipe.model.chat_template).resolve()
+    if (base / recipe.model.base).is_dir():  # a local folder, not an alias or hub id
+        recipe.model.base = str((base / recipe.model.base).resolve())
+    return recipe
+
+
+def _node_at(root: yaml.Node | None, loc: tuple) -> tuple[yaml.Node | None, bool]:
+    """The YAML node at a pydantic error location, or its deepest existing ancestor."""
+    node = root
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            child = next((v for k, v in node.value if k.value == str(part)), None)
+            key = next((k for k, v in node.value if k.value == str(part)), None)
+            if child is None:
+                return node, False
+            node = child if part != loc[-1] else (key or child)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            return node, False
+    return node, True
+
+
+def _problem(path: Path, root, err: dict, overrides) -> Problem:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+    key = ".".join(str(p) for p in loc)
+    override = next((o for o in overrides if o.partition("=")[0] == key), None)
+    node, exact = _node_at(root, loc)
+    line = f":{node.start_mark.line + 1}" if node is not None else ""
+    where = f"--set {key}" if override else f"{path}{line} {key}".strip()
+    if err["type"] == "extra_forbidden":
+        section = _section_model(loc[:-1])
+        options = list(section.model_fields) if section else []
+        close = difflib.get_close_matches(str(loc[-1]), options, n=1, cutoff=0.5)
+        fix = (f"did you mean '{close[0]}'? " if close else "") + f"valid keys here: {', '.join(options)}"
+        return Problem(f"unknown key '{loc[-1]}'", where, fix)
+    if err["type"] == "missing":
+        return Problem(f"missing required key '{key}'", where, f"add '{loc[-1]}:' to the recipe")
+    got = err.get("input")
+    shown = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
+    return Problem(err["msg"] + shown, where, _fix_for(loc))
+
+
+def _section_model(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _fix_for(loc: tuple) -> str:
+    section = _section_model(loc[:-1])
+    if section is None or str(loc[-1]) not in section.model_fields:
+        return "see the recipe keys in README.md"
+    field = section.model_fields[str(loc[-1])]
+    about = f" ({field.description})" if field.description else ""
+    return f"set {'.'.join(map(str, loc))} to a valid value{about}"
+
+
+def recipe_keys() -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, description) for every recipe key: the README table and `ft keys`."""
+    rows = []
+
+    def walk(model: type[BaseModel], prefix: str):
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+                continue
+            default = "required" if field.is_required() else field.get_default(call_default_factory=True)
+            rows.append((prefix + name, _type_name(ann), default, field.description or ""))
+
+    walk(Recipe, "")
+    return rows
+
+
+def _type_name(annotation) -> str:
+    return re.sub(r"typing\.|pathlib\.|<class '|'>", "", str(annotation))

@@ -1,0 +1,313 @@
+"""Training: a 4-bit base, LoRA adapters, TRL's SFTTrainer, and a self-describing run folder.
+
+The hf backend is transformers + bitsandbytes + peft + TRL, on CPU or GPU. The unsloth backend
+(CUDA only, `pip install '.[unsloth]'`) swaps in unsloth's loader and LoRA wrapper and keeps
+everything else (data, masks, trainer, run folder) identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune import data as data_mod
+from finetune.errors import UserError
+from finetune.models import Family, ResolvedBase, resolve_base
+from finetune.recipe import Recipe
+from finetune.run import RunDir, git_commit, hardware, now, package_versions, write_json
+
+
+@dataclass
+class Prepared:
+    """Everything training needs that does not depend on the weights."""
+
+    base: ResolvedBase
+    tokenizer: object
+    template: str
+    template_kwargs: dict
+    splits: data_mod.Splits
+
+
+def on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def pick_backend(requested: str) -> str:
+    if requested == "hf":
+        return "hf"
+    try:
+        import unsloth  # noqa: F401  (imports torch and patches transformers: only when asked)
+
+        available = on_gpu()
+    except Exception:  # not installed, or no CUDA: unsloth raises on import without a GPU
+        available = False
+    if requested == "unsloth" and not available:
+        raise UserError("train.backend is 'unsloth' but unsloth cannot run here", "train.backend",
+                        "unsloth needs a CUDA GPU and `pip install '.[unsloth]'`; or set backend: hf")
+    return "unsloth" if available else "hf"
+
+
+def training_template(recipe: Recipe, family: Family) -> tuple[str, str]:
+    """(template text, where it came from) used to render and mask training examples."""
+    if recipe.model.chat_template is None:
+        return family.read_template(training=True), f"finetune/templates/{family.training_template}"
+    path = Path(recipe.model.chat_template)
+    if not path.is_file():
+        raise UserError(f"chat template not found: {path}", "model.chat_template", "check the path")
+    return path.read_text(encoding="utf-8"), str(path)
+
+
+def load_tokenizer(base: ResolvedBase, recipe: Recipe):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base.path, revision=recipe.model.revision,
+                                                  trust_remote_code=recipe.model.trust_remote_code)
+    except Exception as exc:
+        raise UserError(f"cannot load the tokenizer of '{base.name}': {type(exc).__name__}: {exc}",
+                        "model.base", "check the model folder or hub id") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = base.family.pad_token
+    return tokenizer
+
+
+def prepare(recipe: Recipe) -> Prepared:
+    """Resolve the model, check the template, load and split the data. Fast: no weights."""
+    base = resolve_base(recipe.model.base)
+    tokenizer = load_tokenizer(base, recipe)
+    template, where = training_template(recipe, base.family)
+    kwargs = data_mod.template_kwargs(base.family, recipe)
+    data_mod.check_template(template, base.family, kwargs, where, tokenizer)
+    splits = data_mod.load_splits(recipe)
+    return Prepared(base, tokenizer, template, kwargs, splits)
+
+
+# --- model ------------------------------------------------------------------------------------
+
+def load_model(recipe: Recipe, prep: Prepared, backend: str):
+    """The base in 4-bit with LoRA adapters attached; only the adapters are trainable."""
+    if backend == "unsloth":
+        return _load_unsloth(recipe, prep)
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    family, gpu = prep.base.family, on_gpu()
+    compute_dtype = torch.bfloat16 if gpu else torch.float32  # no fast bf16 matmul on most CPUs
+    kwargs = dict(dtype=compute_dtype, revision=recipe.model.revision,
+                  trust_remote_code=recipe.model.trust_remote_code,
+                  device_map={"": 0} if gpu else {"": "cpu"})
+    q = recipe.quantization
+    if q.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
+            bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=compute_dtype,
+            llm_int8_skip_modules=list(family.skip_4bit if q.skip_modules == "auto" else q.skip_modules),
+        )
+    model = AutoModelForCausalLM.from_pretrained(prep.base.path, **kwargs)
+    if q.load_in_4bit:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=recipe.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif recipe.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = get_peft_model(model, lora_config(recipe, family))
+    return model
+
+
+def lora_targets(recipe: Recipe, family: Family) -> list[str]:
+    return list(family.lora_targets if recipe.lora.targets == "auto" else recipe.lora.targets)
+
+
+def lora_config(recipe: Recipe, family: Family):
+    from peft import LoraConfig
+
+    lora = recipe.lora
+    return LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora_targets(recipe, family),
+        use_rslora=lora.rslora, use_dora=lora.dora, bias="none", task_type="CAUSAL_LM",
+    )
+
+
+def _load_unsloth(recipe: Recipe, prep: Prepared):
+    from unsloth import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(
+        model_name=prep.base.path, max_seq_length=recipe.data.max_length, dtype=None,
+        load_in_4bit=recipe.quantization.load_in_4bit, trust_remote_code=recipe.model.trust_remote_code,
+        revision=recipe.model.revision,
+    )
+    lora = recipe.lora
+    return FastLanguageModel.get_peft_model(
+        model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=lora_targets(recipe, prep.base.family), use_rslora=lora.rslora,
+        use_gradient_checkpointing="unsloth" if recipe.train.gradient_checkpointing else False,
+        random_state=recipe.train.seed, bias="none",
+    )
+
+
+# --- trainer ----------------------------------------------------------------------------------
+
+def sft_config(recipe: Recipe, run: RunDir):
+    from trl import SFTConfig
+
+    t, gpu = recipe.train, on_gpu()
+    return SFTConfig(
+        output_dir=str(run.checkpoints),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=recipe.eval.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a share of the total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        optim=t.optimizer,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if t.eval_steps else "no",
+        eval_steps=t.eval_steps,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=gpu,
+        use_cpu=not gpu,
+        gradient_checkpointing=False,  # already set up by load_model (peft needs it first)
+        max_length=recipe.data.max_length,
+        packing=False,
+        assistant_only_loss=False,  # labels come masked from finetune.data
+        completion_only_loss=False,
+        report_to="none",
+        disable_tqdm=True,  # ft draws its own progress bar
+        dataloader_num_workers=0,
+    )
+
+
+def make_trainer(recipe: Recipe, run: RunDir, model, prep: Prepared, train_ds, heldout_ds, callbacks):
+    from transformers.trainer_callback import PrinterCallback
+    from trl import SFTTrainer
+
+    trainer = SFTTrainer(
+        model=model, args=sft_config(recipe, run), train_dataset=train_ds, eval_dataset=heldout_ds,
+        processing_class=prep.tokenizer, callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)  # logs go to metrics.jsonl and the progress bar
+    return trainer
+
+
+def last_complete_checkpoint(run: RunDir) -> Path | None:
+    """Newest checkpoint-N that has its trainer state (written last by transformers)."""
+    if not run.checkpoints.is_dir():
+        return None
+    done = [p for p in run.checkpoints.glob("checkpoint-*")
+            if (p / "trainer_state.json").is_file() and p.name.split("-")[-1].isdigit()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def recipe_sha256(recipe: Recipe) -> str:
+    return hashlib.sha256(json.dumps(recipe.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def start_run(recipe: Recipe, run: RunDir, resume: bool, overwrite: bool) -> Path | None:
+    """Create (or reopen) the run folder. Returns the checkpoint to resume from, if any."""
+    if run.root.exists() and not resume:
+        if not overwrite and any(run.root.iterdir()):
+            raise UserError(f"run folder already exists: {run.root}", "ft train",
+                            "pass --resume to continue it, --overwrite to start over, or --output DIR")
+        shutil.rmtree(run.root, ignore_errors=True)
+    checkpoint = None
+    if resume:
+        old = run.read_manifest()
+        if old and old.get("recipe_sha256") != recipe_sha256(recipe):
+            raise UserError("the recipe changed since this run started", str(run.recipe),
+                            "resume with the same recipe and overrides, or start a new run")
+        checkpoint = last_complete_checkpoint(run)
+    run.root.mkdir(parents=True, exist_ok=True)
+    return checkpoint
+
+
+def save_adapter(model, prep: Prepared, recipe: Recipe, run: RunDir, backend: str) -> None:
+    """Write adapter/ under a temporary name and rename it into place when complete."""
+    tmp = run.root / ".adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    prep.tokenizer.save_pretrained(str(tmp))
+    (tmp / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+    (tmp / "chat_template.train.jinja").write_text(prep.template, encoding="utf-8")
+    family = prep.base.family
+    write_json(tmp / "ft_adapter.json", {
+        "base_model": prep.base.name, "base_path": prep.base.path, "family": family.name,
+        "gguf_arch": family.gguf_arch, "end_of_turn": list(family.end_of_turn),
+        "template_kwargs": prep.template_kwargs, "lora_targets": lora_targets(recipe, family),
+        "quantization": recipe.quantization.model_dump(), "backend": backend, "license": prep.base.license,
+    })
+    old = run.root / ".adapter.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if run.adapter.exists():
+        run.adapter.rename(old)
+    tmp.rename(run.adapter)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = False, console=None) -> dict:
+    from finetune.progress import MetricsCallback, RichProgress, plot_loss
+
+    prep = prepare(recipe)
+    backend = pick_backend(recipe.train.backend)
+    checkpoint = start_run(recipe, run, resume, overwrite)
+    (run.recipe).write_text(recipe.to_yaml(), encoding="utf-8")
+    train_ds, train_report = data_mod.tokenize_all(prep.tokenizer, prep.splits.train, prep.template,
+                                                   recipe.data.max_length, prep.template_kwargs)
+    heldout_ds, heldout_report = data_mod.tokenize_all(prep.tokenizer, prep.splits.heldout, prep.template,
+                                                       recipe.data.max_length, prep.template_kwargs)
+    started = run.read_manifest().get("started") if checkpoint else None
+    run.update_manifest(
+        name=recipe.name, status="running", started=started or now(), ended=None,
+        recipe_sha256=recipe_sha256(recipe),
+        data_sha256={"train": data_mod.sha256_file(recipe.data.train),
+                     "heldout": data_mod.sha256_file(recipe.data.heldout)},
+        base={"name": prep.base.name, "path": prep.base.path, "family": prep.base.family.name},
+        data={**prep.splits.stats, "train_tokens": train_report, "heldout_tokens": heldout_report},
+        backend=backend, seed=recipe.train.seed, versions=package_versions(),
+        git_commit=git_commit(Path(__file__).parent), hardware=hardware(),
+        resumed_from=str(checkpoint) if checkpoint else None,
+    )
+    if not checkpoint and run.metrics.exists():
+        run.metrics.unlink()
+
+    model = load_model(recipe, prep, backend)
+    progress = RichProgress(console)
+    trainer = make_trainer(recipe, run, model, prep, train_ds, heldout_ds,
+                           [MetricsCallback(run), progress])
+    summary = {}
+    if checkpoint is None:
+        summary["heldout_loss_start"] = trainer.evaluate()["eval_loss"]
+        run.log_metrics({"step": 0, "eval_loss": summary["heldout_loss_start"]})
+    else:
+        summary["heldout_loss_start"] = run.read_manifest().get("summary", {}).get("heldout_loss_start")
+    run.update_manifest(summary=summary)
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    summary["heldout_loss_end"] = trainer.evaluate()["eval_loss"]
+    run.log_metrics({"step": trainer.state.global_step, "eval_loss": summary["heldout_loss_end"]})
+    summary.update(train_loss=result.training_loss, steps=trainer.state.global_step,
+                   train_runtime_s=result.metrics.get("train_runtime"))
+    save_adapter(trainer.model, prep, recipe, run, backend)
+    plot_loss(run)
+    run.update_manifest(status="complete", ended=now(), summary=summary)
+    return summary
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

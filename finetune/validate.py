@@ -1,0 +1,29 @@
+"""`ft validate`: everything `ft train` checks before it loads weights, without training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from finetune import data as data_mod
+from finetune.models import resolve_base
+from finetune.recipe import load_recipe
+from finetune.train import load_tokenizer, training_template
+
+
+def validate_recipe(path: str, overrides: list[str] = ()) -> list[str]:
+    """Raises UserError on the first class of problem found; returns what was checked."""
+    recipe = load_recipe(path, overrides)
+    report = [f"recipe {path}: every key known and typed (run name '{recipe.name}')"]
+    splits = data_mod.load_splits(recipe)
+    s = splits.stats
+    report.append(f"data: {s['train']} training / {s['heldout']} held-out examples, format {splits.format}, "
+                  f"{s['leaked_removed']} leaked duplicates removed")
+    base = resolve_base(recipe.model.base)
+    local = Path(base.path).is_dir()
+    report.append(f"model: {recipe.model.base} → {base.path} (family {base.family.name})")
+    template, where = training_template(recipe, base.family)
+    tokenizer = load_tokenizer(base, recipe) if local else None
+    data_mod.check_template(template, base.family, data_mod.template_kwargs(base.family, recipe), where, tokenizer)
+    report.append(f"chat template {where}: every assistant turn trains its end-of-turn token "
+                  f"({' / '.join(base.family.end_of_turn)})" + ("" if local else " (tokenizer checked at train time)"))
+    return report
