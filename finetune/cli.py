@@ -79,6 +79,10 @@ def models():
 def quiet_libraries() -> None:
     """ft draws its own progress; the libraries' bars and info logs would interleave with it."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' renames, not the user's
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch.utils.checkpoint")
     import datasets
     import transformers
 

@@ -59,9 +59,9 @@ class DataSection(Section):
 
 
 class LoraSection(Section):
-    r: int = Field(16, ge=1, le=1024)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.05, ge=0, lt=1)
+    r: int = Field(16, ge=1, le=1024, description="adapter rank")
+    alpha: int = Field(32, ge=1, description="scaling numerator: updates are scaled by alpha/r")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter input")
     targets: Literal["auto"] | list[str] = Field(
         "auto", description="module-name suffixes; auto = the family's list (`ft models`)"
     )
@@ -71,8 +71,8 @@ class LoraSection(Section):
 
 class QuantizationSection(Section):
     load_in_4bit: bool = Field(True, description="QLoRA: base weights in bitsandbytes 4-bit")
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type")
+    double_quant: bool = Field(True, description="also quantize the quantization constants")
     skip_modules: Literal["auto"] | list[str] = Field(
         "auto", description="linear layers kept in 16-bit; auto = the family's list"
     )
@@ -82,35 +82,37 @@ class TrainSection(Section):
     backend: Literal["auto", "hf", "unsloth"] = Field(
         "auto", description="auto: unsloth when it imports and CUDA is present, else hf"
     )
-    epochs: float = Field(1.0, gt=0)
+    epochs: float = Field(1.0, gt=0, description="passes over the training set")
     max_steps: int | None = Field(None, gt=0, description="overrides epochs when set")
-    lr: float = Field(2e-4, gt=0, lt=1)
+    lr: float = Field(2e-4, gt=0, lt=1, description="peak learning rate")
     batch_size: int = Field(8, ge=1, description="examples per device per step")
-    grad_accum: int = Field(1, ge=1)
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="share of steps spent warming up")
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="learning-rate schedule after warmup")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the adapters")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping")
     optimizer: str = Field("adamw_torch", description="any transformers `optim` name")
-    gradient_checkpointing: bool = True
-    seed: int = 42
+    gradient_checkpointing: bool = Field(True, description="recompute activations: less memory, ~30% slower")
+    seed: int = Field(42, description="seeds data order, LoRA init and the held-out split")
     save_steps: int = Field(50, ge=1, description="checkpoint every N optimizer steps")
-    save_total_limit: int = Field(2, ge=1)
-    logging_steps: int = Field(5, ge=1)
+    save_total_limit: int = Field(2, ge=1, description="checkpoints kept (oldest deleted)")
+    logging_steps: int = Field(5, ge=1, description="metrics.jsonl row every N steps")
     eval_steps: int | None = Field(None, ge=1, description="held-out loss every N steps")
 
 
 class EvalSection(Section):
-    max_new_tokens: int = Field(256, ge=1)
-    batch_size: int = Field(8, ge=1)
+    max_new_tokens: int = Field(256, ge=1, description="generation budget per held-out prompt")
+    batch_size: int = Field(8, ge=1, description="held-out examples per forward pass")
     max_examples: int | None = Field(None, gt=0, description="cap on held-out examples scored")
 
 
 class ExportSection(Section):
-    quant: Literal["f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"] = "q4_k_m"
-    num_ctx: int = Field(4096, ge=256)
-    temperature: float = Field(0.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    quant: Literal["f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"] = Field(
+        "q4_k_m", description="GGUF type of the shipped file")
+    num_ctx: int = Field(4096, ge=256, description="Modelfile context length")
+    temperature: float = Field(0.0, ge=0, description="Modelfile sampling temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="Modelfile nucleus sampling")
 
 
 class Recipe(Section):
@@ -132,6 +134,20 @@ class Recipe(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+# Names other tools (TRL, transformers, Axolotl) use for our keys: a user moving a config over
+# gets pointed at ours instead of a bare "unknown key".
+OTHER_TOOLS_NAMES = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size", "micro_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "lr_scheduler_type": "scheduler",
+    "lr_scheduler": "scheduler", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "target_modules": "targets", "lora_target_modules": "targets", "use_rslora": "rslora",
+    "use_dora": "dora", "base_model": "base", "model_name": "base", "model_name_or_path": "base",
+    "sequence_len": "max_length", "max_seq_length": "max_length", "dataset": "train",
+    "val_set_size": "heldout_fraction", "warmup_steps": "warmup_ratio", "bnb_4bit_quant_type": "quant_type",
+}
 
 
 # --- loading ----------------------------------------------------------------------------------
@@ -222,7 +238,8 @@ def _problem(path: Path, root, err: dict, overrides) -> Problem:
     if err["type"] == "extra_forbidden":
         section = _section_model(loc[:-1])
         options = list(section.model_fields) if section else []
-        close = difflib.get_close_matches(str(loc[-1]), options, n=1, cutoff=0.5)
+        alias = OTHER_TOOLS_NAMES.get(str(loc[-1]))
+        close = [alias] if alias in options else difflib.get_close_matches(str(loc[-1]), options, n=1, cutoff=0.5)
         fix = (f"did you mean '{close[0]}'? " if close else "") + f"valid keys here: {', '.join(options)}"
         return Problem(f"unknown key '{loc[-1]}'", where, fix)
     if err["type"] == "missing":
@@ -270,4 +287,7 @@ def recipe_keys() -> list[tuple[str, str, Any, str]]:
 
 
 def _type_name(annotation) -> str:
-    return re.sub(r"typing\.|pathlib\.|<class '|'>", "", str(annotation))
+    text = re.sub(r"typing\.|pathlib\.|<class '|'>|Union\[|Literal\[", "", str(annotation))
+    text = re.sub(r"\]+$", "", text).replace("]", "").replace("'", "")
+    text = text.replace("list[str", "list of str")
+    return text.replace(" | None", " or null").replace(", ", " / ").replace("dict[", "map of ")

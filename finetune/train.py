@@ -17,7 +17,7 @@ from finetune import data as data_mod
 from finetune.errors import UserError
 from finetune.models import Family, ResolvedBase, resolve_base
 from finetune.recipe import Recipe
-from finetune.run import RunDir, git_commit, hardware, now, package_versions, write_json
+from finetune.run import RunDir, atomic_write_text, git_commit, hardware, now, package_versions, write_json
 
 
 @dataclass
@@ -282,8 +282,10 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
         git_commit=git_commit(Path(__file__).parent), hardware=hardware(),
         resumed_from=str(checkpoint) if checkpoint else None,
     )
-    if not checkpoint and run.metrics.exists():
-        run.metrics.unlink()
+    # metrics.jsonl must tell one story: drop what a killed run logged after its checkpoint
+    resumed_step = int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else 0
+    kept = [r for r in run.read_metrics() if r.get("step", 0) <= resumed_step] if checkpoint else []
+    atomic_write_text(run.metrics, "".join(json.dumps(r) + "\n" for r in kept))
 
     model = load_model(recipe, prep, backend)
     progress = RichProgress(console)
@@ -291,14 +293,12 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
                            [MetricsCallback(run), progress])
     summary = {}
     if checkpoint is None:
-        summary["heldout_loss_start"] = trainer.evaluate()["eval_loss"]
-        run.log_metrics({"step": 0, "eval_loss": summary["heldout_loss_start"]})
+        summary["heldout_loss_start"] = trainer.evaluate()["eval_loss"]  # logged at step 0
     else:
         summary["heldout_loss_start"] = run.read_manifest().get("summary", {}).get("heldout_loss_start")
     run.update_manifest(summary=summary)
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     summary["heldout_loss_end"] = trainer.evaluate()["eval_loss"]
-    run.log_metrics({"step": trainer.state.global_step, "eval_loss": summary["heldout_loss_end"]})
     summary.update(train_loss=result.training_loss, steps=trainer.state.global_step,
                    train_runtime_s=result.metrics.get("train_runtime"))
     save_adapter(trainer.model, prep, recipe, run, backend)

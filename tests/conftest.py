@@ -1,0 +1,43 @@
+"""Shared fixtures. Twins are built once per test session into a cache shared across runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+os.environ.setdefault("FT_CACHE", str(ROOT / ".cache" / "ft"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def run_ft(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 900):
+    """Run the real CLI in a subprocess, as a user would."""
+    return subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd or ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def qwen_twin() -> Path:
+    from finetune.twins import ensure_twin
+
+    return ensure_twin("tiny-qwen3.5")
+
+
+@pytest.fixture(scope="session")
+def olmo_twin() -> Path:
+    from finetune.twins import ensure_twin
+
+    return ensure_twin("tiny-olmo3")
+
+
+def needs_shared(*parts: str) -> Path:
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not present (optional shared data)")
+    return path

@@ -1,0 +1,23 @@
+"""The README is the user's manual: its recipe-key table must match the schema exactly."""
+
+from __future__ import annotations
+
+import re
+
+from finetune.recipe import recipe_keys
+from tests.conftest import ROOT
+
+
+def test_readme_documents_every_recipe_key():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = text.split("<!-- recipe-keys:start -->")[1].split("<!-- recipe-keys:end -->")[0]
+    documented = re.findall(r"^\| `([a-z0-9_.]+)` \|", table, flags=re.M)
+    assert documented == [row[0] for row in recipe_keys()]
+    for key, _type, default, _about in recipe_keys():
+        assert f"| `{key}` | {_type} | {default} |" in table, key
+
+
+def test_readme_test_command_is_what_ci_runs():
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "python -m pytest -q" in ci and "python -m pytest -q" in readme

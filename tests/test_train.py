@@ -1,0 +1,128 @@
+"""Real QLoRA training on the tiny twins: 4-bit base, LoRA-only gradients, loss falls, resume works."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from finetune.recipe import load_recipe
+from finetune.run import RunDir
+from finetune.train import load_model, prepare, train, trainable_parameters
+from tests.conftest import ROOT, run_ft
+
+pytestmark = pytest.mark.slow
+
+TINY = ROOT / "recipes" / "tiny-support.yaml"
+SMALL = ["data.limit=48", "data.heldout_max=12", "train.batch_size=4", "eval.batch_size=12",
+         "train.logging_steps=2"]
+
+
+def recipe_for(base: str, *extra: str):
+    return load_recipe(TINY, [f"model.base={base}", *SMALL, *extra])
+
+
+def expected_lora_params(base: str, r: int) -> int:
+    """r · (in + out) summed over the targeted layers, from the twin's config alone."""
+    from finetune.twins import TWINS
+
+    c = TWINS[base].config
+    h, ff = c["hidden_size"], c["intermediate_size"]
+    mlp = (h + ff) * 2 + (ff + h)  # gate, up, down
+    if base == "tiny-qwen3.5":
+        q_out = c["num_attention_heads"] * c["head_dim"] * 2  # query + output gate
+        kv_out = c["num_key_value_heads"] * c["head_dim"]
+        full = (h + q_out) + 2 * (h + kv_out) + (c["num_attention_heads"] * c["head_dim"] + h)
+        key_dim = c["linear_num_key_heads"] * c["linear_key_head_dim"]
+        value_dim = c["linear_num_value_heads"] * c["linear_value_head_dim"]
+        linear = (h + 2 * key_dim + value_dim) + (h + value_dim) + (value_dim + h)  # qkv, z, out_proj
+        n_full = c["num_hidden_layers"] // 4
+        per_model = n_full * full + (c["num_hidden_layers"] - n_full) * linear
+    else:
+        per_model = c["num_hidden_layers"] * 4 * (h + h)  # q, k, v, o are hidden → hidden (MHA)
+    return r * (per_model + c["num_hidden_layers"] * mlp)
+
+
+@pytest.mark.parametrize("base", ["tiny-qwen3.5", "tiny-olmo3"])
+def test_base_is_4bit_and_only_lora_trains(base):
+    import bitsandbytes as bnb
+
+    recipe = recipe_for(base)
+    prep = prepare(recipe)
+    model = load_model(recipe, prep, "hf")
+    skip = set(prep.base.family.skip_4bit)
+    linears = {name: m for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and "lora_" not in name}
+    four_bit = [n for n, m in linears.items() if isinstance(m, bnb.nn.Linear4bit)]
+    plain = [n for n, m in linears.items() if not isinstance(m, bnb.nn.Linear4bit)]
+    assert four_bit, "no 4-bit layers"
+    assert all(n.split(".")[-1] in skip for n in plain), plain
+    assert all(m.weight.quant_state.quant_type == "nf4" for m in linears.values()
+               if isinstance(m, bnb.nn.Linear4bit))
+    trainable, _ = trainable_parameters(model)
+    assert trainable == expected_lora_params(base, recipe.lora.r)
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("base", ["tiny-qwen3.5", "tiny-olmo3"])
+def test_training_lowers_heldout_loss_and_writes_run_folder(tmp_path, base):
+    recipe = recipe_for(base, "train.max_steps=12", "train.save_steps=6", "train.lr=3e-3")
+    run = RunDir(tmp_path / "run")
+    summary = train(recipe, run)
+    assert summary["heldout_loss_end"] < summary["heldout_loss_start"] - 0.5
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "recipe.yaml",
+                 "chat_template.train.jinja", "ft_adapter.json"):
+        assert (run.adapter / name).is_file(), name
+    assert not list(run.adapter.glob("*.bin")) and not list(run.root.glob(".adapter*"))
+    manifest = json.loads(run.manifest.read_text())
+    assert manifest["status"] == "complete" and manifest["seed"] == 42
+    assert len(manifest["data_sha256"]["train"]) == 64
+    assert {"torch", "transformers", "peft", "trl", "bitsandbytes"} <= set(manifest["versions"])
+    assert manifest["base"]["family"] in ("qwen3_5", "olmo3") and manifest["started"] and manifest["ended"]
+    rows = run.read_metrics()
+    assert rows[0]["step"] == 0 and rows[0]["eval_loss"] == pytest.approx(summary["heldout_loss_start"])
+    assert any("loss" in r and "tokens_per_s" in r for r in rows)
+    assert run.loss_plot.stat().st_size > 1000
+    assert (run.checkpoints / "checkpoint-12" / "trainer_state.json").is_file()
+    adapter = json.loads((run.adapter / "adapter_config.json").read_text())
+    assert adapter["r"] == 16 and set(adapter["target_modules"]) == set(prep_targets(base))
+
+
+def prep_targets(base: str):
+    from finetune.models import REGISTRY
+
+    return REGISTRY[base].family.lora_targets
+
+
+def test_killed_run_resumes_from_its_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    args = ["train", str(TINY), "--output", str(out), *sum((["--set", s] for s in SMALL), []),
+            "--set", "train.max_steps=12", "--set", "train.save_steps=4"]
+    proc = subprocess.Popen([sys.executable, "-m", "finetune", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoint = out / "checkpoints" / "checkpoint-4" / "trainer_state.json"
+    deadline = time.time() + 600
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert checkpoint.exists(), "no checkpoint written"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "running"  # killed: not marked complete
+
+    result = run_ft(*args, "--resume")
+    assert result.returncode == 0, result.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    resumed = manifest["resumed_from"]
+    assert resumed and int(resumed.rsplit("-", 1)[1]) >= 4
+    state = json.loads((out / "checkpoints" / "checkpoint-12" / "trainer_state.json").read_text())
+    assert state["global_step"] == 12
+    steps = [r["step"] for r in RunDir(out).read_metrics() if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 12  # one row per step, none repeated
