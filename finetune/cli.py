@@ -16,9 +16,11 @@ from rich.table import Table
 
 from finetune.errors import EXIT_INTERNAL_ERROR, EXIT_USER_ERROR, UserError
 
+EXIT_GATE_FAILED = 3
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune an open-weight model on your data, prove it helps, ship a GGUF.")
-out = Console(soft_wrap=True)
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, soft_wrap=True)
 
 SET_HELP = "override a recipe key, e.g. --set train.lr=1e-4 (repeatable)"
@@ -44,6 +46,36 @@ def train(
     start, end = summary.get("heldout_loss_start"), summary["heldout_loss_end"]
     out.print(f"held-out loss: {start:.4f} → {end:.4f}" if start is not None else f"held-out loss: {end:.4f}")
     out.print(f"adapter: {run.adapter}")
+    if loaded.eval.after_train:
+        _evaluate(run)
+
+
+def _evaluate(run, overrides: list[str] = ()) -> None:
+    from eval.report import table
+    from eval.runner import check_gates, evaluate
+
+    err.print("[bold]ft eval[/bold]: base vs fine-tuned on the held-out set")
+    report = evaluate(run, overrides=overrides)
+    out.print(table(report, run.root.name))
+    for gate in report.gates:
+        out.print(gate.message())
+    out.print(f"report: {run.eval_dir / 'report.md'}")
+    check_gates(report)
+
+
+@app.command("eval")
+def eval_(
+    run: Optional[str] = typer.Argument(None, help="run folder (default: the newest under runs/)"),
+    set_: list[str] = typer.Option([], "--set", help="override an eval key, e.g. --set eval.require.json_valid=0.5"),
+):
+    """Compare base and fine-tuned on the held-out set; exit 3 if a recipe gate fails."""
+    from finetune.run import find_run
+
+    bad = [o for o in set_ if not o.startswith("eval.")]
+    if bad:
+        raise UserError(f"ft eval only overrides eval.* keys, not {bad[0]}", "--set",
+                        "change training settings in the recipe and train again")
+    _evaluate(find_run(run), set_)
 
 
 @app.command()
@@ -93,25 +125,26 @@ def quiet_libraries() -> None:
 
 def main() -> None:
     """Entry point: maps errors to exit codes and one-line messages."""
+    import click
+
+    from eval.runner import GateFailed
+
     quiet_libraries()
     try:
         app(standalone_mode=False)
     except UserError as exc:
         err.print(exc.render(), markup=False, highlight=False)
         sys.exit(EXIT_USER_ERROR)
-    except (typer.Exit, SystemExit) as exc:
-        sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)))
-    except KeyboardInterrupt:
+    except GateFailed as exc:
+        err.print("\n".join(exc.messages), markup=False, highlight=False)
+        sys.exit(EXIT_GATE_FAILED)
+    except click.ClickException as exc:  # usage errors: the user's to fix
+        exc.show()
+        sys.exit(EXIT_USER_ERROR)
+    except (click.exceptions.Abort, KeyboardInterrupt):
         err.print("interrupted")
         sys.exit(130)
-    except Exception as exc:  # click's own usage errors are the user's; the rest are ours
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(EXIT_USER_ERROR)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
+    except Exception:
         traceback.print_exc()
         err.print("internal error in ft (exit 1): please report it with the traceback above")
         sys.exit(EXIT_INTERNAL_ERROR)

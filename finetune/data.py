@@ -212,12 +212,12 @@ def _check_message(message, index: int, where: str) -> dict:
     return {"role": role, "content": content}
 
 
-def load_examples(source: str, data: DataSection, limit: int | None = None) -> tuple[list[Example], str]:
+def load_examples(source: str, data: DataSection, limit: int | None = None, seed: int = 0) -> tuple[list[Example], str]:
     records = read_records(source, data)
     if not records:
         raise UserError("the data file has no records", source, "add examples, one per line")
-    if limit:
-        records = records[:limit]
+    if limit and limit < len(records):  # a sample, not the head: files are often sorted by class
+        records = [records[i] for i in sorted(random.Random(seed).sample(range(len(records)), limit))]
     fmt = detect_format(records[0][0], data, records[0][1])
     examples = [to_example(r, fmt, data, w) for r, w in records]
     if not data.label_column and fmt != "chat":
@@ -238,7 +238,7 @@ def _auto_label(examples: list[Example]) -> None:
 
 def load_splits(recipe: Recipe) -> Splits:
     data = recipe.data
-    train, fmt = load_examples(data.train, data, data.limit)
+    train, fmt = load_examples(data.train, data, data.limit, recipe.train.seed)
     stats: dict = {"format": fmt}
     within = len(train) - len({e.key() for e in train})
     if data.heldout:

@@ -55,7 +55,7 @@ class DataSection(Section):
     )
     max_length: int = Field(1024, ge=16, description="tokens per example; longer ones are truncated")
     hub_split: str = Field("train", description="split to read from a hub dataset")
-    limit: int | None = Field(None, gt=0, description="use only the first N training examples")
+    limit: int | None = Field(None, gt=0, description="use N training examples: a seeded random sample")
 
 
 class LoraSection(Section):
@@ -102,9 +102,17 @@ class TrainSection(Section):
 
 
 class EvalSection(Section):
+    after_train: bool = Field(True, description="run the base-vs-fine-tuned comparison at the end of ft train")
+    metrics: Literal["auto"] | list[str] = Field(
+        "auto", description="metric names, or auto (chosen from the held-out answers; see README)")
+    require: dict[str, float] = Field(
+        default_factory=dict, description="gates: metric → minimum improvement over the base, "
+        "e.g. {label_accuracy: 0.05, loss: 0.1} (loss must fall by 0.1)")
     max_new_tokens: int = Field(256, ge=1, description="generation budget per held-out prompt")
     batch_size: int = Field(8, ge=1, description="held-out examples per forward pass")
     max_examples: int | None = Field(None, gt=0, description="cap on held-out examples scored")
+    bootstrap_samples: int = Field(1000, ge=100, description="paired bootstrap resamples for the CIs")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="confidence level of the intervals")
 
 
 class ExportSection(Section):

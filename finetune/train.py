@@ -89,15 +89,14 @@ def prepare(recipe: Recipe) -> Prepared:
 
 # --- model ------------------------------------------------------------------------------------
 
-def load_model(recipe: Recipe, prep: Prepared, backend: str):
-    """The base in 4-bit with LoRA adapters attached; only the adapters are trainable."""
-    if backend == "unsloth":
-        return _load_unsloth(recipe, prep)
+def load_base_model(recipe: Recipe, base: ResolvedBase):
+    """The base model as training sees it: 4-bit (unless the recipe says not), compute dtype
+    bf16 on GPU and fp32 on CPU. `ft eval` loads it the same way, so base and fine-tuned are
+    compared at the precision the adapters were trained against."""
     import torch
-    from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    family, gpu = prep.base.family, on_gpu()
+    gpu = on_gpu()
     compute_dtype = torch.bfloat16 if gpu else torch.float32  # no fast bf16 matmul on most CPUs
     kwargs = dict(dtype=compute_dtype, revision=recipe.model.revision,
                   trust_remote_code=recipe.model.trust_remote_code,
@@ -107,10 +106,19 @@ def load_model(recipe: Recipe, prep: Prepared, backend: str):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
             bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=compute_dtype,
-            llm_int8_skip_modules=list(family.skip_4bit if q.skip_modules == "auto" else q.skip_modules),
+            llm_int8_skip_modules=list(base.family.skip_4bit if q.skip_modules == "auto" else q.skip_modules),
         )
-    model = AutoModelForCausalLM.from_pretrained(prep.base.path, **kwargs)
-    if q.load_in_4bit:
+    return AutoModelForCausalLM.from_pretrained(base.path, **kwargs)
+
+
+def load_model(recipe: Recipe, prep: Prepared, backend: str):
+    """The base in 4-bit with fresh LoRA adapters attached; only the adapters are trainable."""
+    if backend == "unsloth":
+        return _load_unsloth(recipe, prep)
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    model = load_base_model(recipe, prep.base)
+    if recipe.quantization.load_in_4bit:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=recipe.train.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
@@ -118,8 +126,7 @@ def load_model(recipe: Recipe, prep: Prepared, backend: str):
     elif recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    model = get_peft_model(model, lora_config(recipe, family))
-    return model
+    return get_peft_model(model, lora_config(recipe, prep.base.family))
 
 
 def lora_targets(recipe: Recipe, family: Family) -> list[str]:

@@ -1,0 +1,111 @@
+"""A column is "a model that can score and generate": base, fine-tuned, and later the GGUF.
+
+`score` gives each held-out item's summed negative log-likelihood over its trained tokens
+(teacher forcing); `generate` answers each prompt greedily and says whether the answer ended
+with an end-of-turn token (a clean stop) or ran out of budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Protocol
+
+from eval.heldout import Item
+
+
+@dataclass
+class Generation:
+    text: str
+    stopped: bool
+
+
+class Column(Protocol):
+    name: str
+
+    def score(self, items: list[Item]) -> list[tuple[float, int]]: ...
+
+    def generate(self, items: list[Item]) -> list[Generation]: ...
+
+
+def batches(order: list[int], size: int):
+    for start in range(0, len(order), size):
+        yield order[start:start + size]
+
+
+class TransformersColumn:
+    """A transformers model; with a peft model, `adapter=False` scores the base underneath it,
+    so base and fine-tuned share one copy of the weights."""
+
+    def __init__(self, name: str, model, tokenizer, end_of_turn_ids: list[int], batch_size: int,
+                 max_new_tokens: int, adapter: bool = True):
+        self.name, self.model, self.tokenizer = name, model, tokenizer
+        self.eot = end_of_turn_ids
+        self.batch_size, self.max_new_tokens, self.adapter = batch_size, max_new_tokens, adapter
+
+    def _context(self):
+        if not self.adapter and hasattr(self.model, "disable_adapter"):
+            return self.model.disable_adapter()
+        return contextlib.nullcontext()
+
+    def score(self, items: list[Item]) -> list[tuple[float, int]]:
+        import torch
+
+        device = self.model.device
+        results: list[tuple[float, int]] = [(0.0, 0)] * len(items)
+        order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))  # less padding
+        pad = self.tokenizer.pad_token_id
+        with torch.no_grad(), self._context():
+            for chunk in batches(order, self.batch_size):
+                width = max(len(items[i].input_ids) for i in chunk)
+                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+                labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for row, i in enumerate(chunk):
+                    n = len(items[i].input_ids)
+                    ids[row, :n] = torch.tensor(items[i].input_ids)
+                    labels[row, :n] = torch.tensor(items[i].labels)
+                    mask[row, :n] = 1
+                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+                # position t predicts token t+1
+                logp = torch.log_softmax(logits[:, :-1], dim=-1)
+                target = labels[:, 1:].to(device)
+                valid = target != -100
+                picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+                nll = -(picked * valid).sum(dim=1)
+                for row, i in enumerate(chunk):
+                    results[i] = (float(nll[row]), int(valid[row].sum()))
+        return results
+
+    def generate(self, items: list[Item]) -> list[Generation]:
+        import torch
+
+        device = self.model.device
+        out: list[Generation] = [Generation("", False)] * len(items)
+        order = sorted(range(len(items)), key=lambda i: len(items[i].prompt_ids))
+        pad = self.tokenizer.pad_token_id
+        with torch.no_grad(), self._context():
+            for chunk in batches(order, self.batch_size):
+                width = max(len(items[i].prompt_ids) for i in chunk)
+                # left padding: every prompt ends at the same position, where generation starts
+                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for row, i in enumerate(chunk):
+                    p = items[i].prompt_ids
+                    ids[row, width - len(p):] = torch.tensor(p)
+                    mask[row, width - len(p):] = 1
+                generated = self.model.generate(
+                    input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                    max_new_tokens=self.max_new_tokens, eos_token_id=self.eot, pad_token_id=pad,
+                    temperature=None, top_p=None, top_k=None,
+                )
+                for row, i in enumerate(chunk):
+                    out[i] = self.finish(generated[row, width:].tolist())
+        return out
+
+    def finish(self, new_tokens: list[int]) -> Generation:
+        """Cut at the first end-of-turn token; no such token means the budget ran out."""
+        for pos, token in enumerate(new_tokens):
+            if token in self.eot:
+                return Generation(self.tokenizer.decode(new_tokens[:pos]).strip(), True)
+        return Generation(self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip(), False)

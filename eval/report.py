@@ -1,0 +1,197 @@
+"""The evaluation report: a table a person reads in ten seconds, and the same numbers for machines.
+
+    runs/<name>/eval/report.md        metric | base | fine-tuned | delta | 95% CI
+    runs/<name>/eval/report.json      every number, gates, settings, regressed examples
+    runs/<name>/eval/comparison.png   bar chart per metric and column
+    runs/<name>/eval/predictions.jsonl  per example: prompt, reference, each output, scores
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+from rich.table import Table
+
+from eval.heldout import Item
+from eval.metrics import Metric, Outcome
+from eval.stats import paired_bootstrap
+from finetune.run import RunDir, atomic_write_text, write_json
+
+BASE, TUNED = "base", "fine-tuned"
+
+
+@dataclass
+class MetricRow:
+    name: str
+    higher_is_better: bool
+    values: dict[str, float]  # column → value
+    delta: float  # fine-tuned − base
+    low: float
+    high: float
+
+    @property
+    def improvement(self) -> float:
+        """Positive when the fine-tune is better, whatever the metric's direction."""
+        return self.delta if self.higher_is_better else -self.delta
+
+    @property
+    def significant(self) -> bool:
+        return not (self.low <= 0 <= self.high)
+
+
+@dataclass
+class Gate:
+    metric: str
+    required: float
+    improvement: float | None
+    base: float | None
+    tuned: float | None
+
+    @property
+    def passed(self) -> bool:
+        return self.improvement is not None and self.improvement >= self.required
+
+    def message(self) -> str:
+        if self.improvement is None:
+            return f"gate on '{self.metric}': no such metric in this evaluation"
+        verb = "passed" if self.passed else "FAILED"
+        return (f"gate {verb}: {self.metric} improved by {self.improvement:+.4f} "
+                f"(base {self.base:.4f} → fine-tuned {self.tuned:.4f}), required {self.required:+.4f}")
+
+
+@dataclass
+class Report:
+    rows: list[MetricRow]
+    columns: list[str]
+    n: int
+    gates: list[Gate] = field(default_factory=list)
+    regressed: list[dict] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+
+    def row(self, name: str) -> MetricRow | None:
+        return next((r for r in self.rows if r.name == name), None)
+
+
+def compare(metrics: list[Metric], outcomes: dict[str, list[Outcome]], require: dict[str, float],
+            samples: int, confidence: float) -> Report:
+    rows = []
+    for m in metrics:
+        delta, low, high = paired_bootstrap(m, outcomes[BASE], outcomes[TUNED], samples, confidence)
+        rows.append(MetricRow(m.name, m.higher_is_better, {c: m.compute(o) for c, o in outcomes.items()},
+                              delta, low, high))
+    report = Report(rows, list(outcomes), len(outcomes[BASE]))
+    for name, required in require.items():
+        r = report.row(name)
+        report.gates.append(Gate(name, required, r.improvement if r else None,
+                                 r.values[BASE] if r else None, r.values[TUNED] if r else None))
+    return report
+
+
+def fmt(value: float) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.4f}" if abs(value) < 1000 else f"{value:.3g}"
+
+
+def markdown(report: Report, title: str, confidence: float) -> str:
+    pct = f"{confidence:.0%}"
+    extra = [c for c in report.columns if c not in (BASE, TUNED)]
+    head = ["metric", BASE, TUNED, *extra, "delta", f"{pct} CI", ""]
+    lines = [f"# {title}: held-out evaluation", "",
+             f"{report.n} held-out examples; delta = fine-tuned − base; CI = paired bootstrap "
+             f"({report.settings.get('bootstrap_samples')} resamples). ✔ = fine-tune better and the "
+             "CI excludes 0; ✘ = worse and the CI excludes 0.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report.rows:
+        mark = ("✔" if r.improvement > 0 else "✘") if r.significant else ""
+        cells = [r.name + ("" if r.higher_is_better else " ↓"), fmt(r.values[BASE]), fmt(r.values[TUNED]),
+                 *[fmt(r.values[c]) for c in extra], f"{r.delta:+.4f}", f"[{r.low:+.4f}, {r.high:+.4f}]", mark]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "↓ lower is better."]
+    if report.gates:
+        lines += ["", "## Gates", ""] + [f"- {g.message()}" for g in report.gates]
+    lines += ["", f"Examples where the fine-tune scored lower than the base on a task metric: "
+              f"{len(report.regressed)} (listed in report.json and predictions.jsonl)."]
+    return "\n".join(lines) + "\n"
+
+
+def table(report: Report, title: str) -> Table:
+    extra = [c for c in report.columns if c not in (BASE, TUNED)]
+    t = Table(title=f"{title}: {report.n} held-out examples", title_justify="left")
+    for col in ["metric", BASE, TUNED, *extra, "delta", "95% CI", ""]:
+        t.add_column(col, justify="left" if col == "metric" else "right")
+    for r in report.rows:
+        mark = ("[green]✔[/green]" if r.improvement > 0 else "[red]✘[/red]") if r.significant else ""
+        t.add_row(r.name + ("" if r.higher_is_better else " ↓"), fmt(r.values[BASE]), fmt(r.values[TUNED]),
+                  *[fmt(r.values[c]) for c in extra], f"{r.delta:+.4f}", f"[{r.low:+.4f}, {r.high:+.4f}]", mark)
+    return t
+
+
+def plot(report: Report, path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    bounded = [r for r in report.rows if r.name not in ("loss", "perplexity")]
+    loss = report.row("loss")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [max(len(bounded), 1), 1.2]})
+    width = 0.8 / len(report.columns)
+    x = np.arange(len(bounded))
+    for k, column in enumerate(report.columns):
+        axes[0].bar(x + k * width, [r.values[column] for r in bounded], width, label=column)
+    axes[0].set_xticks(x + width * (len(report.columns) - 1) / 2, [r.name for r in bounded], rotation=30, ha="right")
+    axes[0].set_ylim(0, 1.05)
+    axes[0].set_title("task metrics (higher is better)")
+    axes[0].legend()
+    if loss:
+        axes[1].bar(report.columns, [loss.values[c] for c in report.columns], color=["C0", "C1", "C2"][: len(report.columns)])
+        axes[1].set_title("held-out loss (lower is better)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(".comparison.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def regressions(metrics: list[Metric], items: list[Item], outcomes: dict[str, list[Outcome]]) -> list[dict]:
+    task = [m for m in metrics if m.per_example is not None and m.name not in ("loss",)]
+    found = []
+    for i, item in enumerate(items):
+        worse = [m.name for m in task
+                 if m.per_example(outcomes[TUNED][i]) < m.per_example(outcomes[BASE][i])]
+        if worse:
+            found.append({"index": i, "where": item.where, "regressed_on": worse})
+    return found
+
+
+def write(run: RunDir, report: Report, metrics: list[Metric], items: list[Item],
+          outcomes: dict[str, list[Outcome]], title: str) -> None:
+    out = run.eval_dir
+    out.mkdir(parents=True, exist_ok=True)
+    per_example = [m for m in metrics if m.per_example is not None]
+    regressed = {r["index"] for r in report.regressed}
+    lines = []
+    for i, item in enumerate(items):
+        lines.append(json.dumps({
+            "where": item.where, "prompt": item.messages, "reference": item.reference,
+            "outputs": {c: {"text": o[i].output, "stopped": o[i].stopped} for c, o in outcomes.items()},
+            "scores": {c: {m.name: m.per_example(o[i]) for m in per_example} for c, o in outcomes.items()},
+            "regressed": i in regressed,
+        }, ensure_ascii=False))
+    atomic_write_text(out / "predictions.jsonl", "\n".join(lines) + "\n")
+    write_json(out / "report.json", {
+        "run": str(run.root), "examples": report.n, "columns": report.columns, "settings": report.settings,
+        "metrics": [{"name": r.name, "higher_is_better": r.higher_is_better, "values": r.values,
+                     "delta": r.delta, "ci": [r.low, r.high], "significant": r.significant,
+                     "improvement": r.improvement} for r in report.rows],
+        "gates": [{"metric": g.metric, "required": g.required, "improvement": g.improvement,
+                   "passed": g.passed} for g in report.gates],
+        "regressed": report.regressed,
+    })
+    atomic_write_text(out / "report.md", markdown(report, title, report.settings.get("confidence", 0.95)))
+    plot(report, out / "comparison.png", title)

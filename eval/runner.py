@@ -1,0 +1,127 @@
+"""`ft eval RUN`: the same held-out prompts through the base and the fine-tuned model.
+
+Both columns share one copy of the base weights, loaded exactly as training loaded them; the
+fine-tuned column is that base with the run's adapter switched on. The base column depends only
+on the base, the held-out set and the decoding settings, so it is cached by a hash of those and
+reused across fine-tunes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from eval import metrics as metrics_mod
+from eval import report as report_mod
+from eval.columns import Column, TransformersColumn
+from eval.heldout import Item, build_items, items_digest
+from eval.metrics import Outcome
+from finetune.errors import UserError
+from finetune.recipe import Recipe, load_recipe
+from finetune.run import RunDir, write_json
+from finetune.twins import cache_root
+
+EVAL_FORMAT = 1  # bump when scoring changes, so cached base columns are recomputed
+
+
+class GateFailed(Exception):
+    """A required improvement was not reached (exit code 3)."""
+
+    def __init__(self, messages: list[str]):
+        self.messages = messages
+        super().__init__("\n".join(messages))
+
+
+def choose_metrics(recipe: Recipe, items: list[Item]) -> list[metrics_mod.Metric]:
+    references = [i.reference for i in items]
+    if recipe.eval.metrics == "auto":
+        return metrics_mod.detect_metrics(references)
+    try:
+        return metrics_mod.by_name(list(recipe.eval.metrics), references)
+    except KeyError as exc:
+        raise UserError(f"unknown metric {exc}", "eval.metrics",
+                        f"use auto or names from: {', '.join(metrics_mod.KNOWN)}") from None
+
+
+def run_column(column: Column, items: list[Item]) -> list[Outcome]:
+    losses = column.score(items)
+    answers = column.generate(items)
+    return [Outcome(i.reference, a.text, a.stopped, nll, n) for i, a, (nll, n) in zip(items, answers, losses)]
+
+
+def base_identity(path: str) -> list:
+    """What the base weights are: file names, sizes and mtimes for a folder; the id otherwise."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return [path]
+    return sorted([p.name, p.stat().st_size, p.stat().st_mtime_ns]
+                  for p in folder.iterdir() if p.suffix in (".safetensors", ".json"))
+
+
+def base_cache_key(recipe: Recipe, base_path: str, items: list[Item]) -> str:
+    payload = [EVAL_FORMAT, base_identity(base_path), recipe.model.revision, recipe.quantization.model_dump(),
+               recipe.eval.max_new_tokens, items_digest(items)]
+    return hashlib.sha256(json.dumps(payload, default=str).encode()).hexdigest()[:20]
+
+
+def cached_base(key: str) -> list[Outcome] | None:
+    path = cache_root() / "eval" / f"base-{key}.json"
+    if not path.is_file():
+        return None
+    return [Outcome(**o) for o in json.loads(path.read_text(encoding="utf-8"))]
+
+
+def store_base(key: str, outcomes: list[Outcome]) -> None:
+    write_json(cache_root() / "eval" / f"base-{key}.json", [asdict(o) for o in outcomes])
+
+
+def evaluate(run: RunDir, overrides: list[str] = (), use_cache: bool = True) -> report_mod.Report:
+    from peft import PeftModel
+
+    from finetune.train import load_base_model, prepare
+
+    if not (run.adapter / "adapter_model.safetensors").is_file():
+        raise UserError(f"the run has no trained adapter: {run.adapter}", str(run.root),
+                        "finish training first (ft train RECIPE, or --resume)")
+    recipe = load_recipe(run.recipe, overrides)
+    prep = prepare(recipe)
+    heldout = prep.splits.heldout[: recipe.eval.max_examples] if recipe.eval.max_examples else prep.splits.heldout
+    items = build_items(heldout, prep.tokenizer, prep.base.family, prep.template, prep.template_kwargs,
+                        recipe.data.max_length)
+    metrics = choose_metrics(recipe, items)
+    unknown = sorted(set(recipe.eval.require) - {m.name for m in metrics})
+    if unknown:
+        raise UserError(f"eval.require names metrics this evaluation does not compute: {', '.join(unknown)}",
+                        "eval.require", f"use some of: {', '.join(m.name for m in metrics)}")
+    eot = [prep.tokenizer.convert_tokens_to_ids(t) for t in prep.base.family.end_of_turn]
+
+    model = PeftModel.from_pretrained(load_base_model(recipe, prep.base), str(run.adapter))
+    model.eval()
+    common = dict(tokenizer=prep.tokenizer, end_of_turn_ids=eot, batch_size=recipe.eval.batch_size,
+                  max_new_tokens=recipe.eval.max_new_tokens)
+    key = base_cache_key(recipe, prep.base.path, items)
+    base = cached_base(key) if use_cache else None
+    cached = base is not None
+    if base is None:
+        base = run_column(TransformersColumn(report_mod.BASE, model, adapter=False, **common), items)
+        store_base(key, base)
+    tuned = run_column(TransformersColumn(report_mod.TUNED, model, adapter=True, **common), items)
+    outcomes = {report_mod.BASE: base, report_mod.TUNED: tuned}
+
+    report = report_mod.compare(metrics, outcomes, recipe.eval.require, recipe.eval.bootstrap_samples,
+                                recipe.eval.confidence)
+    report.regressed = report_mod.regressions(metrics, items, outcomes)
+    report.settings = {"max_new_tokens": recipe.eval.max_new_tokens, "decoding": "greedy",
+                       "bootstrap_samples": recipe.eval.bootstrap_samples, "confidence": recipe.eval.confidence,
+                       "base_column_cached": cached, "base_cache_key": key,
+                       "template_kwargs": prep.template_kwargs}
+    report_mod.write(run, report, metrics, items, outcomes, recipe.name)
+    return report
+
+
+def check_gates(report: report_mod.Report) -> None:
+    failed = [g.message() for g in report.gates if not g.passed]
+    if failed:
+        raise GateFailed(failed)
