@@ -109,3 +109,40 @@ class TransformersColumn:
             if token in self.eot:
                 return Generation(self.tokenizer.decode(new_tokens[:pos]).strip(), True)
         return Generation(self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip(), False)
+
+
+class GGUFColumn:
+    """The shipped GGUF through llama.cpp, fed the same token ids (tokenizer parity is part of
+    export verification) and stopped by the same end-of-turn tokens as the Modelfile."""
+
+    def __init__(self, name: str, path, tokenizer, end_of_turn_ids: list[int], max_new_tokens: int, n_ctx: int):
+        from export.llama import GGUFModel
+
+        self.name, self.tokenizer = name, tokenizer
+        self.eot, self.max_new_tokens = set(end_of_turn_ids), max_new_tokens
+        self.model = GGUFModel(path, n_ctx)
+
+    def score(self, items: list[Item]) -> list[tuple[float, int]]:
+        import numpy as np
+        import torch
+
+        results = []
+        for item in items:
+            logits = torch.from_numpy(self.model.logits(item.input_ids)[:-1])
+            logp = torch.log_softmax(logits, dim=-1).numpy()
+            targets = np.array(item.labels[1:])
+            valid = targets != -100
+            nll = -logp[np.arange(len(targets))[valid], targets[valid]].sum()
+            results.append((float(nll), int(valid.sum())))
+        return results
+
+    def generate(self, items: list[Item]) -> list[Generation]:
+        out = []
+        for item in items:
+            tokens, stopped = self.model.generate(item.prompt_ids, self.max_new_tokens, self.eot)
+            text = self.tokenizer.decode(tokens[:-1] if stopped else tokens, skip_special_tokens=not stopped)
+            out.append(Generation(text.strip(), stopped))
+        return out
+
+    def close(self) -> None:
+        self.model.close()

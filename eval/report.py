@@ -19,7 +19,7 @@ from eval.metrics import Metric, Outcome
 from eval.stats import paired_bootstrap
 from finetune.run import RunDir, atomic_write_text, write_json
 
-BASE, TUNED = "base", "fine-tuned"
+BASE, TUNED, GGUF = "base", "fine-tuned", "gguf"
 
 
 @dataclass

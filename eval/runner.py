@@ -15,7 +15,7 @@ from pathlib import Path
 
 from eval import metrics as metrics_mod
 from eval import report as report_mod
-from eval.columns import Column, TransformersColumn
+from eval.columns import Column, GGUFColumn, TransformersColumn
 from eval.heldout import Item, build_items, items_digest
 from eval.metrics import Outcome
 from finetune.errors import UserError
@@ -77,7 +77,16 @@ def store_base(key: str, outcomes: list[Outcome]) -> None:
     write_json(cache_root() / "eval" / f"base-{key}.json", [asdict(o) for o in outcomes])
 
 
-def evaluate(run: RunDir, overrides: list[str] = (), use_cache: bool = True) -> report_mod.Report:
+def shipped_gguf(run: RunDir, recipe: Recipe) -> Path:
+    path = run.export_dir / f"{recipe.name}-{recipe.export.quant}.gguf"
+    if not path.is_file():
+        found = sorted(p.name for p in run.export_dir.glob("*.gguf") if "FAILED" not in p.name)
+        raise UserError(f"no exported {recipe.export.quant} GGUF in {run.export_dir}", "--gguf",
+                        f"run `ft export {run.root}` first" + (f" (found: {', '.join(found)})" if found else ""))
+    return path
+
+
+def evaluate(run: RunDir, overrides: list[str] = (), use_cache: bool = True, gguf: bool = False) -> report_mod.Report:
     from peft import PeftModel
 
     from finetune.train import load_base_model, prepare
@@ -109,6 +118,14 @@ def evaluate(run: RunDir, overrides: list[str] = (), use_cache: bool = True) -> 
         store_base(key, base)
     tuned = run_column(TransformersColumn(report_mod.TUNED, model, adapter=True, **common), items)
     outcomes = {report_mod.BASE: base, report_mod.TUNED: tuned}
+    if gguf:
+        path = shipped_gguf(run, recipe)
+        n_ctx = max(len(i.input_ids) for i in items) + recipe.eval.max_new_tokens + 16
+        column = GGUFColumn(report_mod.GGUF, path, prep.tokenizer, eot, recipe.eval.max_new_tokens, n_ctx)
+        try:
+            outcomes[report_mod.GGUF] = run_column(column, items)
+        finally:
+            column.close()
 
     report = report_mod.compare(metrics, outcomes, recipe.eval.require, recipe.eval.bootstrap_samples,
                                 recipe.eval.confidence)
@@ -116,7 +133,8 @@ def evaluate(run: RunDir, overrides: list[str] = (), use_cache: bool = True) -> 
     report.settings = {"max_new_tokens": recipe.eval.max_new_tokens, "decoding": "greedy",
                        "bootstrap_samples": recipe.eval.bootstrap_samples, "confidence": recipe.eval.confidence,
                        "base_column_cached": cached, "base_cache_key": key,
-                       "template_kwargs": prep.template_kwargs}
+                       "template_kwargs": prep.template_kwargs,
+                       "gguf": str(shipped_gguf(run, recipe)) if gguf else None}
     report_mod.write(run, report, metrics, items, outcomes, recipe.name)
     return report
 

@@ -17,6 +17,7 @@ from rich.table import Table
 from finetune.errors import EXIT_INTERNAL_ERROR, EXIT_USER_ERROR, UserError
 
 EXIT_GATE_FAILED = 3
+EXIT_VERIFY_FAILED = 4
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune an open-weight model on your data, prove it helps, ship a GGUF.")
@@ -50,12 +51,13 @@ def train(
         _evaluate(run)
 
 
-def _evaluate(run, overrides: list[str] = ()) -> None:
+def _evaluate(run, overrides: list[str] = (), gguf: bool = False) -> None:
     from eval.report import table
     from eval.runner import check_gates, evaluate
 
-    err.print("[bold]ft eval[/bold]: base vs fine-tuned on the held-out set")
-    report = evaluate(run, overrides=overrides)
+    err.print("[bold]ft eval[/bold]: base vs fine-tuned" + (" vs the exported GGUF" if gguf else "")
+              + " on the held-out set")
+    report = evaluate(run, overrides=overrides, gguf=gguf)
     out.print(table(report, run.root.name))
     for gate in report.gates:
         out.print(gate.message())
@@ -67,6 +69,7 @@ def _evaluate(run, overrides: list[str] = ()) -> None:
 def eval_(
     run: Optional[str] = typer.Argument(None, help="run folder (default: the newest under runs/)"),
     set_: list[str] = typer.Option([], "--set", help="override an eval key, e.g. --set eval.require.json_valid=0.5"),
+    gguf: bool = typer.Option(False, "--gguf", help="add the exported GGUF (run ft export first) as a column"),
 ):
     """Compare base and fine-tuned on the held-out set; exit 3 if a recipe gate fails."""
     from finetune.run import find_run
@@ -75,7 +78,44 @@ def eval_(
     if bad:
         raise UserError(f"ft eval only overrides eval.* keys, not {bad[0]}", "--set",
                         "change training settings in the recipe and train again")
-    _evaluate(find_run(run), set_)
+    _evaluate(find_run(run), set_, gguf)
+
+
+@app.command()
+def export(
+    run: Optional[str] = typer.Argument(None, help="run folder (default: the newest under runs/)"),
+    quant: str = typer.Option(None, help="f16, bf16, q8_0, q4_k_m, q5_k_m, q6_k (default: the recipe's export.quant)"),
+    keep_f16: bool = typer.Option(False, "--keep-f16", help="keep the 16-bit intermediate GGUF"),
+    no_verify: bool = typer.Option(False, "--no-verify", help="skip tokenizer/logit/stop verification"),
+    format_: str = typer.Option("gguf", "--format", help="gguf, or hf to also write merged safetensors"),
+    renderer: bool = typer.Option(False, "--renderer", help="Modelfile uses Ollama's built-in RENDERER/PARSER"),
+    ollama: Optional[str] = typer.Option(None, "--ollama", help="run `ollama create NAME` when ollama is installed"),
+):
+    """Merge the adapter into the base, write GGUF, quantize, write a Modelfile, verify."""
+    from export.quantize import FTYPES, SIXTEEN_BIT
+    from export.runner import export_run, ollama_create
+    from finetune.recipe import load_recipe
+    from finetune.run import find_run
+
+    chosen = find_run(run)
+    quant = quant or load_recipe(chosen.recipe).export.quant
+    if quant not in (*SIXTEEN_BIT, *FTYPES):
+        raise UserError(f"unknown --quant '{quant}'", "--quant", f"use one of: {', '.join((*SIXTEEN_BIT, *FTYPES))}")
+    if format_ not in ("gguf", "hf"):
+        raise UserError(f"unknown --format '{format_}'", "--format", "use gguf or hf")
+    err.print(f"[bold]ft export[/bold] {chosen.root} → {chosen.export_dir} ({quant})")
+    report = export_run(chosen, quant, keep_f16=keep_f16, verify=not no_verify, hf=format_ == "hf",
+                        renderer=renderer, progress=lambda m: err.print(f"  {m}"))
+    verify_note = "verified" if "verify" in report else "not verified (--no-verify)"
+    out.print(f"wrote {chosen.export_dir}")
+    for name, size in report["files"].items():
+        out.print(f"  {name}  {size / 2**20:,.1f} MiB")
+    out.print(f"{verify_note}; peak memory {report['peak_rss_mib']:,.0f} MiB; {report['seconds']:.0f} s")
+    modelfile_path = chosen.export_dir / "Modelfile"
+    if ollama:
+        out.print(ollama_create(ollama, modelfile_path))
+    else:
+        out.print(f"next: ollama create {load_recipe(chosen.recipe).name} -f {modelfile_path}")
 
 
 @app.command()
@@ -128,6 +168,7 @@ def main() -> None:
     import click
 
     from eval.runner import GateFailed
+    from export.runner import VerifyFailed
 
     quiet_libraries()
     try:
@@ -138,6 +179,10 @@ def main() -> None:
     except GateFailed as exc:
         err.print("\n".join(exc.messages), markup=False, highlight=False)
         sys.exit(EXIT_GATE_FAILED)
+    except VerifyFailed as exc:
+        err.print("verification FAILED: " + "\n  ".join(exc.failures), markup=False, highlight=False)
+        err.print(f"the file is kept as {exc.path}; details in {exc.path.parent / 'verify.json'}", markup=False)
+        sys.exit(EXIT_VERIFY_FAILED)
     except click.ClickException as exc:  # usage errors: the user's to fix
         exc.show()
         sys.exit(EXIT_USER_ERROR)

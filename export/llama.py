@@ -1,0 +1,78 @@
+"""llama.cpp through llama-cpp-python: load a GGUF, tokenize, score, generate greedily.
+
+One place for the details: llama.cpp logs to stderr from C (captured into a log file instead),
+and a Llama must be closed explicitly (its __del__ at interpreter exit raises otherwise).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def native_log(path: Path | None):
+    """Send C-level stderr (llama.cpp's logging) to a file, or to /dev/null."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    target = os.open(str(path) if path else os.devnull, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(target, 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(target)
+
+
+class GGUFModel:
+    def __init__(self, path: Path, n_ctx: int = 2048, log: Path | None = None, vocab_only: bool = False):
+        from llama_cpp import Llama
+
+        self.log = log
+        with native_log(log):
+            self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True,
+                             vocab_only=vocab_only, verbose=False, n_threads=os.cpu_count())
+        self.n_ctx = n_ctx
+
+    def close(self) -> None:
+        if self.llm is not None:
+            self.llm.close()
+            self.llm = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """[len(ids), n_vocab] logits, position t predicting token t+1."""
+        with native_log(self.log):
+            self.llm.reset()
+            self.llm.eval(ids)
+        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+
+    def generate(self, prompt: list[int], max_new_tokens: int, stop_ids: set[int]) -> tuple[list[int], bool]:
+        """Greedy decoding; (new tokens, ended with a stop token)."""
+        out: list[int] = []
+        with native_log(self.log):
+            self.llm.reset()
+            self.llm.eval(prompt)
+            for _ in range(max_new_tokens):
+                if self.llm.n_tokens >= self.n_ctx:
+                    break
+                token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+                out.append(token)
+                if token in stop_ids:
+                    return out, True
+                self.llm.eval([token])
+        return out, False

@@ -1,0 +1,190 @@
+"""`ft export RUN`: merge → GGUF → quantize → Modelfile → verify, with nothing half-written.
+
+    runs/<name>/export/
+      <name>-<quant>.gguf    the shipped file (verified)
+      <name>-f16.gguf        the 16-bit intermediate, kept with --keep-f16
+      Modelfile              for `ollama create`
+      verify.json            tokenizer parity, logit parity (16-bit and shipped), stops
+      export.json            what was done: sizes, times, peak memory, merged and skipped tensors
+      llama.log              llama.cpp's own log from quantizing and verifying
+      hf/                    with --format hf: merged safetensors shards, config, tokenizer
+
+Every file is written under a temporary name and renamed when complete; a file that fails
+verification is renamed to `<name>-<quant>.FAILED.gguf` and the command exits 4.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from export import verify as verify_mod
+from export.arches import arch_for
+from export.checkpoint import Checkpoint, local_snapshot, read_config
+from export.gguf_file import write_gguf
+from export.merge import Adapter
+from export.modelfile import modelfile
+from export.quantize import SIXTEEN_BIT, quantize
+from export.vocab import add_vocab
+from finetune.errors import UserError
+from finetune.models import FAMILIES, Family
+from finetune.recipe import load_recipe
+from finetune.run import RunDir, atomic_write_text, write_json
+
+VERIFY_PROMPTS = 8  # held-out examples used for logit parity and stops
+
+
+class VerifyFailed(Exception):
+    def __init__(self, failures: list[str], path: Path):
+        self.failures, self.path = failures, path
+        super().__init__("; ".join(failures))
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def served_template(family: Family, template_kwargs: dict) -> str:
+    """The official template with the trained mode pinned, so a runtime that renders the GGUF's
+    own Jinja template (Ollama ≥ 0.30 may prefer it over TEMPLATE) produces the trained format."""
+    pins = "".join(f"{{%- set {k} = {str(v).lower()} %}}\n" for k, v in template_kwargs.items())
+    return pins + family.read_template()
+
+
+def read_adapter_info(run: RunDir) -> dict:
+    path = run.adapter / "ft_adapter.json"
+    if not (run.adapter / "adapter_model.safetensors").is_file() or not path.is_file():
+        raise UserError(f"the run has no complete adapter: {run.adapter}", str(run.root),
+                        "train it to the end first (ft train RECIPE, or ft train RECIPE --resume)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def family_named(name: str) -> Family:
+    return next(f for f in FAMILIES if f.name == name)
+
+
+def export_run(run: RunDir, quant: str, keep_f16: bool = False, verify: bool = True, hf: bool = False,
+               renderer: bool = False, progress=print) -> dict:
+    started = time.monotonic()
+    info = read_adapter_info(run)
+    recipe = load_recipe(run.recipe)
+    family = family_named(info["family"])
+    arch = arch_for(info["gguf_arch"])  # unknown architectures fail here, before any work
+    base_dir = local_snapshot(info["base_path"], recipe.model.revision)
+    cfg = read_config(base_dir)
+    ckpt = Checkpoint.open(base_dir)
+    adapter = Adapter(run.adapter)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run.adapter)
+    out = run.export_dir
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.partial"):  # left by a killed export
+        stale.unlink()
+    name = recipe.name
+    sixteen = "bf16" if quant == "bf16" else "f16"
+    sixteen_path = out / f"{name}-{sixteen}.gguf"
+    shipped_path = out / f"{name}-{quant}.gguf"
+    failed_path = out / f"{name}-{quant}.FAILED.gguf"
+    failed_path.unlink(missing_ok=True)
+    log = out / "llama.log"
+    report: dict = {"run": str(run.root), "quant": quant, "base": str(base_dir), "arch": arch.name}
+
+    progress(f"merging {len(adapter.deltas)} LoRA weights into {base_dir.name} and writing {sixteen} GGUF")
+    partial = out / f".{sixteen_path.name}.partial"
+    t0 = time.monotonic()
+    kwargs = info.get("template_kwargs", {})
+    report["convert"] = write_gguf(
+        partial, arch, cfg, ckpt, adapter, sixteen,
+        lambda w: add_vocab(w, tokenizer, run.adapter, family, cfg["vocab_size"], served_template(family, kwargs)),
+        {"name": name, "license": info.get("license", "")})
+    report["convert"]["seconds"] = round(time.monotonic() - t0, 2)
+    os.replace(partial, sixteen_path)
+
+    if quant in SIXTEEN_BIT:
+        candidate = sixteen_path
+    else:
+        progress(f"quantizing to {quant} with llama.cpp")
+        candidate = out / f".{shipped_path.name}.partial"
+        t0 = time.monotonic()
+        from export.llama import native_log
+
+        with native_log(log):
+            quantize(sixteen_path, candidate, quant)
+        report["quantize_seconds"] = round(time.monotonic() - t0, 2)
+
+    if verify:
+        progress("verifying: tokenizer parity, logit parity, stops")
+        result = run_verification(run, recipe, family, tokenizer, base_dir, sixteen_path, candidate, kwargs, log)
+        write_json(out / "verify.json", {"passed": result.passed, "failures": result.failures, **result.checks})
+        report["verify"] = {"passed": result.passed, "failures": result.failures}
+        if not result.passed:
+            os.replace(candidate, failed_path)
+            if candidate != sixteen_path and not keep_f16:
+                sixteen_path.unlink(missing_ok=True)
+            raise VerifyFailed(result.failures, failed_path)
+    if candidate != shipped_path:
+        os.replace(candidate, shipped_path)
+    if quant not in SIXTEEN_BIT and not keep_f16:
+        sixteen_path.unlink()
+
+    atomic_write_text(out / "Modelfile", modelfile(
+        shipped_path.name, family, recipe.data.system_prompt, recipe.export.num_ctx, recipe.export.temperature,
+        recipe.export.top_p, info.get("license", ""), renderer=renderer))
+    if hf:
+        from export.hf import write_hf
+
+        progress("writing merged safetensors (--format hf)")
+        report["hf"] = write_hf(out / "hf", ckpt, adapter, base_dir, run.adapter)
+    report.update(files={p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()},
+                  seconds=round(time.monotonic() - started, 2), peak_rss_mib=round(peak_rss_mib(), 1))
+    write_json(out / "export.json", report)
+    return report
+
+
+def run_verification(run, recipe, family, tokenizer, base_dir, sixteen_path, shipped, kwargs, log):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from finetune.data import load_splits, tokenize
+    from finetune.train import training_template
+
+    # The reference: the original base in full precision with the adapter merged by peft,
+    # independently of ft's own streaming merge.
+    gpu = torch.cuda.is_available()
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16 if gpu else torch.float32,
+                                                device_map={"": 0} if gpu else {"": "cpu"})
+    reference = PeftModel.from_pretrained(base, str(run.adapter)).merge_and_unload().eval()
+    heldout = load_splits(recipe).heldout[:VERIFY_PROMPTS]
+    template, _ = training_template(recipe, family)
+    sequences = [tokenize(tokenizer, e, template, recipe.data.max_length, kwargs)["input_ids"] for e in heldout]
+    served = family.read_template()
+    prompt_texts = [tokenizer.apply_chat_template(e.messages[:-1], chat_template=served, tokenize=False,
+                                                  add_generation_prompt=True, **kwargs) for e in heldout]
+    prompts = [tokenizer.encode(t, add_special_tokens=False) for t in prompt_texts]
+    stop_ids = {tokenizer.convert_tokens_to_ids(t) for t in family.end_of_turn}
+    specials = [t for t in tokenizer.all_special_tokens] + list(family.end_of_turn)
+    result = verify_mod.verify(
+        tokenizer=tokenizer, reference_model=reference, sequences=sequences, prompts=prompts,
+        prompt_texts=prompt_texts, stop_ids=stop_ids, specials=specials, sixteen_bit=sixteen_path,
+        quantized=shipped, max_new_tokens=recipe.eval.max_new_tokens, log=log)
+    del reference, base
+    return result
+
+
+def ollama_create(name: str, modelfile_path: Path) -> str:
+    """Run `ollama create` when the CLI is installed; otherwise say what to run."""
+    command = ["ollama", "create", name, "-f", str(modelfile_path)]
+    if shutil.which("ollama") is None:
+        return "ollama is not installed here; on a machine with Ollama run:\n  " + " ".join(command)
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise UserError(f"ollama create failed: {result.stderr.strip()[-500:]}", "--ollama",
+                        "check that the Ollama server is running and recent enough (see REQUIRES in the Modelfile)")
+    return f"created Ollama model '{name}': ollama run {name}"

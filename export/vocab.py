@@ -1,0 +1,49 @@
+"""The tokenizer, written into the GGUF the way llama.cpp reads a byte-level BPE vocabulary.
+
+Tokens are listed for every row of the embedding (rows past the tokenizer's last id become
+`[PAD{i}]`, as llama.cpp expects n_vocab == embedding rows). Merges, special-token ids and
+add-BOS flags come from gguf-py's SpecialVocab. The pre-tokenizer name tells llama.cpp which split
+regex to apply; it is a per-family fact (models.py), checked by the tokenizer-parity step of
+verification rather than guessed from a hash.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+
+from finetune.models import Family
+
+# llama.cpp's name for each family's pre-tokenizer (GGUF_FACTS.md §6.3)
+PRE_TOKENIZER = {"qwen3_5": "qwen35", "olmo3": "dbrx", "qwen3": "qwen2", "llama3": "llama-bpe"}
+
+
+def add_vocab(writer: gguf.GGUFWriter, tokenizer, tokenizer_dir: Path, family: Family, vocab_size: int,
+              chat_template: str) -> None:
+    vocab = tokenizer.get_vocab()  # token → id, added tokens included
+    by_id = {i: t for t, i in vocab.items()}
+    added = tokenizer.added_tokens_decoder  # id → AddedToken
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(added[i].content)
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(PRE_TOKENIZER[family.name])
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(tokenizer_dir, load_merges=True, n_vocab=vocab_size)
+    special.chat_template = None  # ft writes the served template itself (below)
+    special.add_to_gguf(writer, quiet=True)
+    # Byte-level BPE (Qwen, Dolma2) never adds a BOS; say so rather than rely on llama.cpp's default.
+    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+    eot = tokenizer.convert_tokens_to_ids(family.end_of_turn[0])
+    writer.add_eot_token_id(eot)
+    writer.add_chat_template(chat_template)
