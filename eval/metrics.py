@@ -140,8 +140,10 @@ def is_categorical(values: list[str]) -> bool:
     return len(distinct) <= max(2, len(values) // 5) and max(map(len, distinct), default=0) <= 64
 
 
-def detect_metrics(references: list[str]) -> list[Metric]:
-    """The metrics that fit these references (see the module docstring)."""
+def detect_metrics(references: list[str], labelled: bool = False) -> list[Metric]:
+    """The metrics that fit these references (see the module docstring). `labelled`: the data
+    loader already knows the answers are class labels (data.label_column, or detected on the
+    whole training set, where a small held-out set cannot show it)."""
     common = [LOSS, PERPLEXITY, CLEAN_STOP]
     parsed = [parse_json_object(r) for r in references]
     if references and all(p is not None for p in parsed):
@@ -152,7 +154,7 @@ def detect_metrics(references: list[str]) -> list[Metric]:
             values = [json.dumps(p.get(key), sort_keys=True) for p in parsed]
             fields.append(json_field_accuracy(key) if is_categorical(values) else json_field_rouge(key))
         return common + [JSON_VALID, EXACT] + fields
-    if is_categorical([r.strip() for r in references]):
+    if labelled or is_categorical([r.strip() for r in references]):
         return common + [LABEL_ACCURACY, MACRO_F1]
     return common + [EXACT, NORMALIZED_EXACT, ROUGE_L]
 

@@ -34,10 +34,10 @@ class GateFailed(Exception):
         super().__init__("\n".join(messages))
 
 
-def choose_metrics(recipe: Recipe, items: list[Item]) -> list[metrics_mod.Metric]:
+def choose_metrics(recipe: Recipe, items: list[Item], labelled: bool) -> list[metrics_mod.Metric]:
     references = [i.reference for i in items]
     if recipe.eval.metrics == "auto":
-        return metrics_mod.detect_metrics(references)
+        return metrics_mod.detect_metrics(references, labelled)
     try:
         return metrics_mod.by_name(list(recipe.eval.metrics), references)
     except KeyError as exc:
@@ -78,12 +78,15 @@ def store_base(key: str, outcomes: list[Outcome]) -> None:
 
 
 def shipped_gguf(run: RunDir, recipe: Recipe) -> Path:
-    path = run.export_dir / f"{recipe.name}-{recipe.export.quant}.gguf"
-    if not path.is_file():
-        found = sorted(p.name for p in run.export_dir.glob("*.gguf") if "FAILED" not in p.name)
-        raise UserError(f"no exported {recipe.export.quant} GGUF in {run.export_dir}", "--gguf",
-                        f"run `ft export {run.root}` first" + (f" (found: {', '.join(found)})" if found else ""))
-    return path
+    """The exported file: the recipe's quant if present, else the newest verified export."""
+    preferred = run.export_dir / f"{recipe.name}-{recipe.export.quant}.gguf"
+    found = sorted((p for p in run.export_dir.glob(f"{recipe.name}-*.gguf") if "FAILED" not in p.name),
+                   key=lambda p: p.stat().st_mtime)
+    if preferred.is_file():
+        return preferred
+    if found:
+        return found[-1]
+    raise UserError(f"no exported GGUF in {run.export_dir}", "--gguf", f"run `ft export {run.root}` first")
 
 
 def evaluate(run: RunDir, overrides: list[str] = (), use_cache: bool = True, gguf: bool = False) -> report_mod.Report:
@@ -95,11 +98,12 @@ def evaluate(run: RunDir, overrides: list[str] = (), use_cache: bool = True, ggu
         raise UserError(f"the run has no trained adapter: {run.adapter}", str(run.root),
                         "finish training first (ft train RECIPE, or --resume)")
     recipe = load_recipe(run.recipe, overrides)
+    gguf_path = shipped_gguf(run, recipe) if gguf else None  # fail before any model work
     prep = prepare(recipe)
     heldout = prep.splits.heldout[: recipe.eval.max_examples] if recipe.eval.max_examples else prep.splits.heldout
     items = build_items(heldout, prep.tokenizer, prep.base.family, prep.template, prep.template_kwargs,
                         recipe.data.max_length)
-    metrics = choose_metrics(recipe, items)
+    metrics = choose_metrics(recipe, items, all(e.label is not None for e in heldout))
     unknown = sorted(set(recipe.eval.require) - {m.name for m in metrics})
     if unknown:
         raise UserError(f"eval.require names metrics this evaluation does not compute: {', '.join(unknown)}",
@@ -118,10 +122,9 @@ def evaluate(run: RunDir, overrides: list[str] = (), use_cache: bool = True, ggu
         store_base(key, base)
     tuned = run_column(TransformersColumn(report_mod.TUNED, model, adapter=True, **common), items)
     outcomes = {report_mod.BASE: base, report_mod.TUNED: tuned}
-    if gguf:
-        path = shipped_gguf(run, recipe)
+    if gguf_path:
         n_ctx = max(len(i.input_ids) for i in items) + recipe.eval.max_new_tokens + 16
-        column = GGUFColumn(report_mod.GGUF, path, prep.tokenizer, eot, recipe.eval.max_new_tokens, n_ctx)
+        column = GGUFColumn(report_mod.GGUF, gguf_path, prep.tokenizer, eot, recipe.eval.max_new_tokens, n_ctx)
         try:
             outcomes[report_mod.GGUF] = run_column(column, items)
         finally:
@@ -134,7 +137,7 @@ def evaluate(run: RunDir, overrides: list[str] = (), use_cache: bool = True, ggu
                        "bootstrap_samples": recipe.eval.bootstrap_samples, "confidence": recipe.eval.confidence,
                        "base_column_cached": cached, "base_cache_key": key,
                        "template_kwargs": prep.template_kwargs,
-                       "gguf": str(shipped_gguf(run, recipe)) if gguf else None}
+                       "gguf": str(gguf_path) if gguf_path else None}
     report_mod.write(run, report, metrics, items, outcomes, recipe.name)
     return report
 

@@ -76,12 +76,13 @@ def version_max(*versions: str) -> str:
 
 def quote(text: str, where: str = "export") -> str:
     """A Modelfile string value. Ollama's grammar has no escapes: a double-quoted value ends at
-    the first line break after a closing quote, so any one-line text fits in "...", quotes and
-    all; a triple-quoted value ends at the first triple quote followed by whitespace, so a
-    multi-line text fits unless it holds one. That last case no Modelfile can carry."""
-    if "\n" not in text and "\r" not in text:
+    the first line break after a closing quote, so a one-line text fits in "...", quotes and all
+    (unless it starts with two quotes, which would read as a triple); a triple-quoted value ends
+    at the first triple quote followed by whitespace, so any other text fits in one unless it
+    holds such a triple. That last case no Modelfile can carry."""
+    if "\n" not in text and "\r" not in text and not text.startswith('""'):
         return f'"{text}"'
-    if not re.search(r'"""\s', text + " "):
+    if not re.search(r'"""\s', text):
         return f'"""{text}"""'
     raise UserError("this text cannot be written into a Modelfile: it spans lines and contains a "
                     "triple quote followed by whitespace", where, "remove the triple quote from it")
