@@ -299,3 +299,10 @@ def _type_name(annotation) -> str:
     text = re.sub(r"\]+$", "", text).replace("]", "").replace("'", "")
     text = text.replace("list[str", "list of str")
     return text.replace(" | None", " or null").replace(", ", " / ").replace("dict[", "map of ")
+
+
+def keys_markdown() -> str:
+    """The README's recipe-key table (tests/test_readme.py keeps the two identical)."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    rows += [f"| `{k}` | {t} | {d} | {about} |" for k, t, d, about in recipe_keys()]
+    return "\n".join(rows)
