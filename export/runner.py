@@ -101,7 +101,8 @@ def export_run(run: RunDir, quant: str, keep_f16: bool = False, verify: bool = T
     kwargs = info.get("template_kwargs", {})
     report["convert"] = write_gguf(
         partial, arch, cfg, ckpt, adapter, sixteen,
-        lambda w: add_vocab(w, tokenizer, run.adapter, family, cfg["vocab_size"], served_template(family, kwargs)),
+        lambda w: add_vocab(w, tokenizer, run.adapter, family.gguf_pre, family.end_of_turn[0], cfg["vocab_size"],
+                            served_template(family, kwargs)),
         {"name": name, "license": info.get("license", "")})
     report["convert"]["seconds"] = round(time.monotonic() - t0, 2)
     os.replace(partial, sixteen_path)

@@ -13,14 +13,10 @@ from pathlib import Path
 
 import gguf
 
-from finetune.models import Family
 
-# llama.cpp's name for each family's pre-tokenizer (GGUF_FACTS.md §6.3)
-PRE_TOKENIZER = {"qwen3_5": "qwen35", "olmo3": "dbrx", "qwen3": "qwen2", "llama3": "llama-bpe"}
-
-
-def add_vocab(writer: gguf.GGUFWriter, tokenizer, tokenizer_dir: Path, family: Family, vocab_size: int,
-              chat_template: str) -> None:
+def add_vocab(writer: gguf.GGUFWriter, tokenizer, tokenizer_dir: Path, pre: str, end_of_turn: str,
+              vocab_size: int, chat_template: str) -> None:
+    """`pre`: llama.cpp's pre-tokenizer name (GGUF_FACTS.md §6.3), e.g. qwen35, dbrx, qwen2, llama-bpe."""
     vocab = tokenizer.get_vocab()  # token → id, added tokens included
     by_id = {i: t for t, i in vocab.items()}
     added = tokenizer.added_tokens_decoder  # id → AddedToken
@@ -36,14 +32,14 @@ def add_vocab(writer: gguf.GGUFWriter, tokenizer, tokenizer_dir: Path, family: F
             tokens.append(by_id[i])
             types.append(gguf.TokenType.NORMAL)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(PRE_TOKENIZER[family.name])
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     special = gguf.SpecialVocab(tokenizer_dir, load_merges=True, n_vocab=vocab_size)
     special.chat_template = None  # ft writes the served template itself (below)
     special.add_to_gguf(writer, quiet=True)
     # Byte-level BPE (Qwen, Dolma2) never adds a BOS; say so rather than rely on llama.cpp's default.
-    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
-    eot = tokenizer.convert_tokens_to_ids(family.end_of_turn[0])
-    writer.add_eot_token_id(eot)
+    if "bos" not in special.add_special_token:
+        writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+    writer.add_eot_token_id(tokenizer.convert_tokens_to_ids(end_of_turn))
     writer.add_chat_template(chat_template)

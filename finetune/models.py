@@ -35,6 +35,7 @@ class Family:
     # tiny enough that 4-bit saves nothing, and bitsandbytes' CPU kernel needs out % 32 == 0.
     skip_4bit: tuple[str, ...]
     gguf_arch: str  # llama.cpp architecture name
+    gguf_pre: str  # llama.cpp's name for the family's pre-tokenizer (split regex)
     ollama_renderer: str | None  # Ollama's built-in RENDERER/PARSER name for the family
     ollama_min_version: str  # first Ollama release that runs llama.cpp-converted GGUFs of the arch
     # chat-template keyword arguments the family's template understands (others are not passed)
@@ -63,6 +64,7 @@ QWEN3_5 = Family(
     ),
     skip_4bit=("lm_head", "in_proj_a", "in_proj_b"),
     gguf_arch="qwen35",
+    gguf_pre="qwen35",
     ollama_renderer="qwen3.5",
     ollama_min_version="0.17.5",
     template_switches=("enable_thinking",),
@@ -82,6 +84,7 @@ OLMO3 = Family(
     lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     skip_4bit=("lm_head",),
     gguf_arch="olmo2",  # llama.cpp runs OLMo 3 as olmo2 with a sliding-window layer pattern
+    gguf_pre="dbrx",  # Dolma2 is cl100k-style; llama.cpp files that regex under dbrx
     ollama_renderer="olmo3",
     ollama_min_version="0.12.4",
 )

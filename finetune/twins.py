@@ -153,7 +153,7 @@ def ensure_twin(alias: str) -> Path:
     return final
 
 
-def build_tokenizer(spec: TokenizerSpec, family: Family):
+def build_tokenizer(spec: TokenizerSpec, eos: str, pad: str, bos: str | None, chat_template: str):
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
     from tokenizers import pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -179,10 +179,10 @@ def build_tokenizer(spec: TokenizerSpec, family: Family):
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in spec.added])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        eos_token=family.eos_token,
-        pad_token=family.pad_token,
-        bos_token=family.bos_token,
-        chat_template=family.read_template(),
+        eos_token=eos,
+        pad_token=pad,
+        bos_token=bos,
+        chat_template=chat_template,
         model_max_length=4096,
     )
 
@@ -191,7 +191,9 @@ def build_twin(spec: TwinSpec, out: Path) -> None:
     import torch
     import transformers
 
-    tokenizer = build_tokenizer(spec.tokenizer, spec.family)
+    family = spec.family
+    tokenizer = build_tokenizer(spec.tokenizer, family.eos_token, family.pad_token, family.bos_token,
+                                family.read_template())
     # Like real checkpoints, the embedding has padding rows past the tokenizer's last id.
     vocab_size = -(-len(tokenizer) // 256) * 256
     model_class = getattr(transformers, spec.architecture)
