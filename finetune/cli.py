@@ -1,6 +1,7 @@
 """`ft`: the command line. Each command is a thin shell over one module.
 
-Exit codes: 0 success, 2 a problem the user can fix (one message, no traceback), 1 a bug in ft.
+Exit codes (finetune/errors.py): 0 success, 1 a bug in ft, 2 a problem the user can fix (one message,
+no traceback), 3 an eval gate failed, 4 an export failed verification.
 """
 
 from __future__ import annotations
@@ -14,10 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from finetune.errors import EXIT_INTERNAL_ERROR, EXIT_USER_ERROR, UserError
-
-EXIT_GATE_FAILED = 3
-EXIT_VERIFY_FAILED = 4
+from finetune.errors import EXIT_GATE_FAILED, EXIT_INTERNAL_ERROR, EXIT_USER_ERROR, EXIT_VERIFY_FAILED, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune an open-weight model on your data, prove it helps, ship a GGUF.")

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
+EXIT_USER_ERROR = 2
+EXIT_GATE_FAILED = 3  # an eval.require gate was not met
+EXIT_VERIFY_FAILED = 4  # an exported file failed verification
 
 
 @dataclass

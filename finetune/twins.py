@@ -188,7 +188,6 @@ def build_tokenizer(spec: TokenizerSpec, eos: str, pad: str, bos: str | None, ch
 
 
 def build_twin(spec: TwinSpec, out: Path) -> None:
-    import torch
     import transformers
 
     family = spec.family
@@ -204,16 +203,7 @@ def build_twin(spec: TwinSpec, out: Path) -> None:
         bos_token_id=tokenizer.bos_token_id,
         **spec.config,
     )
-    torch.manual_seed(0)
-    model = model_class(config)
-    with torch.no_grad():
-        # transformers initialises norms to constants (ones, or zeros for Qwen3.5's 1+w norms),
-        # which would hide a converter that forgets a norm transform: give every 1-D parameter
-        # a visible, seeded spread instead.
-        for param in model.parameters():
-            if param.ndim == 1:
-                param.add_(torch.randn_like(param) * 0.1)
-    model = model.to(torch.bfloat16)  # the dtype real checkpoints ship in
+    model = random_model(model_class, config, seed=0)
     model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids(t)
                                             for t in spec.family.end_of_turn]
     model.save_pretrained(out)
@@ -223,3 +213,18 @@ def build_twin(spec: TwinSpec, out: Path) -> None:
         "Random weights: it exists to exercise real code paths, not to be useful.\n",
         encoding="utf-8",
     )
+
+
+def random_model(model_class, config, seed: int):
+    """A seeded random model in bf16 (the dtype real checkpoints ship in). transformers
+    initialises norms to constants (ones, or zeros for Qwen3.5's 1+w norms), which would hide a
+    converter that forgets a norm transform: every 1-D parameter gets a seeded spread instead."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = model_class(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim == 1:
+                param.add_(torch.randn_like(param) * 0.1)
+    return model.to(torch.bfloat16)

@@ -16,7 +16,7 @@ from export.llama import GGUFModel
 from export.merge import Adapter
 from export.quantize import quantize
 from export.vocab import add_vocab
-from finetune.twins import DOLMA2_REGEX, TokenizerSpec, build_tokenizer
+from finetune.twins import DOLMA2_REGEX, TokenizerSpec, build_tokenizer, random_model
 
 pytestmark = pytest.mark.slow
 
@@ -47,13 +47,7 @@ def checkpoint(request, tmp_path_factory):
     config = cls.config_class(vocab_size=-(-len(tokenizer) // 256) * 256, hidden_size=256, intermediate_size=512,
                               num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
                               rms_norm_eps=1e-6, **extra)
-    torch.manual_seed(1)
-    model = cls(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.to(torch.bfloat16).save_pretrained(folder)
+    random_model(cls, config, seed=1).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     base = cls.from_pretrained(folder, dtype=torch.float32)
     lora = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, init_lora_weights=False, target_modules=[
