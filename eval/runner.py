@@ -18,20 +18,14 @@ from eval import report as report_mod
 from eval.columns import Column, GGUFColumn, TransformersColumn
 from eval.heldout import Item, build_items, items_digest
 from eval.metrics import Outcome
-from finetune.errors import UserError
+from export.checkpoint import Checkpoint, local_snapshot
+from export.merge import Adapter
+from finetune.errors import GateFailed, UserError
 from finetune.recipe import Recipe, load_recipe
 from finetune.run import RunDir, write_json
 from finetune.twins import cache_root
 
 EVAL_FORMAT = 1  # bump when scoring changes, so cached base columns are recomputed
-
-
-class GateFailed(Exception):
-    """A required improvement was not reached (exit code 3)."""
-
-    def __init__(self, messages: list[str]):
-        self.messages = messages
-        super().__init__("\n".join(messages))
 
 
 def choose_metrics(recipe: Recipe, items: list[Item], labelled: bool) -> list[metrics_mod.Metric]:
@@ -110,6 +104,8 @@ def evaluate(run: RunDir, overrides: list[str] = (), use_cache: bool = True, ggu
                         "eval.require", f"use some of: {', '.join(m.name for m in metrics)}")
     eot = [prep.tokenizer.convert_tokens_to_ids(t) for t in prep.base.family.end_of_turn]
 
+    base_dir = local_snapshot(prep.base.path, recipe.model.revision)
+    Adapter(run.adapter).check(Checkpoint.open(base_dir), base_dir)  # a run from another base: clear error
     model = PeftModel.from_pretrained(load_base_model(recipe, prep.base), str(run.adapter))
     model.eval()
     common = dict(tokenizer=prep.tokenizer, end_of_turn_ids=eot, batch_size=recipe.eval.batch_size,

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from export.checkpoint import normalize_name
-from finetune.errors import UserError
+from finetune.errors import Problem, UserError
 
 
 @dataclass
@@ -62,3 +62,20 @@ class Adapter:
 
     def delta_for(self, weight_name: str) -> Delta | None:
         return self.deltas.get(weight_name)
+
+    def check(self, ckpt, folder: Path) -> None:
+        """Every delta must land on a base tensor of the shape it was trained against: an adapter
+        trained on another base is refused with all its mismatches, before any work."""
+        names = ckpt.text_tensors()
+        problems = []
+        for name, delta in self.deltas.items():
+            trained = (delta.b.shape[0], delta.a.shape[1])
+            if name not in names:
+                problems.append(Problem(f"no base tensor '{name}' for this adapter weight", str(folder)))
+            elif tuple(ckpt.shape(names[name])) != trained:
+                problems.append(Problem(f"'{name}' is {tuple(ckpt.shape(names[name]))} in the base but the adapter "
+                                        f"was trained on {trained}", str(folder)))
+        if problems:
+            problems[-1].fix = ("this run was trained on a different base model; export it with the base "
+                                "named in its recipe.yaml (model.base)")
+            raise UserError(problems[:8])

@@ -31,18 +31,12 @@ from export.merge import Adapter
 from export.modelfile import modelfile
 from export.quantize import SIXTEEN_BIT, quantize
 from export.vocab import add_vocab
-from finetune.errors import UserError
+from finetune.errors import UserError, VerifyFailed
 from finetune.models import FAMILIES, Family
 from finetune.recipe import load_recipe
 from finetune.run import RunDir, atomic_write_text, write_json
 
 VERIFY_PROMPTS = 8  # held-out examples used for logit parity and stops
-
-
-class VerifyFailed(Exception):
-    def __init__(self, failures: list[str], path: Path):
-        self.failures, self.path = failures, path
-        super().__init__("; ".join(failures))
 
 
 def peak_rss_mib() -> float:
@@ -79,13 +73,17 @@ def export_run(run: RunDir, quant: str, keep_f16: bool = False, verify: bool = T
     cfg = read_config(base_dir)
     ckpt = Checkpoint.open(base_dir)
     adapter = Adapter(run.adapter)
+    adapter.check(ckpt, base_dir)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(run.adapter)
     out = run.export_dir
+    from finetune.preflight import preflight_export
+
+    report_preflight = preflight_export(base_dir, out, quant, hf)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.partial"):  # left by a killed export
-        stale.unlink()
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     name = recipe.name
     sixteen = "bf16" if quant == "bf16" else "f16"
     sixteen_path = out / f"{name}-{sixteen}.gguf"
@@ -93,46 +91,47 @@ def export_run(run: RunDir, quant: str, keep_f16: bool = False, verify: bool = T
     failed_path = out / f"{name}-{quant}.FAILED.gguf"
     failed_path.unlink(missing_ok=True)
     log = out / "llama.log"
-    report: dict = {"run": str(run.root), "quant": quant, "base": str(base_dir), "arch": arch.name}
+    report: dict = {"run": str(run.root), "quant": quant, "base": str(base_dir), "arch": arch.name,
+                    "preflight": report_preflight}
 
+    # Until verified, everything lives under .partial names: a killed export leaves nothing
+    # that looks finished, and the next run deletes the leftovers.
+    sixteen_tmp = out / f".{sixteen_path.name}.partial"
+    shipped_tmp = sixteen_tmp if quant in SIXTEEN_BIT else out / f".{shipped_path.name}.partial"
     progress(f"merging {len(adapter.deltas)} LoRA weights into {base_dir.name} and writing {sixteen} GGUF")
-    partial = out / f".{sixteen_path.name}.partial"
     t0 = time.monotonic()
     kwargs = info.get("template_kwargs", {})
     report["convert"] = write_gguf(
-        partial, arch, cfg, ckpt, adapter, sixteen,
+        sixteen_tmp, arch, cfg, ckpt, adapter, sixteen,
         lambda w: add_vocab(w, tokenizer, run.adapter, family.gguf_pre, family.end_of_turn[0], cfg["vocab_size"],
                             served_template(family, kwargs)),
         {"name": name, "license": info.get("license", "")})
     report["convert"]["seconds"] = round(time.monotonic() - t0, 2)
-    os.replace(partial, sixteen_path)
 
-    if quant in SIXTEEN_BIT:
-        candidate = sixteen_path
-    else:
+    if quant not in SIXTEEN_BIT:
         progress(f"quantizing to {quant} with llama.cpp")
-        candidate = out / f".{shipped_path.name}.partial"
         t0 = time.monotonic()
         from export.llama import native_log
 
         with native_log(log):
-            quantize(sixteen_path, candidate, quant)
+            quantize(sixteen_tmp, shipped_tmp, quant)
         report["quantize_seconds"] = round(time.monotonic() - t0, 2)
 
     if verify:
         progress("verifying: tokenizer parity, logit parity, stops")
-        result = run_verification(run, recipe, family, tokenizer, base_dir, sixteen_path, candidate, kwargs, log)
+        result = run_verification(run, recipe, family, tokenizer, base_dir, sixteen_tmp, shipped_tmp, kwargs, log)
         write_json(out / "verify.json", {"passed": result.passed, "failures": result.failures, **result.checks})
         report["verify"] = {"passed": result.passed, "failures": result.failures}
         if not result.passed:
-            os.replace(candidate, failed_path)
-            if candidate != sixteen_path and not keep_f16:
-                sixteen_path.unlink(missing_ok=True)
+            os.replace(shipped_tmp, failed_path)
+            sixteen_tmp.unlink(missing_ok=True)
             raise VerifyFailed(result.failures, failed_path)
-    if candidate != shipped_path:
-        os.replace(candidate, shipped_path)
-    if quant not in SIXTEEN_BIT and not keep_f16:
-        sixteen_path.unlink()
+    os.replace(shipped_tmp, shipped_path)
+    if quant not in SIXTEEN_BIT:
+        if keep_f16:
+            os.replace(sixteen_tmp, sixteen_path)
+        else:
+            sixteen_tmp.unlink()
 
     atomic_write_text(out / "Modelfile", modelfile(
         shipped_path.name, family, recipe.data.system_prompt, recipe.export.num_ctx, recipe.export.temperature,

@@ -7,6 +7,7 @@ no traceback), 3 an eval gate failed, 4 an export failed verification.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 from typing import Optional
@@ -15,7 +16,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from finetune.errors import EXIT_GATE_FAILED, EXIT_INTERNAL_ERROR, EXIT_USER_ERROR, EXIT_VERIFY_FAILED, UserError
+from finetune.errors import (EXIT_GATE_FAILED, EXIT_INTERNAL_ERROR, EXIT_USER_ERROR, EXIT_VERIFY_FAILED,
+                             GateFailed, Interrupted, UserError, VerifyFailed)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune an open-weight model on your data, prove it helps, ship a GGUF.")
@@ -165,9 +167,6 @@ def main() -> None:
     """Entry point: maps errors to exit codes and one-line messages."""
     import click
 
-    from eval.runner import GateFailed
-    from export.runner import VerifyFailed
-
     quiet_libraries()
     try:
         app(standalone_mode=False)
@@ -177,6 +176,12 @@ def main() -> None:
     except GateFailed as exc:
         err.print("\n".join(exc.messages), markup=False, highlight=False)
         sys.exit(EXIT_GATE_FAILED)
+    except Interrupted as exc:
+        where = f"; checkpoint {exc.checkpoint}" if exc.checkpoint else ""
+        err.print(f"stopped by {signal.Signals(exc.signum).name} at step {exc.step}{where}\n"
+                  f"resume with: ft train {' '.join(sys.argv[2:])} --resume".replace(" --resume --resume", " --resume"),
+                  markup=False, highlight=False)
+        sys.exit(128 + exc.signum)
     except VerifyFailed as exc:
         err.print("verification FAILED: " + "\n  ".join(exc.failures), markup=False, highlight=False)
         err.print(f"the file is kept as {exc.path}; details in {exc.path.parent / 'verify.json'}", markup=False)

@@ -306,20 +306,28 @@ def tokenize(tokenizer, example: Example, template: str, max_length: int, kwargs
     return {"input_ids": ids[:max_length], "labels": labels[:max_length], "length": len(ids)}
 
 
-def tokenize_all(tokenizer, examples: list[Example], template: str, max_length: int, kwargs: dict):
-    """A datasets.Dataset of input_ids/labels and a report of what truncation did."""
+def tokenize_all(tokenizer, examples: list[Example], template: str, max_length: int, kwargs: dict,
+                 too_long: str = "truncate"):
+    """A datasets.Dataset of input_ids/labels and a report of what truncation did.
+    too_long: error (refuse, naming the first long row), truncate (cut and count; rows with no
+    trained token left are dropped), or drop (leave long rows out)."""
     import datasets
 
     rows, truncated, dropped = [], [], []
     for e in examples:
         row = tokenize(tokenizer, e, template, max_length, kwargs)
         if row["length"] > max_length:
+            if too_long == "error":
+                raise UserError(f"this example is {row['length']} tokens, longer than data.max_length "
+                                f"({max_length})", e.where,
+                                "raise data.max_length, shorten the example, or set data.too_long to "
+                                "truncate or drop")
             truncated.append(e.where)
-            if all(label == -100 for label in row["labels"]):
-                dropped.append(e.where)  # nothing left to learn from
+            if too_long == "drop" or all(label == -100 for label in row["labels"]):
+                dropped.append(e.where)  # dropped on request, or nothing left to learn from
                 continue
         rows.append(row)
-    report = {"examples": len(rows), "truncated": len(truncated), "dropped_all_prompt": len(dropped),
+    report = {"examples": len(rows), "truncated": len(truncated), "dropped": len(dropped),
               "truncated_where": truncated[:5],
               "tokens": sum(min(r["length"], max_length) for r in rows),
               "trained_tokens": sum(sum(lab != -100 for lab in r["labels"]) for r in rows)}

@@ -45,3 +45,27 @@ class UserError(Exception):
         lines = [f"error: {len(self.problems)} problems"]
         lines += ["- " + p.render().replace("\n", "\n  ") for p in self.problems]
         return "\n".join(lines)
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal after saving a checkpoint (exit 128 + signal number)."""
+
+    def __init__(self, signum: int, step: int, checkpoint):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"signal {signum} at step {step}")
+
+
+class GateFailed(Exception):
+    """A required improvement (eval.require) was not reached (exit 3)."""
+
+    def __init__(self, messages: list[str]):
+        self.messages = messages
+        super().__init__("\n".join(messages))
+
+
+class VerifyFailed(Exception):
+    """An exported file failed verification; it is kept under a FAILED name (exit 4)."""
+
+    def __init__(self, failures: list[str], path):
+        self.failures, self.path = failures, path
+        super().__init__("; ".join(failures))

@@ -46,13 +46,13 @@ class RichProgress(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
             console=self.console, transient=False,
         )
         self.progress.start()
         self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step,
-                                           loss=self.loss, tps=0.0)
+                                           loss="–", tps="–")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or self.progress is None:
@@ -65,7 +65,8 @@ class RichProgress(TrainerCallback):
             if self.last is not None and t > self.last[0]:
                 self.tokens_per_s = (tokens - self.last[1]) / (t - self.last[0])
             self.last = (t, tokens)
-        self.progress.update(self.task, loss=self.loss, tps=self.tokens_per_s)
+        self.progress.update(self.task, loss=f"{self.loss:.4f}",
+                             tps=f"{self.tokens_per_s:,.0f}" if self.tokens_per_s else "–")
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.progress is not None:

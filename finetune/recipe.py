@@ -28,6 +28,7 @@ class ModelSection(Section):
     base: str = Field(description="alias from `ft models`, hub id (org/name), or local folder")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
     trust_remote_code: bool = Field(False, description="run model code from the hub (off unless set)")
+    allow_pickle: bool = Field(False, description="load pickle (.bin) weights; they can run code, so off unless set")
     chat_template: Path | None = Field(
         None, description="custom training template (Jinja, with {% generation %} markers)"
     )
@@ -53,7 +54,9 @@ class DataSection(Section):
         None, description="column whose values are classes: stratifies the split (auto: a short "
         "completion with few distinct values)"
     )
-    max_length: int = Field(1024, ge=16, description="tokens per example; longer ones are truncated")
+    max_length: int = Field(1024, ge=16, description="tokens per example (prompt and answer)")
+    too_long: Literal["error", "truncate", "drop"] = Field(
+        "error", description="an example over max_length: error (names it), truncate, or drop")
     hub_split: str = Field("train", description="split to read from a hub dataset")
     limit: int | None = Field(None, gt=0, description="use N training examples: a seeded random sample")
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune import data as data_mod
-from finetune.errors import UserError
+from finetune.errors import Interrupted, UserError
 from finetune.models import Family, ResolvedBase, resolve_base
 from finetune.recipe import Recipe
 from finetune.run import RunDir, atomic_write_text, git_commit, hardware, now, package_versions, write_json
@@ -76,9 +76,22 @@ def load_tokenizer(base: ResolvedBase, recipe: Recipe):
     return tokenizer
 
 
+def check_weights_format(base: ResolvedBase, recipe: Recipe) -> None:
+    """Pickle weights can run arbitrary code when loaded: refused unless the recipe opts in."""
+    folder = Path(base.path)
+    if not folder.is_dir() or recipe.model.allow_pickle or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles:
+        raise UserError(f"the base model's weights are pickle files ({', '.join(pickles[:3])}), which can run "
+                        "code when loaded", "model.base",
+                        "convert them to safetensors, or set model.allow_pickle: true if you trust their source")
+
+
 def prepare(recipe: Recipe) -> Prepared:
     """Resolve the model, check the template, load and split the data. Fast: no weights."""
     base = resolve_base(recipe.model.base)
+    check_weights_format(base, recipe)
     tokenizer = load_tokenizer(base, recipe)
     template, where = training_template(recipe, base.family)
     kwargs = data_mod.template_kwargs(base.family, recipe)
@@ -98,7 +111,7 @@ def load_base_model(recipe: Recipe, base: ResolvedBase):
 
     gpu = on_gpu()
     compute_dtype = torch.bfloat16 if gpu else torch.float32  # no fast bf16 matmul on most CPUs
-    kwargs = dict(dtype=compute_dtype, revision=recipe.model.revision,
+    kwargs = dict(dtype=compute_dtype, revision=recipe.model.revision, use_safetensors=not recipe.model.allow_pickle,
                   trust_remote_code=recipe.model.trust_remote_code,
                   device_map={"": 0} if gpu else {"": "cpu"})
     q = recipe.quantization
@@ -202,9 +215,10 @@ def sft_config(recipe: Recipe, run: RunDir):
 
 def make_trainer(recipe: Recipe, run: RunDir, model, prep: Prepared, train_ds, heldout_ds, callbacks):
     from transformers.trainer_callback import PrinterCallback
-    from trl import SFTTrainer
 
-    trainer = SFTTrainer(
+    from finetune.guard import SafeTrainer
+
+    trainer = SafeTrainer(
         model=model, args=sft_config(recipe, run), train_dataset=train_ds, eval_dataset=heldout_ds,
         processing_class=prep.tokenizer, callbacks=callbacks,
     )
@@ -213,12 +227,10 @@ def make_trainer(recipe: Recipe, run: RunDir, model, prep: Prepared, train_ds, h
 
 
 def last_complete_checkpoint(run: RunDir) -> Path | None:
-    """Newest checkpoint-N that has its trainer state (written last by transformers)."""
-    if not run.checkpoints.is_dir():
-        return None
-    done = [p for p in run.checkpoints.glob("checkpoint-*")
-            if (p / "trainer_state.json").is_file() and p.name.split("-")[-1].isdigit()]
-    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    from finetune.guard import complete_checkpoints
+
+    done = complete_checkpoints(run.checkpoints)
+    return done[-1] if done else None
 
 
 def recipe_sha256(recipe: Recipe) -> str:
@@ -267,16 +279,23 @@ def save_adapter(model, prep: Prepared, recipe: Recipe, run: RunDir, backend: st
 
 
 def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = False, console=None) -> dict:
+    from finetune.guard import NonFiniteWeights, StopOnNonFiniteLoss, StopOnSignal
     from finetune.progress import MetricsCallback, RichProgress, plot_loss
+
+    from finetune.preflight import preflight_train
 
     prep = prepare(recipe)
     backend = pick_backend(recipe.train.backend)
+    estimate = preflight_train(recipe, prep.base, run.root, lora_targets(recipe, prep.base.family))
+    if console is not None:
+        for line in estimate:
+            console.print(f"  preflight: {line}", markup=False, highlight=False)
     checkpoint = start_run(recipe, run, resume, overwrite)
     (run.recipe).write_text(recipe.to_yaml(), encoding="utf-8")
     train_ds, train_report = data_mod.tokenize_all(prep.tokenizer, prep.splits.train, prep.template,
-                                                   recipe.data.max_length, prep.template_kwargs)
+                                                   recipe.data.max_length, prep.template_kwargs, recipe.data.too_long)
     heldout_ds, heldout_report = data_mod.tokenize_all(prep.tokenizer, prep.splits.heldout, prep.template,
-                                                       recipe.data.max_length, prep.template_kwargs)
+                                                       recipe.data.max_length, prep.template_kwargs, recipe.data.too_long)
     started = run.read_manifest().get("started") if checkpoint else None
     run.update_manifest(
         name=recipe.name, status="running", started=started or now(), ended=None,
@@ -287,7 +306,7 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
         data={**prep.splits.stats, "train_tokens": train_report, "heldout_tokens": heldout_report},
         backend=backend, seed=recipe.train.seed, versions=package_versions(),
         git_commit=git_commit(Path(__file__).parent), hardware=hardware(),
-        resumed_from=str(checkpoint) if checkpoint else None,
+        resumed_from=str(checkpoint) if checkpoint else None, preflight=estimate,
     )
     # metrics.jsonl must tell one story: drop what a killed run logged after its checkpoint
     resumed_step = int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else 0
@@ -296,15 +315,34 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
 
     model = load_model(recipe, prep, backend)
     progress = RichProgress(console)
+    nonfinite = StopOnNonFiniteLoss()
     trainer = make_trainer(recipe, run, model, prep, train_ds, heldout_ds,
-                           [MetricsCallback(run), progress])
+                           [MetricsCallback(run), progress, nonfinite])
     summary = {}
     if checkpoint is None:
         summary["heldout_loss_start"] = trainer.evaluate()["eval_loss"]  # logged at step 0
     else:
         summary["heldout_loss_start"] = run.read_manifest().get("summary", {}).get("heldout_loss_start")
     run.update_manifest(summary=summary)
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    stop = StopOnSignal()
+    trainer.add_callback(stop)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except NonFiniteWeights as exc:
+        nonfinite.step, nonfinite.loss = exc.step, float("nan")
+    finally:
+        stop.restore()
+        progress.on_train_end(None, None, None)
+    if nonfinite.step is not None:
+        run.update_manifest(status="diverged", ended=now())
+        good = last_complete_checkpoint(run)
+        raise UserError(
+            f"training diverged: the loss became {nonfinite.loss} at step {nonfinite.step}", "train.lr",
+            f"lower train.lr (now {recipe.train.lr:g}) and start again with --overwrite"
+            + (f"; the last good checkpoint is kept at {good}" if good else ""))
+    if stop.received is not None:
+        run.update_manifest(status="interrupted", ended=now())
+        raise Interrupted(stop.received, trainer.state.global_step, last_complete_checkpoint(run))
     summary["heldout_loss_end"] = trainer.evaluate()["eval_loss"]
     summary.update(train_loss=result.training_loss, steps=trainer.state.global_step,
                    train_runtime_s=result.metrics.get("train_runtime"))

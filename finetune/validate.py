@@ -7,7 +7,7 @@ from pathlib import Path
 from finetune import data as data_mod
 from finetune.models import resolve_base
 from finetune.recipe import load_recipe
-from finetune.train import load_tokenizer, training_template
+from finetune.train import check_weights_format, load_tokenizer, training_template
 
 
 def validate_recipe(path: str, overrides: list[str] = ()) -> list[str]:
@@ -20,6 +20,7 @@ def validate_recipe(path: str, overrides: list[str] = ()) -> list[str]:
                   f"{s['leaked_removed']} leaked duplicates removed")
     base = resolve_base(recipe.model.base)
     local = Path(base.path).is_dir()
+    check_weights_format(base, recipe)
     report.append(f"model: {recipe.model.base} → {base.path} (family {base.family.name})")
     template, where = training_template(recipe, base.family)
     tokenizer = load_tokenizer(base, recipe) if local else None

@@ -171,11 +171,18 @@ def test_training_template_renders_like_the_official_one(family, qwen_twin, olmo
             assert official == training
 
 
-def test_truncation_reported(qwen_twin):
+def test_too_long_examples_error_truncate_or_drop(qwen_twin):
     tokenizer = AutoTokenizer.from_pretrained(qwen_twin)
-    long = data.Example([{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}], "f:1")
-    short = data.Example([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}], "f:2")
-    ds, report = data.tokenize_all(tokenizer, [long, short], QWEN3_5.read_template(training=True), 64,
-                                   {"enable_thinking": False})
-    assert report["truncated"] == 1 and report["dropped_all_prompt"] == 1 and report["truncated_where"] == ["f:1"]
-    assert len(ds) == 1 and max(len(x) for x in ds["input_ids"]) <= 64
+    template, kw = QWEN3_5.read_template(training=True), {"enable_thinking": False}
+    long_prompt = data.Example([{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}], "f:1")
+    long_answer = data.Example([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes " * 200}], "f:2")
+    short = data.Example([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}], "f:3")
+    with pytest.raises(UserError, match="longer than data.max_length") as info:
+        data.tokenize_all(tokenizer, [short, long_prompt], template, 64, kw, "error")
+    assert "f:1" in info.value.render()
+    ds, report = data.tokenize_all(tokenizer, [long_prompt, long_answer, short], template, 64, kw, "truncate")
+    # the long prompt leaves nothing to learn and is dropped; the long answer is cut and kept
+    assert report["truncated"] == 2 and report["dropped"] == 1 and report["truncated_where"] == ["f:1", "f:2"]
+    assert len(ds) == 2 and max(len(x) for x in ds["input_ids"]) <= 64
+    ds, report = data.tokenize_all(tokenizer, [long_prompt, long_answer, short], template, 64, kw, "drop")
+    assert len(ds) == 1 and report["dropped"] == 2

@@ -11,8 +11,8 @@ import torch
 from export.checkpoint import Checkpoint
 from export.llama import GGUFModel
 from export.merge import Adapter
-from export.runner import VerifyFailed, export_run
-from finetune.errors import UserError
+from export.runner import export_run
+from finetune.errors import UserError, VerifyFailed
 from finetune.recipe import load_recipe
 from finetune.run import RunDir
 from finetune.train import train

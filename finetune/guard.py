@@ -1,0 +1,110 @@
+"""Training that does not lose work: checkpoints appear whole or not at all, Ctrl-C and SIGTERM
+save a checkpoint and stop, and a loss that stops being finite stops the run before a bad
+checkpoint is written.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+from trl import SFTTrainer
+
+STAGING = ".staging"
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.rsplit("-", 1)[1])
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """checkpoint-N folders with their trainer state, oldest first. A folder that lacks it was torn
+    (possible only for checkpoints written by something other than SafeTrainer) and is ignored."""
+    if not folder.is_dir():
+        return []
+    done = [p for p in folder.glob("checkpoint-*")
+            if p.name.rsplit("-", 1)[1].isdigit() and (p / "trainer_state.json").is_file()]
+    return sorted(done, key=checkpoint_step)
+
+
+class NonFiniteWeights(Exception):
+    def __init__(self, step: int):
+        self.step = step
+        super().__init__(f"non-finite adapter weights at step {step}")
+
+
+class SafeTrainer(SFTTrainer):
+    """TRL's SFTTrainer, with checkpoints written into `checkpoints/.staging/` and renamed into
+    place only once complete (a rename within one folder is atomic), and never with non-finite
+    adapter weights."""
+
+    _staging: Path | None = None
+
+    def _get_output_dir(self, trial=None) -> str:
+        return str(self._staging) if self._staging is not None else super()._get_output_dir(trial=trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        if any(not torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+            raise NonFiniteWeights(self.state.global_step)
+        final = Path(self.args.output_dir)
+        staging = final / STAGING
+        shutil.rmtree(staging, ignore_errors=True)
+        self._staging = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = None
+        name = f"checkpoint-{self.state.global_step}"
+        # transformers pickles its arguments here; ft never reads them back, so no pickle is kept
+        (staging / name / "training_args.bin").unlink(missing_ok=True)
+        target = final / name
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging / name, target)
+        shutil.rmtree(staging, ignore_errors=True)
+        for old in complete_checkpoints(final)[: -self.args.save_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGINT / SIGTERM: finish the current step, save a checkpoint, stop. A second signal gets
+    the default behaviour (immediate exit), so a stuck run can still be killed."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in self.previous:
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signum
+        self.restore()
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received is not None:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+class StopOnNonFiniteLoss(TrainerCallback):
+    """A loss of nan or inf stops the run without saving: the last checkpoint stays the last good one."""
+
+    def __init__(self):
+        self.step: int | None = None
+        self.loss: float | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            self.step, self.loss = state.global_step, loss
+            control.should_save = False
+            control.should_training_stop = True

@@ -1,0 +1,152 @@
+"""Preflight: will this run, and its export, fit? Answered before any training is paid for.
+
+Disk is checked where each thing is written (the run folder's filesystem, the HF cache for a
+download) against everything the run and a default export will write: checkpoints, the adapter,
+the 16-bit GGUF intermediate and the quantized file. Memory is estimated for the 4-bit model and
+reported; a run is refused only when the estimate exceeds what is available by a clear margin,
+since activation memory is an estimate. `FT_ASSUME_FREE_BYTES` overrides the measured free disk
+(to ask "would this fit on a machine with N bytes free?").
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune.errors import UserError
+
+# bytes per parameter of each shipped GGUF type (K-quants carry block scales: bits per weight / 8)
+GGUF_BYTES_PER_PARAM = {"f16": 2.0, "bf16": 2.0, "q8_0": 1.07, "q6_k": 0.83, "q5_k_m": 0.71, "q4_k_m": 0.61}
+NF4_BYTES_PER_PARAM = 0.52  # 4 bits + double-quantized absmax per 64 weights
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def free_bytes(path: Path) -> int:
+    override = os.environ.get("FT_ASSUME_FREE_BYTES")
+    if override:
+        return int(override)
+    path = path if path.exists() else next(p for p in path.parents if p.exists())
+    return shutil.disk_usage(path).free
+
+
+def available_ram() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def weight_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def count_parameters(config, targets: list[str], r: int) -> tuple[int, int, int]:
+    """(all parameters, embedding + lm_head parameters, LoRA parameters) from a config, on the
+    meta device: nothing is allocated."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    embed = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" in n or "lm_head" in n)
+    lora = sum(r * (m.in_features + m.out_features) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets)
+    return total, embed, lora
+
+
+@dataclass
+class Need:
+    what: str
+    where: Path
+    bytes: int
+
+
+def check_disk(needs: list[Need], action: str) -> list[str]:
+    """Group needs by filesystem; refuse with the numbers when any does not fit."""
+    lines, problems = [], []
+    by_device: dict[int, list[Need]] = {}
+    for need in needs:
+        probe = need.where if need.where.exists() else next(p for p in need.where.parents if p.exists())
+        by_device.setdefault(os.stat(probe).st_dev, []).append(need)
+    for group in by_device.values():
+        total = sum(n.bytes for n in group)
+        free = free_bytes(group[0].where)
+        detail = ", ".join(f"{n.what} {human(n.bytes)}" for n in group)
+        lines.append(f"disk at {group[0].where}: needs {human(total)} ({detail}); free {human(free)}")
+        if total > free:
+            problems.append(f"{action} needs {human(total)} on {group[0].where} ({detail}) but only "
+                            f"{human(free)} is free")
+    if problems:
+        raise UserError(problems[0], "preflight", "free some space, or point --output (and HF_HOME) at a larger disk")
+    return lines
+
+
+def preflight_train(recipe, base, run_root: Path, targets: list[str]) -> list[str]:
+    """Lines describing the estimate; raises UserError when the run or its export cannot fit."""
+    from transformers import AutoConfig
+
+    folder = Path(base.path)
+    local = folder.is_dir()
+    config = AutoConfig.from_pretrained(base.path, revision=recipe.model.revision,
+                                        trust_remote_code=recipe.model.trust_remote_code)
+    text_config = getattr(config, "text_config", None) or config
+    params, embed, lora = count_parameters(text_config, targets, recipe.lora.r)
+    quant = recipe.export.quant
+    needs = [
+        Need("checkpoints", run_root, lora * 12 * (recipe.train.save_total_limit + 1)),  # weights + Adam
+        Need("adapter", run_root, lora * 4),
+        Need("16-bit GGUF", run_root, int(params * 2)),
+        Need(f"{quant} GGUF", run_root, int(params * GGUF_BYTES_PER_PARAM[quant])) if quant not in ("f16", "bf16")
+        else Need("", run_root, 0),
+    ]
+    if not local:
+        from huggingface_hub import constants
+
+        needs.append(Need("base download", Path(constants.HF_HUB_CACHE), int(params * 2)))
+    lines = check_disk([n for n in needs if n.bytes], "this run and its export")
+    import torch
+
+    gpu = torch.cuda.is_available()
+    dense_bytes = 2 if gpu else 4  # compute dtype: bf16 on GPU, fp32 on CPU
+    weights = int((params - embed) * (NF4_BYTES_PER_PARAM if recipe.quantization.load_in_4bit else dense_bytes)
+                  + embed * dense_bytes)
+    hidden = getattr(text_config, "hidden_size", 0)
+    layers = getattr(text_config, "num_hidden_layers", 0)
+    tokens = recipe.train.batch_size * recipe.data.max_length
+    activations = tokens * hidden * layers * (4 if recipe.train.gradient_checkpointing else 34) * (dense_bytes // 2)
+    logits = tokens * getattr(text_config, "vocab_size", 0) * 4 * 2
+    memory = weights + lora * 16 + activations + logits
+    where = "GPU" if gpu else "RAM"
+    available = torch.cuda.mem_get_info()[0] if gpu else available_ram()
+    lines.append(f"{where}: about {human(memory)} (weights {human(weights)}, activations {human(activations)}, "
+                 f"logits {human(logits)})" + (f"; available {human(available)}" if available else ""))
+    if available and memory > 1.5 * available:
+        raise UserError(f"training needs about {human(memory)} of {where} but {human(available)} is available",
+                        "preflight", "lower train.batch_size or data.max_length, or turn on "
+                        "train.gradient_checkpointing")
+    return lines
+
+
+def preflight_export(base_dir: Path, out: Path, quant: str, hf: bool) -> list[str]:
+    base = weight_bytes(base_dir)
+    params = base // 2  # checkpoints ship in 16-bit
+    needs = [Need("16-bit GGUF", out, params * 2)]
+    if quant not in ("f16", "bf16"):
+        needs.append(Need(f"{quant} GGUF", out, int(params * GGUF_BYTES_PER_PARAM[quant])))
+    if hf:
+        needs.append(Need("merged safetensors", out, base))
+    return check_disk(needs, "this export")
