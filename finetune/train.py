@@ -290,12 +290,12 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
     if console is not None:
         for line in estimate:
             console.print(f"  preflight: {line}", markup=False, highlight=False)
-    checkpoint = start_run(recipe, run, resume, overwrite)
-    (run.recipe).write_text(recipe.to_yaml(), encoding="utf-8")
     train_ds, train_report = data_mod.tokenize_all(prep.tokenizer, prep.splits.train, prep.template,
                                                    recipe.data.max_length, prep.template_kwargs, recipe.data.too_long)
     heldout_ds, heldout_report = data_mod.tokenize_all(prep.tokenizer, prep.splits.heldout, prep.template,
                                                        recipe.data.max_length, prep.template_kwargs, recipe.data.too_long)
+    checkpoint = start_run(recipe, run, resume, overwrite)  # only now is anything written
+    atomic_write_text(run.recipe, recipe.to_yaml())
     started = run.read_manifest().get("started") if checkpoint else None
     run.update_manifest(
         name=recipe.name, status="running", started=started or now(), ended=None,

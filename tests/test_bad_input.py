@@ -1,0 +1,181 @@
+"""Property test: a valid recipe and dataset, broken in one way at a time by hypothesis, always
+give exit 2, one message that names the location, no traceback, and no run folder that looks
+complete. Every case runs the real `ft train` entry point (in-process, for speed)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from finetune.cli import main
+from finetune.recipe import Recipe
+from tests.conftest import ROOT
+
+CASES = 300  # hypothesis examples; reported in README.md (Reliability)
+
+SUPPORT = [line for line in (ROOT / "datasets" / "support" / "train.jsonl").read_text().splitlines()]
+VALID_KEYS = {name for name in Recipe.model_fields} | {
+    k for f in Recipe.model_fields.values() if hasattr(f.annotation, "model_fields") for k in f.annotation.model_fields}
+
+
+def base_recipe(folder: Path) -> dict:
+    return {
+        "name": "prop",
+        "model": {"base": "tiny-qwen3.5"},
+        "data": {"train": str(folder / "train.jsonl"), "heldout": str(folder / "heldout.jsonl"), "max_length": 512},
+        "train": {"max_steps": 1, "batch_size": 2},
+        "eval": {"after_train": False},
+    }
+
+
+NUMERIC = ["train.lr", "train.batch_size", "lora.r", "data.max_length", "eval.max_new_tokens", "train.epochs"]
+IMPOSSIBLE = [("lora.r", 0), ("lora.r", -4), ("train.lr", -0.001), ("train.lr", 5.0), ("data.heldout_fraction", 1.5),
+              ("train.batch_size", 0), ("data.max_length", 3), ("lora.dropout", 1.0), ("train.scheduler", "sometimes")]
+words = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=3, max_size=12)
+
+recipe_mutation = st.one_of(
+    st.tuples(st.just("unknown_key"), st.sampled_from(["", "model", "data", "lora", "train", "eval", "export"]),
+              words.filter(lambda w: w not in VALID_KEYS)),
+    st.tuples(st.just("wrong_type"), st.sampled_from(NUMERIC),
+              st.text(alphabet="abcdefghijklmnopqrstuvwxyz", min_size=1, max_size=8)),
+    st.tuples(st.just("impossible"), st.sampled_from(IMPOSSIBLE), st.none()),
+    st.tuples(st.just("missing"), st.sampled_from(["model.base", "data.train", "model"]), st.none()),
+    st.tuples(st.just("missing_file"), st.sampled_from(["data.train", "data.heldout"]), words),
+    st.tuples(st.just("unknown_model"), words.map(lambda w: "nomodel-" + w), st.none()),
+    st.tuples(st.just("bad_yaml"), st.sampled_from(["train: [oops\n", "model:\n\tbase: x\n", "data: {a: b\n"]),
+              st.none()),
+)
+data_mutation = st.tuples(
+    st.sampled_from(["invalid_json", "missing_field", "unknown_role", "empty_assistant", "non_utf8", "too_long"]),
+    st.integers(min_value=0, max_value=29),
+    st.sampled_from(["train", "heldout"]),
+) | st.tuples(st.sampled_from(["empty_file", "heldout_equals_train"]), st.just(0), st.just("train"))
+
+
+def set_key(recipe: dict, dotted: str, value) -> None:
+    *path, last = dotted.split(".")
+    node = recipe
+    for p in path:
+        node = node.setdefault(p, {})
+    node[last] = value
+
+
+def delete_key(recipe: dict, dotted: str) -> None:
+    *path, last = dotted.split(".")
+    node = recipe
+    for p in path:
+        node = node[p]
+    del node[last]
+
+
+def mutate_recipe(recipe: dict, mutation, folder: Path) -> tuple[str, str | None]:
+    """Applies the mutation; returns (recipe text, what the location must mention)."""
+    kind, a, b = mutation
+    if kind == "unknown_key":
+        (recipe.setdefault(a, {}) if a else recipe)[b] = 1
+        return yaml.safe_dump(recipe), f"{a + '.' if a else ''}{b}"
+    if kind == "wrong_type":
+        set_key(recipe, a, b)
+        return yaml.safe_dump(recipe), a
+    if kind == "impossible":
+        set_key(recipe, *a)
+        return yaml.safe_dump(recipe), a[0]
+    if kind == "missing":
+        delete_key(recipe, a)
+        return yaml.safe_dump(recipe), a
+    if kind == "missing_file":
+        set_key(recipe, a, str(folder / f"{b}.jsonl"))
+        return yaml.safe_dump(recipe), f"{b}.jsonl"
+    if kind == "unknown_model":
+        set_key(recipe, "model.base", a)
+        return yaml.safe_dump(recipe), "model.base"
+    return yaml.safe_dump(recipe) + a, "r.yaml:"
+
+
+def mutate_data(folder: Path, recipe: dict, mutation) -> str:
+    kind, index, which = mutation
+    path = folder / f"{which}.jsonl"
+    lines = path.read_text().splitlines()
+    index %= len(lines)
+    row = json.loads(lines[index])
+    if kind == "invalid_json":
+        lines[index] = lines[index][: len(lines[index]) // 2]
+    elif kind == "missing_field":
+        lines[index] = json.dumps({"conversation": row["messages"]})
+    elif kind == "unknown_role":
+        row["messages"][0]["role"] = "customer"
+        lines[index] = json.dumps(row)
+    elif kind == "empty_assistant":
+        row["messages"][-1]["content"] = "  "
+        lines[index] = json.dumps(row)
+    elif kind == "too_long":
+        row["messages"][0]["content"] = row["messages"][0]["content"] * 60
+        lines[index] = json.dumps(row)
+    elif kind == "empty_file":
+        path.write_text("")
+        return f"{path.name}"
+    elif kind == "heldout_equals_train":
+        recipe["data"]["heldout"] = recipe["data"]["train"]
+        return "train.jsonl"
+    if kind == "non_utf8":
+        raw = [line.encode() for line in lines]
+        raw[index] = raw[index][:10] + b"\xff\xfe" + raw[index][10:]
+        path.write_bytes(b"\n".join(raw) + b"\n")
+    else:
+        path.write_text("\n".join(lines) + "\n")
+    return f"{path.name}:{index + 1}"
+
+
+def run_ft_train(recipe_path: Path, out: Path, capsys) -> tuple[int, str]:
+    argv = sys.argv
+    sys.argv = ["ft", "train", str(recipe_path), "--output", str(out)]
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+    finally:
+        sys.argv = argv
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def fresh_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / f"case{len(list(tmp_path.iterdir()))}"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("\n".join(SUPPORT[:30]) + "\n")
+    (folder / "heldout.jsonl").write_text("\n".join(SUPPORT[30:40]) + "\n")
+    return folder
+
+
+def check(code: int, stderr: str, where: str, out: Path) -> None:
+    assert code == 2, stderr
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr  # one message
+    assert where in stderr.split("fix:")[0], (where, stderr)
+    assert "fix:" in stderr, stderr
+    manifest = out / "manifest.json"
+    assert not manifest.exists() or json.loads(manifest.read_text())["status"] != "complete"
+
+
+@settings(max_examples=CASES, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(mutation=st.one_of(recipe_mutation.map(lambda m: ("recipe", m)), data_mutation.map(lambda m: ("data", m))))
+def test_every_bad_input_gets_one_clear_message(mutation, tmp_path, capsys, qwen_twin):
+    folder = fresh_folder(tmp_path)
+    recipe = base_recipe(folder)
+    target, change = mutation
+    if target == "recipe":
+        text, where = mutate_recipe(recipe, change, folder)
+    else:
+        where = mutate_data(folder, recipe, change)
+        text = yaml.safe_dump(recipe)
+    recipe_path = folder / "r.yaml"
+    recipe_path.write_text(text)
+    code, stderr = run_ft_train(recipe_path, folder / "run", capsys)
+    check(code, stderr, re.sub(r"^\.", "", where), folder / "run")

@@ -1,0 +1,195 @@
+"""Reliability and safety, proven by doing the damage for real: SIGKILL mid-training and mid-export,
+SIGINT, corrupted weights, a full disk, pickles, remote code, and a hub token in the environment."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from finetune.run import RunDir
+from tests.conftest import ROOT, run_ft
+
+pytestmark = pytest.mark.slow
+
+TINY = ROOT / "recipes" / "tiny-support.yaml"
+SMALL = ["data.limit=48", "data.heldout_max=12", "train.batch_size=4", "eval.batch_size=12",
+         "train.logging_steps=2", "eval.after_train=false"]
+
+
+def train_args(out: Path, *extra: str) -> list[str]:
+    return ["train", str(TINY), "--output", str(out), *sum((["--set", s] for s in [*SMALL, *extra]), [])]
+
+
+def start(args: list[str], env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "finetune", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, env={**os.environ, **(env or {})})
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, f"process ended early: {proc.communicate()[1][-2000:]}"
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    steps = ["train.max_steps=16", "train.save_steps=4"]
+    straight = run_ft(*train_args(tmp_path / "straight", *steps))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    expected = json.loads((tmp_path / "straight" / "manifest.json").read_text())["summary"]["heldout_loss_end"]
+
+    out = tmp_path / "killed"
+    proc = start(train_args(out, *steps))
+    first = out / "checkpoints" / "checkpoint-4" / "trainer_state.json"
+    wait_for(first.exists, proc)
+    time.sleep(random.Random().uniform(0, 4))  # somewhere after the first checkpoint
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+    # a checkpoint torn on purpose (no trainer state, half a file) must be skipped
+    torn = out / "checkpoints" / "checkpoint-999"
+    torn.mkdir()
+    (torn / "adapter_model.safetensors").write_bytes(b"\x00" * 100)
+
+    resumed = run_ft(*train_args(out, *steps), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert "checkpoint-999" not in manifest["resumed_from"]
+    got = manifest["summary"]["heldout_loss_end"]
+    assert abs(got - expected) / expected < 0.01, (got, expected)
+    steps_logged = [r["step"] for r in RunDir(out).read_metrics() if "loss" in r]
+    assert steps_logged == sorted(set(steps_logged)) and steps_logged[-1] == 16
+    assert not list((out / "checkpoints").glob("*/training_args.bin"))  # no pickles kept
+
+
+def test_sigint_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+    out = tmp_path / "run"
+    proc = start(train_args(out, "train.max_steps=200", "train.save_steps=100"))
+    wait_for(lambda: any("loss" in r for r in RunDir(out).read_metrics()), proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGINT, stderr[-2000:]
+    assert "stopped by SIGINT at step" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted"
+    saved = sorted((out / "checkpoints").glob("checkpoint-*"))
+    assert saved and (saved[-1] / "trainer_state.json").is_file() and not (out / "checkpoints" / ".staging").exists()
+
+
+def test_non_finite_loss_stops_the_run_with_a_clear_message(tmp_path, qwen_twin):
+    """A base with one corrupted (inf) weight: the loss is not finite from the first step."""
+    from safetensors.torch import load_file, save_file
+
+    base = tmp_path / "corrupted-base"
+    shutil.copytree(qwen_twin, base)
+    weights = load_file(str(base / "model.safetensors"))
+    name = next(n for n in weights if n.endswith("layers.0.mlp.down_proj.weight"))
+    weights[name][0, 0] = float("inf")
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "run"
+    result = run_ft(*train_args(out, f"model.base={base}", "train.max_steps=8", "train.save_steps=2"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "training diverged" in result.stderr and "Traceback" not in result.stderr
+    assert json.loads((out / "manifest.json").read_text())["status"] == "diverged"
+    assert not (out / "adapter").exists()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "run"
+    result = run_ft(*train_args(out, "train.max_steps=40", "train.lr=3e-3", "train.save_steps=40",
+                                "train.batch_size=8", "data.limit=160", "eval.max_new_tokens=48"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+def test_export_killed_mid_write_leaves_no_final_file(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run, ignore=shutil.ignore_patterns("checkpoints"))
+    export = run / "export"
+    proc = start(["export", str(run)])
+    partial = export / ".tiny-support-q4_k_m.gguf.partial"
+    wait_for(partial.exists, proc)
+    time.sleep(random.Random().uniform(0, 1))
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finals = [p.name for p in export.iterdir() if not p.name.startswith(".")]
+    assert not [n for n in finals if n.endswith(".gguf")] and "Modelfile" not in finals, finals
+
+    again = run_ft("export", str(run))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((export / "verify.json").read_text())["passed"]
+    assert sorted(p.name for p in export.glob("*.gguf")) == ["tiny-support-q4_k_m.gguf"]
+    assert not list(export.glob(".*"))
+
+
+def test_hub_token_never_reaches_any_file(tmp_path):
+    secret = "hf_ftTestSecretToken0123456789abcdef"
+    run = tmp_path / "run"
+    env = {"HF_TOKEN": secret, "HUGGING_FACE_HUB_TOKEN": secret}
+    result = run_ft(*train_args(run, "train.max_steps=4", "train.save_steps=2", "eval.after_train=true",
+                                "eval.max_examples=4", "eval.max_new_tokens=8"), env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    exported = run_ft("export", str(run), "--quant", "q8_0", "--no-verify", env=env)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    files = [p for p in run.rglob("*") if p.is_file()]
+    assert len(files) > 15
+    for path in files:
+        assert secret.encode() not in path.read_bytes(), path
+    assert secret not in result.stdout + result.stderr + exported.stdout + exported.stderr
+
+
+def test_pickle_weights_are_refused(tmp_path, qwen_twin):
+    import torch
+    from safetensors.torch import load_file
+
+    base = tmp_path / "pickled"
+    shutil.copytree(qwen_twin, base)
+    torch.save(load_file(str(base / "model.safetensors")), base / "pytorch_model.bin")
+    (base / "model.safetensors").unlink()
+    result = run_ft("validate", str(TINY), "--set", f"model.base={base}")
+    assert result.returncode == 2 and "pickle" in result.stderr and "allow_pickle" in result.stderr
+
+
+def test_remote_code_is_never_run(tmp_path, qwen_twin):
+    base = tmp_path / "remote"
+    shutil.copytree(qwen_twin, base)
+    marker = tmp_path / "code-ran"
+    (base / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    config = json.loads((base / "config.json").read_text())
+    config.update(model_type="evil", auto_map={"AutoConfig": "modeling_evil.EvilConfig",
+                                               "AutoModelForCausalLM": "modeling_evil.EvilModel"})
+    (base / "config.json").write_text(json.dumps(config))
+    for args in (["validate", str(TINY)], ["train", str(TINY), "--output", str(tmp_path / "run")]):
+        result = run_ft(*args, "--set", f"model.base={base}")
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert "model_type 'evil'" in result.stderr
+    assert not marker.exists()
+
+
+def test_preflight_refuses_a_run_that_cannot_fit(tmp_path):
+    """On a real 8 MB tmpfs when the machine allows mounting one, else with a stated free-space figure."""
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8M", "tmpfs", str(small)],
+                             capture_output=True).returncode == 0
+    env = {} if mounted else {"FT_ASSUME_FREE_BYTES": str(8 << 20)}
+    try:
+        result = run_ft(*train_args(small / "run"), env=env)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert "preflight" in result.stderr and "GGUF" in result.stderr and "is free" in result.stderr
+        assert not (small / "run").exists()  # refused before anything was written
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(small)], check=False)
