@@ -155,6 +155,13 @@ def quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' renames, not the user's
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.utils.checkpoint")
+    import importlib.util
+
+    if importlib.util.find_spec("unsloth") is not None:  # it patches transformers: import it first
+        try:
+            import unsloth  # noqa: F401
+        except Exception:  # no CUDA here: the hf backend will be used
+            pass
     import datasets
     import transformers
 

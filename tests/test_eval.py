@@ -215,7 +215,8 @@ data:
   limit: 400
   heldout_fraction: 0.1
   heldout_max: 40
-  max_length: 128
+  max_length: 256
+  too_long: drop
 train: {{max_steps: 20, batch_size: 8, lr: 3.0e-3, gradient_checkpointing: false, logging_steps: 5}}
 eval: {{max_new_tokens: 16, batch_size: 20}}
 """, encoding="utf-8")
