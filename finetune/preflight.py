@@ -101,8 +101,12 @@ def preflight_train(recipe, base, run_root: Path, targets: list[str]) -> list[st
 
     folder = Path(base.path)
     local = folder.is_dir()
-    config = AutoConfig.from_pretrained(base.path, revision=recipe.model.revision,
-                                        trust_remote_code=recipe.model.trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(base.path, revision=recipe.model.revision,
+                                            trust_remote_code=recipe.model.trust_remote_code)
+    except Exception as exc:  # offline, gated, or misspelled: the user's to fix
+        raise UserError(f"cannot read the config of '{base.name}' ({type(exc).__name__})", "model.base",
+                        "check the id and your network (HF_TOKEN for gated models), or use a local folder") from None
     text_config = getattr(config, "text_config", None) or config
     params, embed, lora = count_parameters(text_config, targets, recipe.lora.r)
     quant = recipe.export.quant

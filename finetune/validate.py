@@ -27,4 +27,11 @@ def validate_recipe(path: str, overrides: list[str] = ()) -> list[str]:
     data_mod.check_template(template, base.family, data_mod.template_kwargs(base.family, recipe), where, tokenizer)
     report.append(f"chat template {where}: every assistant turn trains its end-of-turn token "
                   f"({' / '.join(base.family.end_of_turn)})" + ("" if local else " (tokenizer checked at train time)"))
+    if local:  # a hub model's size is known once its config is here: checked at train time
+        from finetune.preflight import preflight_train
+        from finetune.run import run_for
+        from finetune.train import lora_targets
+
+        report += [f"preflight {line}" for line in preflight_train(
+            recipe, base, run_for(recipe.name, None).root, lora_targets(recipe, base.family))]
     return report
