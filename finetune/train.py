@@ -294,6 +294,12 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
                                                    recipe.data.max_length, prep.template_kwargs, recipe.data.too_long)
     heldout_ds, heldout_report = data_mod.tokenize_all(prep.tokenizer, prep.splits.heldout, prep.template,
                                                        recipe.data.max_length, prep.template_kwargs, recipe.data.too_long)
+    if console is not None:
+        st = prep.splits.stats
+        console.print(f"  data: {st['train']} training / {st['heldout']} held-out examples ({st['format']}), "
+                      f"{st['leaked_removed']} leaked duplicates removed, {train_report['truncated']} truncated, "
+                      f"{train_report['tokens']:,} tokens ({train_report['trained_tokens']:,} trained)",
+                      markup=False, highlight=False)
     checkpoint = start_run(recipe, run, resume, overwrite)  # only now is anything written
     atomic_write_text(run.recipe, recipe.to_yaml())
     started = run.read_manifest().get("started") if checkpoint else None
