@@ -138,11 +138,16 @@ def test_export_of_a_run_without_adapter_is_refused(tmp_path, qwen_run):
     assert result.returncode == 2 and "no complete adapter" in result.stderr
 
 
-def test_hf_format_loads_and_matches(qwen_run, tmp_path):
+def test_hf_format_loads_and_matches(qwen_run, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
+    from export import hf
+
+    monkeypatch.setattr(hf, "SHARD_BYTES", 1 << 20)  # a 6 MB model in several shards, like a 9B in 2 GB ones
     run = copy_run(qwen_run, tmp_path)
     export_run(run, "f16", verify=False, hf=True, progress=lambda m: None)
+    shards = sorted((run.export_dir / "hf").glob("model-*.safetensors"))
+    assert len(shards) > 2 and (run.export_dir / "hf" / "model.safetensors.index.json").is_file()
     merged = AutoModelForCausalLM.from_pretrained(run.export_dir / "hf", dtype=torch.float32)
     assert type(merged).__name__ == "Qwen3_5ForCausalLM"
     assert (run.export_dir / "hf" / "tokenizer.json").is_file()
