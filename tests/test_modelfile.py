@@ -146,3 +146,12 @@ def test_modelfile_one_stop_per_end_of_turn_and_renderer_option():
 def test_uncarriable_text_is_refused():
     with pytest.raises(UserError, match="cannot be written into a Modelfile"):
         quote('line one\nhas """ then space')
+
+
+def test_ollama_create_says_what_to_run_when_ollama_is_absent(tmp_path, monkeypatch):
+    from export.runner import ollama_create
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no ollama binary on it
+    message = ollama_create("support", tmp_path / "Modelfile")
+    assert "ollama is not installed" in message
+    assert f"ollama create support -f {tmp_path / 'Modelfile'}" in message
