@@ -98,7 +98,8 @@ def export(
     from finetune.run import find_run
 
     chosen = find_run(run)
-    quant = quant or load_recipe(chosen.recipe).export.quant
+    recipe = load_recipe(chosen.recipe)
+    quant = quant or recipe.export.quant
     if quant not in (*SIXTEEN_BIT, *FTYPES):
         raise UserError(f"unknown --quant '{quant}'", "--quant", f"use one of: {', '.join((*SIXTEEN_BIT, *FTYPES))}")
     if format_ not in ("gguf", "hf"):
@@ -115,7 +116,7 @@ def export(
     if ollama:
         out.print(ollama_create(ollama, modelfile_path))
     else:
-        out.print(f"next: ollama create {load_recipe(chosen.recipe).name} -f {modelfile_path}")
+        out.print(f"next: ollama create {recipe.name} -f {modelfile_path}")
 
 
 @app.command()

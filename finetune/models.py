@@ -144,7 +144,6 @@ class ResolvedBase:
     path: str  # local folder, or hub id to download
     family: Family
     license: str
-    alias: BaseModel | None
 
 
 def read_model_type(folder: Path) -> str:
@@ -152,23 +151,23 @@ def read_model_type(folder: Path) -> str:
     return config["model_type"]
 
 
-def resolve_base(name: str, recipe_dir: Path | None = None, where: str = "model.base") -> ResolvedBase:
+def resolve_base(name: str, where: str = "model.base") -> ResolvedBase:
     """Turn a recipe's `model.base` into a local folder (or hub id) and a family."""
     if name in REGISTRY:
         model = REGISTRY[name]
         if model.is_twin:
             from finetune.twins import ensure_twin  # builds on first use
 
-            return ResolvedBase(name, str(ensure_twin(name)), model.family, model.license, model)
-        return ResolvedBase(name, model.hub_id, model.family, model.license, model)
+            return ResolvedBase(name, str(ensure_twin(name)), model.family, model.license)
+        return ResolvedBase(name, model.hub_id, model.family, model.license)
 
-    for candidate in ([recipe_dir / name] if recipe_dir else []) + [Path(name)]:
-        if (candidate / "config.json").is_file():
-            family = family_for_model_type(read_model_type(candidate), f"{candidate}/config.json")
-            return ResolvedBase(name, str(candidate.resolve()), family, "see the model's card", None)
+    folder = Path(name)  # recipe loading already made a recipe-relative folder absolute
+    if (folder / "config.json").is_file():
+        family = family_for_model_type(read_model_type(folder), f"{folder}/config.json")
+        return ResolvedBase(name, str(folder.resolve()), family, "see the model's card")
 
     if name.count("/") == 1 and not name.startswith((".", "/")):
-        return ResolvedBase(name, name, _family_from_hub(name, where), "see the model's card", None)
+        return ResolvedBase(name, name, _family_from_hub(name, where), "see the model's card")
 
     hint = difflib.get_close_matches(name, list(REGISTRY), n=1)
     raise UserError(
