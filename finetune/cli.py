@@ -34,21 +34,55 @@ def train(
     output: Optional[str] = typer.Option(None, help="run folder (default runs/<recipe name>)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the newest complete checkpoint"),
     overwrite: bool = typer.Option(False, "--overwrite", help="delete an existing run folder first"),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="processes (GPUs) on this host, launched through accelerate"),
+    nnodes: int = typer.Option(1, "--nnodes", min=1, help="hosts taking part (run the same command on each)"),
+    node_rank: int = typer.Option(0, "--node-rank", min=0, help="this host's index, 0 to nnodes-1"),
+    master_addr: str = typer.Option("127.0.0.1", "--master-addr", help="address of the node-rank-0 host"),
+    master_port: Optional[int] = typer.Option(None, "--master-port", help="its port (default distributed.master_port)"),
 ):
     """4-bit LoRA SFT of the recipe's base model on its data; writes a run folder."""
+    from finetune.distributed import world
     from finetune.recipe import load_recipe
     from finetune.run import run_for
     from finetune.train import train as run_training
 
     loaded = load_recipe(recipe, set_)
     run = run_for(loaded.name, output)
-    err.print(f"[bold]ft train[/bold] {loaded.name} → {run.root}")
-    summary = run_training(loaded, run, resume=resume, overwrite=overwrite, console=err)
+    if (nproc > 1 or nnodes > 1) and world().size == 1:
+        args = [recipe, *(a for o in set_ for a in ("--set", o)), *(["--output", output] if output else []),
+                *(["--resume"] if resume else []), *(["--overwrite"] if overwrite else [])]
+        _launch(loaded, args, nproc, nnodes, node_rank, master_addr, master_port or loaded.distributed.master_port)
+        return
+    main_rank = world().main
+    if main_rank:
+        err.print(f"[bold]ft train[/bold] {loaded.name} → {run.root}")
+    summary = run_training(loaded, run, resume=resume, overwrite=overwrite, console=err if main_rank else None)
+    if not main_rank:
+        return  # rank 0 reports, evaluates and writes; the others are done
     start, end = summary.get("heldout_loss_start"), summary["heldout_loss_end"]
     out.print(f"held-out loss: {start:.4f} → {end:.4f}" if start is not None else f"held-out loss: {end:.4f}")
     out.print(f"adapter: {run.adapter}")
     if loaded.eval.after_train:
         _evaluate(run)
+
+
+def _launch(recipe, args: list[str], nproc: int, nnodes: int, node_rank: int, addr: str, port: int) -> None:
+    """Check what can be checked once, here, then start every process through accelerate."""
+    import subprocess
+
+    from finetune.distributed import batch_plan, check_strategy, launch_command
+    from finetune.train import on_gpu, prepare
+
+    if node_rank >= nnodes:
+        raise UserError(f"--node-rank {node_rank} with --nnodes {nnodes}", "--node-rank", f"use 0 to {nnodes - 1}")
+    prepare(recipe)  # recipe, template and data problems: one message, before any process starts
+    plan = batch_plan(recipe, nproc * nnodes)
+    check_strategy(recipe, nproc * nnodes, on_gpu())
+    err.print(f"[bold]ft train[/bold] {recipe.name}: {nproc * nnodes} processes ({recipe.distributed.strategy}), "
+              f"{plan.micro_batch} × {plan.grad_accum} per process, global batch {plan.global_batch}")
+    code = subprocess.call(launch_command(args, nproc, nnodes, node_rank, addr, port))
+    if code:
+        sys.exit(code)
 
 
 def _evaluate(run, overrides: list[str] = (), gguf: bool = False) -> None:
@@ -176,6 +210,10 @@ def main() -> None:
     import click
 
     quiet_libraries()
+    from finetune.distributed import world
+
+    if not world().main:  # rank 0 speaks for the run; the others' messages would repeat it
+        err.quiet = True
     try:
         app(standalone_mode=False)
     except UserError as exc:

@@ -15,6 +15,8 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
+from finetune.packing import REAL_TOKENS
+
 STAGING = ".staging"
 
 
@@ -49,26 +51,46 @@ class SafeTrainer(SFTTrainer):
         return str(self._staging) if self._staging is not None else super()._get_output_dir(trial=trial)
 
     def _save_checkpoint(self, model, trial) -> None:
+        # Several processes: every rank writes its part (its RNG state, shards under FSDP or
+        # DeepSpeed) into staging; rank 0 alone clears staging before and renames it after.
         if any(not torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
             raise NonFiniteWeights(self.state.global_step)
         final = Path(self.args.output_dir)
         staging = final / STAGING
-        shutil.rmtree(staging, ignore_errors=True)
+        main = self.is_world_process_zero()
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         self._staging = staging
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self._staging = None
-        name = f"checkpoint-{self.state.global_step}"
-        # transformers pickles its arguments here; ft never reads them back, so no pickle is kept
-        (staging / name / "training_args.bin").unlink(missing_ok=True)
-        target = final / name
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging / name, target)
-        shutil.rmtree(staging, ignore_errors=True)
-        for old in complete_checkpoints(final)[: -self.args.save_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        if main:
+            name = f"checkpoint-{self.state.global_step}"
+            # transformers pickles its arguments here; ft never reads them back, so no pickle is kept
+            (staging / name / "training_args.bin").unlink(missing_ok=True)
+            target = final / name
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging / name, target)
+            shutil.rmtree(staging, ignore_errors=True)
+            for old in complete_checkpoints(final)[: -self.args.save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # TRL counts a batch without attention_mask as one row of position_ids; a packed batch has
+        # several rows and padding, so the collator says how many real tokens it holds.
+        real = inputs.pop(REAL_TOKENS, None)
+        before = self._total_train_tokens
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if real is not None and self.model.training:
+            real = self.accelerator.gather_for_metrics(torch.tensor(real, device=inputs["input_ids"].device))
+            self._total_train_tokens = before + int(real.sum())
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        return result
 
 
 class StopOnSignal(TrainerCallback):

@@ -95,8 +95,15 @@ def check_disk(needs: list[Need], action: str) -> list[str]:
     return lines
 
 
-def preflight_train(recipe, base, run_root: Path, targets: list[str]) -> list[str]:
-    """Lines describing the estimate; raises UserError when the run or its export cannot fit."""
+@dataclass
+class TrainPlan:
+    lines: list[str]  # what the estimate says, printed and kept in the manifest
+    gradient_checkpointing: bool  # train.gradient_checkpointing with "auto" decided
+
+
+def preflight_train(recipe, base, run_root: Path, targets: list[str]) -> TrainPlan:
+    """The estimate, and whether to recompute activations; raises UserError when the run or its
+    export cannot fit."""
     from transformers import AutoConfig
 
     folder = Path(base.path)
@@ -131,18 +138,27 @@ def preflight_train(recipe, base, run_root: Path, targets: list[str]) -> list[st
     hidden = getattr(text_config, "hidden_size", 0)
     layers = getattr(text_config, "num_hidden_layers", 0)
     tokens = recipe.train.batch_size * recipe.data.max_length
-    activations = tokens * hidden * layers * (4 if recipe.train.gradient_checkpointing else 34) * (dense_bytes // 2)
     logits = tokens * getattr(text_config, "vocab_size", 0) * 4 * 2
-    memory = weights + lora * 16 + activations + logits
     where = "GPU" if gpu else "RAM"
     available = torch.cuda.mem_get_info()[0] if gpu else available_ram()
+
+    def estimate(checkpointing: bool) -> tuple[int, int]:
+        activations = tokens * hidden * layers * (4 if checkpointing else 34) * (dense_bytes // 2)
+        return weights + lora * 16 + activations + logits, activations
+
+    checkpointing = recipe.train.gradient_checkpointing
+    if checkpointing == "auto":  # recomputation costs a third of the step: only when memory asks for it
+        checkpointing = not available or estimate(False)[0] > available / 2
+    memory, activations = estimate(checkpointing)
+    lines.append(f"gradient checkpointing: {'on' if checkpointing else 'off'}"
+                 + (" (auto)" if recipe.train.gradient_checkpointing == "auto" else ""))
     lines.append(f"{where}: about {human(memory)} (weights {human(weights)}, activations {human(activations)}, "
                  f"logits {human(logits)})" + (f"; available {human(available)}" if available else ""))
     if available and memory > 1.5 * available:
         raise UserError(f"training needs about {human(memory)} of {where} but {human(available)} is available",
                         "preflight", "lower train.batch_size or data.max_length, or turn on "
                         "train.gradient_checkpointing")
-    return lines
+    return TrainPlan(lines, checkpointing)
 
 
 def preflight_export(base_dir: Path, out: Path, quant: str, hf: bool) -> list[str]:

@@ -20,7 +20,7 @@ class MetricsCallback(TrainerCallback):
         self.last = None  # (time, num_tokens) at the previous log
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs:
+        if not logs or not state.is_world_process_zero:  # one writer per run folder
             return
         record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
         tokens = logs.get("num_tokens")

@@ -96,7 +96,11 @@ class TrainSection(Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the adapters")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping")
     optimizer: str = Field("adamw_torch", description="any transformers `optim` name")
-    gradient_checkpointing: bool = Field(True, description="recompute activations: less memory, ~30% slower")
+    gradient_checkpointing: Literal["auto"] | bool = Field(
+        "auto", description="recompute activations: less memory, ~30-45% slower; auto = on only when the "
+        "preflight estimate without it would take over half the free memory")
+    packing: bool = Field(True, description="padding-free packing: a batch's examples share rows, boundaries "
+                          "kept (same result, less padding; hf backend)")
     seed: int = Field(42, description="seeds data order, LoRA init and the held-out split")
     save_steps: int = Field(50, ge=1, description="checkpoint every N optimizer steps")
     save_total_limit: int = Field(2, ge=1, description="checkpoints kept (oldest deleted)")
@@ -118,6 +122,14 @@ class EvalSection(Section):
     confidence: float = Field(0.95, gt=0.5, lt=1, description="confidence level of the intervals")
 
 
+class DistributedSection(Section):
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp", description="with --nproc > 1: ddp (a full copy per GPU), fsdp or deepspeed (sharded; GPUs only)")
+    zero_stage: Literal[2, 3] = Field(2, description="deepspeed: ZeRO stage (3 also shards the weights)")
+    cpu_offload: bool = Field(False, description="fsdp / deepspeed: keep optimizer state (and fsdp params) in CPU RAM")
+    master_port: int = Field(29500, ge=1024, le=65535, description="rendezvous port of rank 0")
+
+
 class ExportSection(Section):
     quant: Literal["f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"] = Field(
         "q4_k_m", description="GGUF type of the shipped file")
@@ -134,6 +146,7 @@ class Recipe(Section):
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
     export: ExportSection = Field(default_factory=ExportSection)
 
     @field_validator("name")

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune import data as data_mod
+from finetune.distributed import BatchPlan, barrier, batch_plan, check_resume, check_strategy, start, trainer_arguments
+from finetune.distributed import world
 from finetune.errors import Interrupted, UserError
 from finetune.models import Family, ResolvedBase, resolve_base
 from finetune.recipe import Recipe
@@ -109,11 +111,14 @@ def load_base_model(recipe: Recipe, base: ResolvedBase):
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    gpu = on_gpu()
+    from finetune.distributed import world
+
+    gpu, w = on_gpu(), world()
     compute_dtype = torch.bfloat16 if gpu else torch.float32  # no fast bf16 matmul on most CPUs
+    sharded = w.size > 1 and recipe.distributed.strategy != "ddp"  # FSDP / DeepSpeed place the weights
     kwargs = dict(dtype=compute_dtype, revision=recipe.model.revision, use_safetensors=not recipe.model.allow_pickle,
                   trust_remote_code=recipe.model.trust_remote_code,
-                  device_map={"": 0} if gpu else {"": "cpu"})
+                  device_map=None if sharded else {"": w.local_rank if gpu else "cpu"})
     q = recipe.quantization
     if q.load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -124,19 +129,22 @@ def load_base_model(recipe: Recipe, base: ResolvedBase):
     return AutoModelForCausalLM.from_pretrained(base.path, **kwargs)
 
 
-def load_model(recipe: Recipe, prep: Prepared, backend: str):
-    """The base in 4-bit with fresh LoRA adapters attached; only the adapters are trainable."""
+def load_model(recipe: Recipe, prep: Prepared, backend: str, checkpointing: bool | None = None):
+    """The base in 4-bit with fresh LoRA adapters attached; only the adapters are trainable.
+    `checkpointing` is preflight's decision; left out, "auto" counts as on."""
+    if checkpointing is None:
+        checkpointing = recipe.train.gradient_checkpointing is not False
     if backend == "unsloth":
-        return _load_unsloth(recipe, prep)
+        return _load_unsloth(recipe, prep, checkpointing)
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     model = load_base_model(recipe, prep.base)
     if recipe.quantization.load_in_4bit:
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=recipe.train.gradient_checkpointing,
+            model, use_gradient_checkpointing=checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    elif recipe.train.gradient_checkpointing:
+    elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return get_peft_model(model, lora_config(recipe, prep.base.family))
@@ -156,7 +164,7 @@ def lora_config(recipe: Recipe, family: Family):
     )
 
 
-def _load_unsloth(recipe: Recipe, prep: Prepared):
+def _load_unsloth(recipe: Recipe, prep: Prepared, checkpointing: bool):
     from unsloth import FastLanguageModel
 
     model, _ = FastLanguageModel.from_pretrained(
@@ -168,22 +176,22 @@ def _load_unsloth(recipe: Recipe, prep: Prepared):
     return FastLanguageModel.get_peft_model(
         model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         target_modules=lora_targets(recipe, prep.base.family), use_rslora=lora.rslora,
-        use_gradient_checkpointing="unsloth" if recipe.train.gradient_checkpointing else False,
+        use_gradient_checkpointing="unsloth" if checkpointing else False,
         random_state=recipe.train.seed, bias="none",
     )
 
 
 # --- trainer ----------------------------------------------------------------------------------
 
-def sft_config(recipe: Recipe, run: RunDir):
+def sft_config(recipe: Recipe, run: RunDir, plan: BatchPlan, extra: dict):
     from trl import SFTConfig
 
     t, gpu = recipe.train, on_gpu()
     return SFTConfig(
         output_dir=str(run.checkpoints),
-        per_device_train_batch_size=t.batch_size,
+        per_device_train_batch_size=plan.micro_batch,
         per_device_eval_batch_size=recipe.eval.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
+        gradient_accumulation_steps=plan.grad_accum,
         learning_rate=t.lr,
         lr_scheduler_type=t.scheduler,
         warmup_steps=t.warmup_ratio,  # a float below 1 is a share of the total steps
@@ -210,17 +218,30 @@ def sft_config(recipe: Recipe, run: RunDir):
         report_to="none",
         disable_tqdm=True,  # ft draws its own progress bar
         dataloader_num_workers=0,
+        **extra,  # what the distributed strategy needs (finetune/distributed.py)
     )
 
 
-def make_trainer(recipe: Recipe, run: RunDir, model, prep: Prepared, train_ds, heldout_ds, callbacks):
+def make_trainer(recipe: Recipe, run: RunDir, model, prep: Prepared, train_ds, heldout_ds, callbacks,
+                 backend: str = "hf", checkpointing: bool = False):
     from transformers.trainer_callback import PrinterCallback
 
     from finetune.guard import SafeTrainer
+    from finetune.packing import PackingCollator, segment_aware_linear_attention
 
+    collator = None  # TRL's padding collator
+    if recipe.train.packing and backend == "hf":  # unsloth brings its own padding-free path
+        segment_aware_linear_attention()
+        collator = PackingCollator(prep.tokenizer.pad_token_id)
+    w = world()
+    extra = {}
+    if w.size > 1:
+        layers = getattr(model.get_base_model(), "_no_split_modules", None) or [""]
+        extra = trainer_arguments(recipe, layers[0], checkpointing)
     trainer = SafeTrainer(
-        model=model, args=sft_config(recipe, run), train_dataset=train_ds, eval_dataset=heldout_ds,
-        processing_class=prep.tokenizer, callbacks=callbacks,
+        model=model, args=sft_config(recipe, run, batch_plan(recipe, w.size), extra), train_dataset=train_ds,
+        eval_dataset=heldout_ds,
+        processing_class=prep.tokenizer, callbacks=callbacks, data_collator=collator,
     )
     trainer.remove_callback(PrinterCallback)  # logs go to metrics.jsonl and the progress bar
     return trainer
@@ -279,14 +300,25 @@ def save_adapter(model, prep: Prepared, recipe: Recipe, run: RunDir, backend: st
 
 
 def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = False, console=None) -> dict:
+    """Train the recipe into `run`. In a multi-process launch every rank calls this; rank 0 alone
+    writes the run folder (the others pass console=None and write nothing but their share of
+    each checkpoint's RNG state)."""
     from finetune.guard import NonFiniteWeights, StopOnNonFiniteLoss, StopOnSignal
     from finetune.progress import MetricsCallback, RichProgress, plot_loss
 
     from finetune.preflight import preflight_train
 
+    w = world()
+    start(w)
     prep = prepare(recipe)
     backend = pick_backend(recipe.train.backend)
-    estimate = preflight_train(recipe, prep.base, run.root, lora_targets(recipe, prep.base.family))
+    check_strategy(recipe, w.size, on_gpu())
+    plan_batch = batch_plan(recipe, w.size)
+    plan = preflight_train(recipe, prep.base, run.root, lora_targets(recipe, prep.base.family))
+    estimate = plan.lines
+    if w.size > 1:
+        estimate.append(f"{w.size} processes ({recipe.distributed.strategy}): {plan_batch.micro_batch} examples × "
+                        f"{plan_batch.grad_accum} accumulation per process = global batch {plan_batch.global_batch}")
     if console is not None:
         for line in estimate:
             console.print(f"  preflight: {line}", markup=False, highlight=False)
@@ -300,36 +332,50 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
                       f"{st['leaked_removed']} leaked duplicates removed, {train_report['truncated']} truncated, "
                       f"{train_report['tokens']:,} tokens ({train_report['trained_tokens']:,} trained)",
                       markup=False, highlight=False)
-    checkpoint = start_run(recipe, run, resume, overwrite)  # only now is anything written
-    atomic_write_text(run.recipe, recipe.to_yaml())
-    started = run.read_manifest().get("started") if checkpoint else None
-    run.update_manifest(
-        name=recipe.name, status="running", started=started or now(), ended=None,
-        recipe_sha256=recipe_sha256(recipe),
-        data_sha256={"train": data_mod.sha256_file(recipe.data.train),
-                     "heldout": data_mod.sha256_file(recipe.data.heldout)},
-        base={"name": prep.base.name, "path": prep.base.path, "family": prep.base.family.name},
-        data={**prep.splits.stats, "train_tokens": train_report, "heldout_tokens": heldout_report},
-        backend=backend, seed=recipe.train.seed, versions=package_versions(),
-        git_commit=git_commit(Path(__file__).parent), hardware=hardware(),
-        resumed_from=str(checkpoint) if checkpoint else None, preflight=estimate,
-    )
-    # metrics.jsonl must tell one story: drop what a killed run logged after its checkpoint
+    if resume:
+        note = check_resume(run.read_manifest() if run.root.is_dir() else None, recipe, w.size)
+        if note and console is not None:
+            console.print(f"  {note}", markup=False, highlight=False)
+    if w.main:
+        checkpoint = start_run(recipe, run, resume, overwrite)  # only now is anything written
+    barrier()  # the others find the folder (and the checkpoint to resume) as rank 0 left it
+    if not w.main:
+        checkpoint = last_complete_checkpoint(run) if resume else None
     resumed_step = int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else 0
-    kept = [r for r in run.read_metrics() if r.get("step", 0) <= resumed_step] if checkpoint else []
-    atomic_write_text(run.metrics, "".join(json.dumps(r) + "\n" for r in kept))
+    if w.main:
+        atomic_write_text(run.recipe, recipe.to_yaml())
+        started = run.read_manifest().get("started") if checkpoint else None
+        run.update_manifest(
+            name=recipe.name, status="running", started=started or now(), ended=None,
+            recipe_sha256=recipe_sha256(recipe),
+            data_sha256={"train": data_mod.sha256_file(recipe.data.train),
+                         "heldout": data_mod.sha256_file(recipe.data.heldout)},
+            base={"name": prep.base.name, "path": prep.base.path, "family": prep.base.family.name},
+            data={**prep.splits.stats, "train_tokens": train_report, "heldout_tokens": heldout_report},
+            backend=backend, seed=recipe.train.seed, versions=package_versions(),
+            git_commit=git_commit(Path(__file__).parent), hardware=hardware(),
+            resumed_from=str(checkpoint) if checkpoint else None, preflight=estimate,
+            distributed={"world_size": w.size, "strategy": recipe.distributed.strategy,
+                         "micro_batch": plan_batch.micro_batch, "grad_accum": plan_batch.grad_accum,
+                         "global_batch": plan_batch.global_batch},
+        )
+        # metrics.jsonl must tell one story: drop what a killed run logged after its checkpoint
+        kept = [r for r in run.read_metrics() if r.get("step", 0) <= resumed_step] if checkpoint else []
+        atomic_write_text(run.metrics, "".join(json.dumps(r) + "\n" for r in kept))
 
-    model = load_model(recipe, prep, backend)
-    progress = RichProgress(console)
+    model = load_model(recipe, prep, backend, plan.gradient_checkpointing)
     nonfinite = StopOnNonFiniteLoss()
-    trainer = make_trainer(recipe, run, model, prep, train_ds, heldout_ds,
-                           [MetricsCallback(run), progress, nonfinite])
+    progress = RichProgress(console) if w.main else None
+    callbacks = [MetricsCallback(run), nonfinite] + ([progress] if progress else [])
+    trainer = make_trainer(recipe, run, model, prep, train_ds, heldout_ds, callbacks, backend,
+                           plan.gradient_checkpointing)
     summary = {}
     if checkpoint is None:
         summary["heldout_loss_start"] = trainer.evaluate()["eval_loss"]  # logged at step 0
     else:
         summary["heldout_loss_start"] = run.read_manifest().get("summary", {}).get("heldout_loss_start")
-    run.update_manifest(summary=summary)
+    if w.main:
+        run.update_manifest(summary=summary)
     stop = StopOnSignal()
     trainer.add_callback(stop)
     try:
@@ -338,23 +384,28 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
         nonfinite.step, nonfinite.loss = exc.step, float("nan")
     finally:
         stop.restore()
-        progress.on_train_end(None, None, None)
+        if progress:
+            progress.on_train_end(None, None, None)
     if nonfinite.step is not None:
-        run.update_manifest(status="diverged", ended=now())
+        if w.main:
+            run.update_manifest(status="diverged", ended=now())
         good = last_complete_checkpoint(run)
         raise UserError(
             f"training diverged: the loss became {nonfinite.loss} at step {nonfinite.step}", "train.lr",
             f"lower train.lr (now {recipe.train.lr:g}) and start again with --overwrite"
             + (f"; the last good checkpoint is kept at {good}" if good else ""))
     if stop.received is not None:
-        run.update_manifest(status="interrupted", ended=now())
+        if w.main:
+            run.update_manifest(status="interrupted", ended=now())
         raise Interrupted(stop.received, trainer.state.global_step, last_complete_checkpoint(run))
     summary["heldout_loss_end"] = trainer.evaluate()["eval_loss"]
     summary.update(train_loss=result.training_loss, steps=trainer.state.global_step,
                    train_runtime_s=result.metrics.get("train_runtime"))
-    save_adapter(trainer.model, prep, recipe, run, backend)
-    plot_loss(run)
-    run.update_manifest(status="complete", ended=now(), summary=summary)
+    if w.main:
+        save_adapter(trainer.model, prep, recipe, run, backend)
+        plot_loss(run)
+        run.update_manifest(status="complete", ended=now(), summary=summary)
+    barrier()
     return summary
 
 

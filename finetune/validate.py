@@ -33,5 +33,5 @@ def validate_recipe(path: str, overrides: list[str] = ()) -> list[str]:
         from finetune.train import lora_targets
 
         report += [f"preflight {line}" for line in preflight_train(
-            recipe, base, run_for(recipe.name, None).root, lora_targets(recipe, base.family))]
+            recipe, base, run_for(recipe.name, None).root, lora_targets(recipe, base.family)).lines]
     return report

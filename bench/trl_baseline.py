@@ -1,0 +1,63 @@
+"""The baseline: a plain TRL QLoRA script, written the way TRL's documentation shows it.
+
+4-bit base through BitsAndBytesConfig, a LoraConfig handed to SFTTrainer, a conversational
+prompt-completion dataset, padding to the longest example in the batch, no packing, TRL's
+defaults for everything the comparison does not need to pin. `--tuned` gives it ft's CPU
+settings (no gradient checkpointing, fp32 compute) so that what is left is packing alone.
+
+    python -m bench.trl_baseline DATA.jsonl MODEL_DIR OUT_DIR --steps 40 [--tuned]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from datasets import load_dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from trl import SFTConfig, SFTTrainer
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("data")
+    ap.add_argument("model")
+    ap.add_argument("out")
+    ap.add_argument("--steps", type=int, required=True)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--max-length", type=int, default=1024)
+    ap.add_argument("--targets", required=True, help="comma-separated LoRA target modules (ft's, for equal work)")
+    ap.add_argument("--tuned", action="store_true")
+    args = ap.parse_args()
+
+    dataset = load_dataset("json", data_files=args.data, split="train")
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model, dtype=torch.float32,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32),
+    )
+    extra = dict(gradient_checkpointing=False, bf16=False) if args.tuned else {}
+    if not torch.cuda.is_available():
+        extra["use_cpu"] = True  # without it TRL's bf16 default refuses to start on a CPU
+    config = SFTConfig(
+        output_dir=args.out, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
+        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0.05, max_length=args.max_length,
+        seed=42, logging_steps=5, save_strategy="no", report_to="none", disable_tqdm=True, **extra,
+    )
+    peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=args.targets.split(","),
+                             task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=peft_config)
+    result = trainer.train()
+    trainer.save_model(args.out)
+    tokens = max(r.get("num_tokens", 0) for r in trainer.state.log_history)
+    print(json.dumps({"train_runtime_s": result.metrics["train_runtime"], "tokens": tokens,
+                      "steps": trainer.state.global_step}))
+
+
+if __name__ == "__main__":
+    main()

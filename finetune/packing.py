@@ -1,0 +1,222 @@
+"""Padding-free packing: the examples of a batch share rows, with their boundaries kept.
+
+A padded batch spends compute on pad tokens: with real length variety (support conversations of
+80 to 900 tokens) a quarter to a third of every step is padding. `PackingCollator` lays the same
+examples (the same ones, in the same steps, so the optimisation is the unpacked one) into rows as
+wide as the batch's longest example, best fit decreasing, and marks where each example starts.
+Rows no wider than a padded batch's keep attention's quadratic cost at or below the padded one
+(one long row of all examples would multiply it on CPU, where SDPA has no variable-length path).
+
+- `position_ids` restart at 0 for every example. With no `attention_mask`, transformers builds a
+  block-diagonal causal mask from them (masking_utils.find_packed_sequence_indices), so full and
+  sliding attention never look across examples, and RoPE sees each example from position 0.
+- `cu_seq_lens_q` / `cu_seq_lens_k` (cumulative lengths over the flattened batch, the names
+  transformers' flash-attention path reads) reach every layer through the model's **kwargs.
+- `use_cache: False`: a recurrent cache of a packed row would mix examples.
+
+Qwen3.5's Gated DeltaNet layers carry state along the sequence (a causal conv1d and the delta-rule
+recurrence). transformers hands them `cu_seq_lens_q`, but its PyTorch fallbacks (what runs on
+CPU, and on GPU without flash-linear-attention) ignore it, so a packed row would leak state from
+one example into the next. `segment_aware_linear_attention()` wraps both functions: written by
+hand because no library has a boundary-aware CPU version (fla's kernel is CUDA-only and accepts
+cu_seqlens only for a batch of one row). tests/test_packing.py proves that packed and unpacked
+losses and gradients agree to fp32 tolerance for both families.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE = -100
+REAL_TOKENS = "ft_real_tokens"
+
+
+def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices grouped into bins of at most `capacity` tokens (each length is ≤ capacity)."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fits = [b for b in range(len(bins)) if room[b] >= lengths[i]]
+        if fits:
+            b = min(fits, key=lambda b: room[b])
+        else:
+            bins.append([])
+            room.append(capacity)
+            b = len(bins) - 1
+        bins[b].append(i)
+        room[b] -= lengths[i]
+    return bins
+
+
+@dataclass
+class PackingCollator:
+    """Batch of {input_ids, labels} examples → packed rows with position ids and boundaries."""
+
+    pad_token_id: int
+    row_tokens: int | None = None  # row width; None: the batch's longest example
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        ids = [list(e["input_ids"]) for e in examples]
+        labels = [list(e["labels"]) for e in examples]
+        rows = best_fit_decreasing([len(x) for x in ids], max(self.row_tokens or 0, max(map(len, ids))))
+        width = max(sum(len(ids[i]) for i in row) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        out_labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        starts = []
+        for r, row in enumerate(rows):
+            at = 0
+            for i in row:
+                n = len(ids[i])
+                input_ids[r, at:at + n] = torch.tensor(ids[i])
+                out_labels[r, at:at + n] = torch.tensor(labels[i])
+                out_labels[r, at] = IGNORE  # a start is never a target (unpacked, the shift drops it)
+                position_ids[r, at:at + n] = torch.arange(n)
+                starts.append(r * width + at)
+                at += n
+            if at < width:  # the row's padding is one more sequence of its own, never a target
+                position_ids[r, at:] = torch.arange(width - at)
+                starts.append(r * width + at)
+        cu = torch.tensor(sorted(starts) + [len(rows) * width], dtype=torch.int32)
+        max_len = int((cu[1:] - cu[:-1]).max())
+        return {"input_ids": input_ids, "labels": out_labels, "position_ids": position_ids,
+                "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max_len, "max_length_k": max_len,
+                "use_cache": False,  # a cache of a packed row would mix examples
+                REAL_TOKENS: sum(map(len, ids))}  # for tokens/s; SafeTrainer takes it out
+
+
+# --- Gated DeltaNet with sequence boundaries ---------------------------------------------------
+
+def _segment_ids(cu_seqlens: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """[batch, length] index of the sequence each position belongs to."""
+    marks = torch.zeros(batch * length, dtype=torch.long, device=cu_seqlens.device)
+    marks[cu_seqlens[1:-1].long()] = 1
+    return marks.cumsum(0).view(batch, length)
+
+
+def segment_causal_conv1d(original):
+    """causal_conv1d_fn whose window stops at each sequence start (as zero padding would)."""
+
+    def conv(hidden_states, weight, bias=None, activation=None, cu_seq_lens_q=None, **kwargs):
+        if cu_seq_lens_q is None:
+            return original(hidden_states, weight, bias, activation=activation, **kwargs)
+        from transformers.activations import ACT2FN
+
+        batch, _, length = hidden_states.shape  # [batch, channels, length]
+        segment = _segment_ids(cu_seq_lens_q, batch, length)
+        x = hidden_states.to(weight.dtype)
+        kernel = weight.shape[-1]
+        out = x * weight[:, kernel - 1, None]
+        for shift in range(1, kernel):  # out[t] = sum_s w[K-1-s] · x[t-s], within t's sequence
+            same = torch.zeros_like(segment, dtype=torch.bool)
+            same[:, shift:] = segment[:, shift:] == segment[:, :-shift]
+            shifted = torch.zeros_like(x)
+            shifted[:, :, shift:] = x[:, :, :-shift]
+            out = out + shifted * same[:, None, :] * weight[:, kernel - 1 - shift, None]
+        if bias is not None:
+            out = out + bias[:, None]
+        if activation is not None:
+            out = ACT2FN[activation](out)
+        return out.to(hidden_states.dtype)
+
+    return conv
+
+
+def segment_delta_rule(original):
+    """chunk_gated_delta_rule that restarts from a zero state at every sequence start."""
+
+    def rule(query, key, value, g, beta, cu_seqlens=None, initial_state=None, output_final_state=False,
+             use_qk_l2norm_in_kernel=False, chunk_size=64, **kwargs):
+        if cu_seqlens is None or initial_state is not None or output_final_state:
+            return original(query, key, value, g=g, beta=beta, cu_seqlens=cu_seqlens, initial_state=initial_state,
+                            output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+                            chunk_size=chunk_size, **kwargs)
+        segment = _segment_ids(cu_seqlens, *query.shape[:2])
+        return chunk_gated_delta_rule_segments(query, key, value, g, beta, segment, chunk_size,
+                                               use_qk_l2norm_in_kernel), None
+
+    return rule
+
+
+def chunk_gated_delta_rule_segments(query, key, value, g, beta, segment, chunk_size=64, l2norm=True):
+    """transformers' torch_chunk_gated_delta_rule (5.23) with sequence boundaries inside a row.
+
+    Same chunked algorithm and the same operations, plus four masks so that nothing crosses from
+    one sequence into the next (`segment[b, t]` numbers each position's sequence):
+    - within a chunk, pairs (i, j) from different sequences get no decay weight (so neither the
+      UT system nor the intra-chunk attention couples them);
+    - a position reads the state carried in from earlier chunks only if it belongs to the
+      sequence that was running when the chunk began ("carry");
+    - the state leaving a chunk keeps the carried state only if the chunk has no boundary, and
+      takes updates only from the chunk's last sequence.
+    Packed rows then cost exactly what their real tokens cost: no per-sequence padding.
+    """
+    import torch.nn.functional as F
+
+    dtype = query.dtype
+    batch, length, k_heads, k_dim = key.shape
+    v_heads, v_dim = value.shape[-2:]
+    if k_heads != v_heads:
+        query = query.repeat_interleave(v_heads // k_heads, dim=2)
+        key = key.repeat_interleave(v_heads // k_heads, dim=2)
+    query, key, value, beta, decay = [x.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+                                      for x in (query, key, value, beta, g)]
+    if l2norm:
+        query = query * torch.rsqrt((query * query).sum(-1, keepdim=True) + 1e-6)
+        key = key * torch.rsqrt((key * key).sum(-1, keepdim=True) + 1e-6)
+    query = query * query.shape[-1] ** -0.5
+
+    pad = (chunk_size - length % chunk_size) % chunk_size
+    query, key, value = (F.pad(x, (0, 0, 0, pad)) for x in (query, key, value))
+    beta, decay = (F.pad(x, (0, pad)) for x in (beta, decay))
+    segment = F.pad(segment, (0, pad), value=int(segment.max()) + 1)  # trailing pad: a sequence of its own
+    chunks = (length + pad) // chunk_size
+
+    v_beta = value * beta.unsqueeze(-1)
+    k_beta = key * beta.unsqueeze(-1)
+    query, key, k_beta, v_beta = [x.reshape(batch, v_heads, chunks, chunk_size, x.shape[-1])
+                                  for x in (query, key, k_beta, v_beta)]
+    decay = decay.reshape(batch, v_heads, chunks, chunk_size)
+    seg = segment.reshape(batch, 1, chunks, chunk_size)  # broadcast over heads
+    same = seg.unsqueeze(-1) == seg.unsqueeze(-2)  # [b, 1, n, i, j]
+    prev_last = torch.cat([seg[:, :, :1, :1] - 1, seg[:, :, :-1, -1:]], dim=2)  # sequence running into the chunk
+    carry = (seg == prev_last).to(torch.float32)  # [b, 1, n, c]
+    in_last = (seg == seg[..., -1:]).to(torch.float32)  # position belongs to the chunk's last sequence
+
+    upper = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=query.device).triu(1)
+    cum_decay = decay.cumsum(dim=3)
+    pairwise = (cum_decay.unsqueeze(4) - cum_decay.unsqueeze(3)).masked_fill(upper | ~same, float("-inf")).exp()
+
+    ut_system = (k_beta @ key.transpose(-1, -2)) * pairwise
+    intra_chunk_attn = (query @ key.transpose(-1, -2)) * pairwise
+    decayed_k_beta = k_beta * (cum_decay.exp() * carry).unsqueeze(-1)
+    new_values = torch.linalg.solve_triangular(ut_system, v_beta, upper=False, unitriangular=True)
+    k_cumdecay = torch.linalg.solve_triangular(ut_system, decayed_k_beta, upper=False, unitriangular=True)
+
+    state = torch.zeros(batch, v_heads, k_dim, v_dim, dtype=new_values.dtype, device=new_values.device)
+    out = torch.zeros_like(new_values)
+    query = query * (cum_decay.exp() * carry).unsqueeze(-1)
+    key = key * ((cum_decay[..., -1:] - cum_decay).exp() * in_last).unsqueeze(-1)
+    chunk_decay = (cum_decay[..., -1].exp() * carry[..., -1])[..., None, None]
+    for i in range(chunks):
+        v_new = new_values[:, :, i] - k_cumdecay[:, :, i] @ state
+        out[:, :, i] = query[:, :, i] @ state + intra_chunk_attn[:, :, i] @ v_new
+        state = state * chunk_decay[:, :, i] + key[:, :, i].transpose(-1, -2) @ v_new
+    out = out.reshape(batch, v_heads, -1, v_dim)[:, :, :length]
+    return out.transpose(1, 2).to(dtype, memory_format=torch.contiguous_format)
+
+
+def segment_aware_linear_attention() -> None:
+    """Install the boundary-aware functions in transformers' Qwen3.5 module (idempotent).
+
+    Without cu_seq_lens_q (generation, unpacked batches) they call the originals unchanged.
+    """
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as qwen
+
+    if getattr(qwen, "_ft_segment_aware", False):
+        return
+    qwen.causal_conv1d_fn = segment_causal_conv1d(qwen.causal_conv1d_fn)
+    qwen.torch_chunk_gated_delta_rule = segment_delta_rule(qwen.torch_chunk_gated_delta_rule)
+    qwen._ft_segment_aware = True

@@ -1,0 +1,102 @@
+"""`ft train --nproc 2` on CPU (gloo): the real accelerate launch, two real ranks, one run folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from finetune.distributed import batch_plan, check_resume
+from finetune.errors import UserError
+from finetune.recipe import load_recipe
+from tests.conftest import ROOT, run_ft
+
+RECIPE = str(ROOT / "recipes" / "tiny-support.yaml")
+SHORT = ["--set", "data.limit=160", "--set", "train.max_steps=8", "--set", "train.logging_steps=1",
+         "--set", "train.save_steps=4", "--set", "eval.after_train=false"]
+
+
+def losses(run) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_batch_plan_keeps_the_global_batch():
+    recipe = load_recipe(RECIPE, ["train.batch_size=8", "train.grad_accum=2"])
+    for n, (micro, accum) in {1: (8, 2), 2: (8, 1), 4: (4, 1), 8: (2, 1), 16: (1, 1)}.items():
+        plan = batch_plan(recipe, n)
+        assert (plan.micro_batch, plan.grad_accum, plan.global_batch) == (micro, accum, 16)
+    with pytest.raises(UserError, match="does not split evenly over 3"):
+        batch_plan(recipe, 3)
+    big = load_recipe(RECIPE, ["train.batch_size=4", "train.grad_accum=8"])
+    assert (batch_plan(big, 2).micro_batch, batch_plan(big, 2).grad_accum) == (4, 4)
+
+
+def test_resume_under_another_process_count():
+    recipe = load_recipe(RECIPE)
+    ddp = {"distributed": {"world_size": 2, "strategy": "ddp"}}
+    assert check_resume(ddp, recipe, 2) is None
+    assert "was 2" in check_resume(ddp, recipe, 4)
+    with pytest.raises(UserError, match="resume with --nproc 2"):
+        check_resume({"distributed": {"world_size": 2, "strategy": "fsdp"}}, recipe, 4)
+
+
+def test_sharded_strategies_need_gpus(tmp_path):
+    result = run_ft("train", RECIPE, "--nproc", "2", "--set", "distributed.strategy=fsdp", "--output", str(tmp_path / "r"))
+    assert result.returncode == 2, result.stderr
+    assert "needs CUDA GPUs" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_two_processes_match_one(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = run_ft("train", RECIPE, *SHORT, "--output", str(one))
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = run_ft("train", RECIPE, *SHORT, "--output", str(two), "--nproc", "2")
+    assert double.returncode == 0, double.stderr[-3000:]
+
+    manifest = json.loads((two / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["distributed"] == {"world_size": 2, "strategy": "ddp", "micro_batch": 4, "grad_accum": 1,
+                                       "global_batch": 8}
+    # both ranks reached every save: each wrote its RNG state into the one checkpoint folder
+    for step in (4, 8):
+        assert {p.name for p in (two / "checkpoints" / f"checkpoint-{step}").glob("rng_state_*.pth")} == \
+            {"rng_state_0.pth", "rng_state_1.pth"}
+    assert not (two / "checkpoints" / ".staging").exists()
+    assert (two / "adapter" / "adapter_model.safetensors").is_file()
+    assert double.stderr.count("ft train") == 1  # one voice, rank 0's (the launcher line aside)
+    steps = [json.loads(line)["step"] for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == len(set(steps))  # one writer: no row twice
+
+    # same global batch and seed → the same examples at every step; the curves agree
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for step in a:
+        assert abs(a[step] - b[step]) <= 0.01 * abs(a[step]), (step, a[step], b[step])
+
+
+def test_killed_two_process_run_resumes(tmp_path):
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "finetune", "train", RECIPE, "--set", "data.limit=160", "--set", "train.max_steps=12",
+            "--set", "train.save_steps=3", "--set", "eval.after_train=false", "--output", str(run), "--nproc", "2"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not (run / "checkpoints" / "checkpoint-3").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # launcher and both ranks, mid-run
+    proc.wait()
+    assert json.loads((run / "manifest.json").read_text())["status"] == "running"
+
+    resumed = run_ft("train", RECIPE, *args[5:13], "--output", str(run), "--nproc", "2", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["summary"]["steps"] == 12
+    assert manifest["resumed_from"].split("checkpoint-")[1] in {"3", "6", "9"}
