@@ -28,20 +28,43 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {gpu}; torch {torch.__version__}"
 
 
-def measured(argv: list[str], cwd: Path = ROOT, env: dict | None = None, quiet: bool = True) -> dict:
-    """Run a command to completion; its wall time and peak resident memory (its own, read from
-    wait4, so one contender's memory never counts against another)."""
+def peak_rss_of(pid: int) -> int | None:
+    """VmHWM of a live process in bytes. Unlike rusage, it starts fresh at exec, so a child forked
+    from this (large) benchmark process is not charged with the parent's memory."""
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def measured(argv: list[str], cwd: Path = ROOT, env: dict | None = None) -> dict:
+    """Run a command to completion: its wall time, its output, and its peak resident memory (the
+    high-water mark of the process, sampled every 50 ms while it runs; it only ever grows, so
+    the last sample is the peak up to 50 ms before exit)."""
+    import threading
+
     start = time.monotonic()
-    proc = subprocess.Popen(argv, cwd=cwd, env={**os.environ, **(env or {})},
-                            stdout=subprocess.PIPE if quiet else None, stderr=subprocess.STDOUT if quiet else None,
-                            text=True)
-    output = proc.stdout.read() if quiet else ""
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc = subprocess.Popen(argv, cwd=cwd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    peak = [0]
+
+    def sample():
+        while proc.poll() is None:
+            peak[0] = max(peak[0], peak_rss_of(proc.pid) or 0)
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    output = proc.stdout.read()
+    proc.wait()
+    sampler.join()
     wall = time.monotonic() - start
     if proc.returncode != 0:
         sys.exit(f"benchmark step failed ({proc.returncode}): {' '.join(argv)}\n{output[-4000:]}")
-    return {"wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024, "output": output}
+    return {"wall_s": wall, "peak_rss_mib": peak[0] / 2**20, "output": output}
 
 
 def python(*args: str) -> list[str]:
@@ -49,7 +72,12 @@ def python(*args: str) -> list[str]:
 
 
 def table(headers: list[str], rows: list[list]) -> str:
-    cells = [headers] + [[f"{c:,.2f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    def cell(c) -> str:
+        if isinstance(c, float):
+            return f"{c:,.2f}"
+        return f"{c:,}" if isinstance(c, int) else str(c)
+
+    cells = [headers] + [[cell(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = [" | ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
     lines.insert(1, "-+-".join("-" * w for w in widths))

@@ -7,7 +7,7 @@ The checkpoint is random bf16 weights written shard by shard (never whole in mem
 tiny twin's tokenizer; the adapter is a rank-16 LoRA with non-zero A and B on every target the
 Qwen3.5 family trains. The usual path is what the Unsloth / PEFT / llama.cpp guides describe,
 each step in its own process: peft `merge_and_unload()` + `save_pretrained()`, llama.cpp's
-`convert_hf_to_gguf.py --outtype f16`, then quantization to Q4_K_M (the same
+`convert_hf_to_gguf.py --outtype f16 --no-mtp` (the synthetic checkpoint has no MTP layers), then quantization to Q4_K_M (the same
 llama_model_quantize that `llama-quantize` calls). The converter comes from the
 llama-cpp-python source release matching the installed version, fetched from PyPI once into
 $FT_CACHE/bench. ft runs `ft export --no-verify` (the usual path verifies nothing).
@@ -194,12 +194,13 @@ def main() -> None:
     # --keep-f16 so the 16-bit intermediate ft writes (and normally deletes) is counted
     ft = measured(python("-m", "finetune", "export", str(run), "--quant", "q4_k_m", "--no-verify", "--keep-f16"))
     ft_written = size(run / "export")
+    ft_report = json.loads((run / "export" / "export.json").read_text())
 
     hf, f16, q4 = work / "usual-hf", work / "usual-f16.gguf", work / "usual-q4_k_m.gguf"
     steps = {
         "merge_and_unload + save_pretrained": measured(python("-c", USUAL_MERGE, str(base), str(run / "adapter"), str(hf))),
         "convert_hf_to_gguf --outtype f16": measured(python("-c", USUAL_CONVERT, str(converter), str(hf),
-                                                            "--outtype", "f16", "--outfile", str(f16))),
+                                                            "--outtype", "f16", "--no-mtp", "--outfile", str(f16))),
         "quantize q4_k_m": measured(python("-c", USUAL_QUANTIZE, str(f16), str(q4))),
     }
     usual_written = size(hf) + size(f16) + size(q4)
@@ -208,6 +209,8 @@ def main() -> None:
     rows = [[f"usual: {name}", s["wall_s"], s["peak_rss_mib"], ""] for name, s in steps.items()]
     rows.append(["usual path, total", usual_wall, usual_peak, f"{usual_written / 2**30:.2f} GiB"])
     rows.append(["ft export --no-verify", ft["wall_s"], ft["peak_rss_mib"], f"{ft_written / 2**30:.2f} GiB"])
+    rows.append(["  of which merge + f16 GGUF", ft_report["convert"]["seconds"], "", ""])
+    rows.append(["  of which quantize q4_k_m", ft_report["quantize_seconds"], "", ""])
     print(table(["export", "wall s", "peak RSS MiB", "bytes written"], rows))
     ratio_rss, ratio_wall = usual_peak / ft["peak_rss_mib"], ft["wall_s"] / usual_wall
     share = ft["peak_rss_mib"] * 2**20 / checkpoint
@@ -215,7 +218,8 @@ def main() -> None:
           f"ft wall time = {ratio_wall:.2f}x the usual path's")
     path = write_result("export_memory", {
         "machine": machine(), "checkpoint_bytes": checkpoint, "layers": args.layers, "hidden": args.hidden,
-        "ft": {"wall_s": round(ft["wall_s"], 1), "peak_rss_mib": round(ft["peak_rss_mib"]), "bytes_written": ft_written},
+        "ft": {"wall_s": round(ft["wall_s"], 1), "peak_rss_mib": round(ft["peak_rss_mib"]), "bytes_written": ft_written,
+               "merge_and_f16_s": ft_report["convert"]["seconds"], "quantize_s": ft_report["quantize_seconds"]},
         "usual": {"steps": {k: {"wall_s": round(v["wall_s"], 1), "peak_rss_mib": round(v["peak_rss_mib"])}
                             for k, v in steps.items()},
                   "wall_s": round(usual_wall, 1), "peak_rss_mib": round(usual_peak), "bytes_written": usual_written},

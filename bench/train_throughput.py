@@ -126,19 +126,22 @@ def main() -> None:
     print(f"machine: {machine()}\ndata: {args.data}, {args.steps} steps x {args.batch_size} examples\n")
 
     results = {}
-    ft_run = work / "ft-run"
-    m = measured(python("-m", "finetune", "train", str(recipe_path), "--output", str(ft_run)))
-    summary = json.loads((ft_run / "manifest.json").read_text())["summary"]
-    tokens = max(r.get("num_tokens", 0) for r in map(json.loads, (ft_run / "metrics.jsonl").read_text().splitlines()))
-    results["ft (packing)"] = dict(runtime=summary["train_runtime_s"], tokens=tokens, rss=m["peak_rss_mib"],
-                                   adapter=ft_run / "adapter")
+    # ft with packing off isolates what packing itself brings on this data
+    for name, extra in (("ft (packing)", []), ("ft, packing off", ["--set", "train.packing=false"])):
+        ft_run = work / name.replace(" ", "-").replace(",", "").replace("(", "").replace(")", "")
+        m = measured(python("-m", "finetune", "train", str(recipe_path), "--output", str(ft_run), *extra))
+        summary = json.loads((ft_run / "manifest.json").read_text())["summary"]
+        tokens = max(r.get("num_tokens", 0) for r in map(json.loads, (ft_run / "metrics.jsonl").read_text().splitlines()))
+        results[name] = dict(runtime=summary["train_runtime_s"], tokens=int(tokens), rss=m["peak_rss_mib"],
+                             adapter=ft_run / "adapter")
     for name, extra in (("TRL, docs defaults", []), ("TRL, ft's CPU settings", ["--tuned"])):
         out = work / name.split(",")[1].strip().replace(" ", "-").replace("'", "")
         m = measured(python("-m", "bench.trl_baseline", str(work / "trl_train.jsonl"), str(twin), str(out),
                             "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                             "--max-length", str(args.max_length), "--targets", targets, *extra))
         line = json.loads(m["output"].strip().splitlines()[-1])
-        results[name] = dict(runtime=line["train_runtime_s"], tokens=line["tokens"], rss=m["peak_rss_mib"], adapter=out)
+        results[name] = dict(runtime=line["train_runtime_s"], tokens=int(line["tokens"]), rss=m["peak_rss_mib"],
+                             adapter=out)
 
     losses = heldout_losses(recipe_path, {k: v["adapter"] for k, v in results.items()})
     ft_tps = results["ft (packing)"]["tokens"] / results["ft (packing)"]["runtime"]

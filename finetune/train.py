@@ -236,7 +236,7 @@ def make_trainer(recipe: Recipe, run: RunDir, model, prep: Prepared, train_ds, h
     w = world()
     extra = {}
     if w.size > 1:
-        layers = getattr(model.get_base_model(), "_no_split_modules", None) or [""]
+        layers = sorted(getattr(model.get_base_model(), "_no_split_modules", None) or [""])
         extra = trainer_arguments(recipe, layers[0], checkpointing)
     trainer = SafeTrainer(
         model=model, args=sft_config(recipe, run, batch_plan(recipe, w.size), extra), train_dataset=train_ds,
@@ -276,11 +276,17 @@ def start_run(recipe: Recipe, run: RunDir, resume: bool, overwrite: bool) -> Pat
     return checkpoint
 
 
-def save_adapter(model, prep: Prepared, recipe: Recipe, run: RunDir, backend: str) -> None:
-    """Write adapter/ under a temporary name and rename it into place when complete."""
+def save_adapter(model, prep: Prepared, recipe: Recipe, run: RunDir, backend: str,
+                 gathered: Path | None = None) -> None:
+    """Write adapter/ under a temporary name and rename it into place when complete.
+    `gathered`: a folder Trainer.save_model already wrote (a sharded adapter, gathered)."""
     tmp = run.root / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    if gathered is not None:
+        gathered.rename(tmp)
+        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle ft never reads
+    else:
+        model.save_pretrained(str(tmp), safe_serialization=True)
     prep.tokenizer.save_pretrained(str(tmp))
     (tmp / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
     (tmp / "chat_template.train.jinja").write_text(prep.template, encoding="utf-8")
@@ -401,8 +407,14 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
     summary["heldout_loss_end"] = trainer.evaluate()["eval_loss"]
     summary.update(train_loss=result.training_loss, steps=trainer.state.global_step,
                    train_runtime_s=result.metrics.get("train_runtime"))
+    gathered = None
+    if w.size > 1 and recipe.distributed.strategy != "ddp":
+        # FSDP / DeepSpeed hold the adapter in shards: save_model gathers it (every rank takes part)
+        gathered = run.root / ".adapter.gathered"
+        trainer.save_model(str(gathered))
+        barrier()
     if w.main:
-        save_adapter(trainer.model, prep, recipe, run, backend)
+        save_adapter(trainer.model, prep, recipe, run, backend, gathered)
         plot_loss(run)
         run.update_manifest(status="complete", ended=now(), summary=summary)
     barrier()

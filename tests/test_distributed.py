@@ -70,15 +70,38 @@ def test_two_processes_match_one(tmp_path):
             {"rng_state_0.pth", "rng_state_1.pth"}
     assert not (two / "checkpoints" / ".staging").exists()
     assert (two / "adapter" / "adapter_model.safetensors").is_file()
-    assert double.stderr.count("ft train") == 1  # one voice, rank 0's (the launcher line aside)
-    steps = [json.loads(line)["step"] for line in (two / "metrics.jsonl").read_text().splitlines()]
-    assert len(steps) == len(set(steps))  # one writer: no row twice
+    assert double.stderr.count("preflight: disk") == 1  # one voice: rank 0 speaks, the other is quiet
+    # one writer: the same rows as the one-process run, none twice
+    assert len((two / "metrics.jsonl").read_text().splitlines()) == len((one / "metrics.jsonl").read_text().splitlines())
 
-    # same global batch and seed → the same examples at every step; the curves agree
+    # Same global batch and seed → the same examples at every step. Until the first real update
+    # (step 1 has warm-up lr 0) the losses are equal; after it they drift by fp32 reduction
+    # order, which Adam's first, sign-like steps amplify: measured ≤ 2.1% over 8 steps (a
+    # one-process run split 4 × 2 instead of 8 × 1 drifts 0.5%; with lr ≈ 0 the 2-process
+    # curve equals the 1-process one to 4 decimals at every step). Tolerance: 3%.
     a, b = losses(one), losses(two)
     assert sorted(a) == sorted(b) == list(range(1, 9))
+    for step in (1, 2):
+        assert abs(a[step] - b[step]) <= 1e-4 * abs(a[step]), (step, a[step], b[step])
     for step in a:
-        assert abs(a[step] - b[step]) <= 0.01 * abs(a[step]), (step, a[step], b[step])
+        assert abs(a[step] - b[step]) <= 0.03 * abs(a[step]), (step, a[step], b[step])
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in os.listdir("/proc"):
+        if stat.isdigit():
+            try:
+                parent = int(open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(stat))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def test_killed_two_process_run_resumes(tmp_path):
@@ -91,7 +114,8 @@ def test_killed_two_process_run_resumes(tmp_path):
     while not (run / "checkpoints" / "checkpoint-3").exists():
         assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
         time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)  # launcher and both ranks, mid-run
+    for pid in [proc.pid, *descendants(proc.pid)]:  # launcher, torchrun and both ranks, mid-run
+        os.kill(pid, signal.SIGKILL)  # (torchrun starts ranks in sessions of their own: no killpg)
     proc.wait()
     assert json.loads((run / "manifest.json").read_text())["status"] == "running"
 
@@ -100,3 +124,5 @@ def test_killed_two_process_run_resumes(tmp_path):
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["summary"]["steps"] == 12
     assert manifest["resumed_from"].split("checkpoint-")[1] in {"3", "6", "9"}
+    ranks = [int(p.name.split("_")[2].split(".")[0]) for p in (run / "checkpoints" / "checkpoint-12").glob("rng_state_*")]
+    assert sorted(ranks) == [0, 1]
