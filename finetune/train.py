@@ -254,6 +254,27 @@ def last_complete_checkpoint(run: RunDir) -> Path | None:
     return done[-1] if done else None
 
 
+def training_finished(checkpoint: Path) -> bool:
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    return 0 < state["max_steps"] <= state["global_step"]
+
+
+def restore_finished(trainer, checkpoint: Path):
+    """A run killed after its last checkpoint (during the final eval or adapter save) only needs
+    that checkpoint's adapter: transformers 5.23, resumed from the final checkpoint, would train
+    one step past max_steps."""
+    from types import SimpleNamespace
+
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(trainer.model, load_file(str(checkpoint / "adapter_model.safetensors")))
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    trainer.state.global_step = state["global_step"]
+    losses = [r["loss"] for r in state["log_history"] if "loss" in r]
+    return SimpleNamespace(training_loss=losses[-1] if losses else None, metrics={})
+
+
 def recipe_sha256(recipe: Recipe) -> str:
     return hashlib.sha256(json.dumps(recipe.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
@@ -385,7 +406,10 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
     stop = StopOnSignal()
     trainer.add_callback(stop)
     try:
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        if checkpoint is not None and training_finished(checkpoint):
+            result = restore_finished(trainer, checkpoint)
+        else:
+            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except NonFiniteWeights as exc:
         nonfinite.step, nonfinite.loss = exc.step, float("nan")
     finally:

@@ -73,6 +73,24 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert not list((out / "checkpoints").glob("*/training_args.bin"))  # no pickles kept
 
 
+def test_killed_after_the_last_checkpoint_resumes_without_training_more(tmp_path):
+    """Killed during the final eval or adapter save: --resume finishes from the last checkpoint
+    (transformers alone would train one step past max_steps)."""
+    run = tmp_path / "run"
+    args = ["train", str(ROOT / "recipes" / "tiny-support.yaml"), "--set", "data.limit=80", "--set",
+            "train.max_steps=4", "--set", "train.save_steps=4", "--set", "eval.after_train=false", "--output", str(run)]
+    assert run_ft(*args).returncode == 0
+    shutil.rmtree(run / "adapter")  # as if killed after checkpoint-4, before the adapter was written
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps({**manifest, "status": "running"}))
+    resumed = run_ft(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["summary"]["steps"] == 4
+    assert sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*")) == ["checkpoint-4"]
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
 def test_sigint_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     out = tmp_path / "run"
     proc = start(train_args(out, "train.max_steps=200", "train.save_steps=100"))
