@@ -55,12 +55,11 @@ class PackingCollator:
     """Batch of {input_ids, labels} examples → packed rows with position ids and boundaries."""
 
     pad_token_id: int
-    row_tokens: int | None = None  # row width; None: the batch's longest example
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         ids = [list(e["input_ids"]) for e in examples]
         labels = [list(e["labels"]) for e in examples]
-        rows = best_fit_decreasing([len(x) for x in ids], max(self.row_tokens or 0, max(map(len, ids))))
+        rows = best_fit_decreasing([len(x) for x in ids], max(map(len, ids)))
         width = max(sum(len(ids[i]) for i in row) for row in rows)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         out_labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
