@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune import data as data_mod
-from finetune.distributed import BatchPlan, barrier, batch_plan, check_resume, check_strategy, start, trainer_arguments
-from finetune.distributed import world
+from finetune.distributed import (BatchPlan, barrier, batch_plan, check_resume, check_strategy, start,
+                                  trainer_arguments, world)
 from finetune.errors import Interrupted, UserError
 from finetune.models import Family, ResolvedBase, resolve_base
 from finetune.recipe import Recipe
@@ -110,8 +110,6 @@ def load_base_model(recipe: Recipe, base: ResolvedBase):
     compared at the precision the adapters were trained against."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    from finetune.distributed import world
 
     gpu, w = on_gpu(), world()
     compute_dtype = torch.bfloat16 if gpu else torch.float32  # no fast bf16 matmul on most CPUs
@@ -223,7 +221,7 @@ def sft_config(recipe: Recipe, run: RunDir, plan: BatchPlan, extra: dict):
 
 
 def make_trainer(recipe: Recipe, run: RunDir, model, prep: Prepared, train_ds, heldout_ds, callbacks,
-                 backend: str = "hf", checkpointing: bool = False):
+                 batches: BatchPlan, backend: str = "hf", checkpointing: bool = False):
     from transformers.trainer_callback import PrinterCallback
 
     from finetune.guard import SafeTrainer
@@ -233,13 +231,12 @@ def make_trainer(recipe: Recipe, run: RunDir, model, prep: Prepared, train_ds, h
     if recipe.train.packing and backend == "hf":  # unsloth brings its own padding-free path
         segment_aware_linear_attention()
         collator = PackingCollator(prep.tokenizer.pad_token_id)
-    w = world()
     extra = {}
-    if w.size > 1:
+    if batches.world_size > 1:
         layers = sorted(getattr(model.get_base_model(), "_no_split_modules", None) or [""])
         extra = trainer_arguments(recipe, layers[0], checkpointing)
     trainer = SafeTrainer(
-        model=model, args=sft_config(recipe, run, batch_plan(recipe, w.size), extra), train_dataset=train_ds,
+        model=model, args=sft_config(recipe, run, batches, extra), train_dataset=train_ds,
         eval_dataset=heldout_ds,
         processing_class=prep.tokenizer, callbacks=callbacks, data_collator=collator,
     )
@@ -254,22 +251,19 @@ def last_complete_checkpoint(run: RunDir) -> Path | None:
     return done[-1] if done else None
 
 
-def training_finished(checkpoint: Path) -> bool:
-    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
-    return 0 < state["max_steps"] <= state["global_step"]
-
-
 def restore_finished(trainer, checkpoint: Path):
     """A run killed after its last checkpoint (during the final eval or adapter save) only needs
     that checkpoint's adapter: transformers 5.23, resumed from the final checkpoint, would train
-    one step past max_steps."""
+    one step past max_steps. Returns None when the checkpoint is not the last one."""
     from types import SimpleNamespace
 
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(trainer.model, load_file(str(checkpoint / "adapter_model.safetensors")))
     state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    if not 0 < state["max_steps"] <= state["global_step"]:
+        return None
+    set_peft_model_state_dict(trainer.model, load_file(str(checkpoint / "adapter_model.safetensors")))
     trainer.state.global_step = state["global_step"]
     losses = [r["loss"] for r in state["log_history"] if "loss" in r]
     return SimpleNamespace(training_loss=losses[-1] if losses else None, metrics={})
@@ -340,12 +334,12 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
     prep = prepare(recipe)
     backend = pick_backend(recipe.train.backend)
     check_strategy(recipe, w.size, on_gpu())
-    plan_batch = batch_plan(recipe, w.size)
-    plan = preflight_train(recipe, prep.base, run.root, lora_targets(recipe, prep.base.family))
-    estimate = plan.lines
+    batches = batch_plan(recipe, w.size)
+    preflight = preflight_train(recipe, prep.base, run.root, lora_targets(recipe, prep.base.family))
+    estimate = preflight.lines
     if w.size > 1:
-        estimate.append(f"{w.size} processes ({recipe.distributed.strategy}): {plan_batch.micro_batch} examples × "
-                        f"{plan_batch.grad_accum} accumulation per process = global batch {plan_batch.global_batch}")
+        estimate.append(f"{w.size} processes ({recipe.distributed.strategy}): {batches.micro_batch} examples × "
+                        f"{batches.grad_accum} accumulation per process = global batch {batches.global_batch}")
     if console is not None:
         for line in estimate:
             console.print(f"  preflight: {line}", markup=False, highlight=False)
@@ -383,19 +377,19 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
             git_commit=git_commit(Path(__file__).parent), hardware=hardware(),
             resumed_from=str(checkpoint) if checkpoint else None, preflight=estimate,
             distributed={"world_size": w.size, "strategy": recipe.distributed.strategy,
-                         "micro_batch": plan_batch.micro_batch, "grad_accum": plan_batch.grad_accum,
-                         "global_batch": plan_batch.global_batch},
+                         "micro_batch": batches.micro_batch, "grad_accum": batches.grad_accum,
+                         "global_batch": batches.global_batch},
         )
         # metrics.jsonl must tell one story: drop what a killed run logged after its checkpoint
         kept = [r for r in run.read_metrics() if r.get("step", 0) <= resumed_step] if checkpoint else []
         atomic_write_text(run.metrics, "".join(json.dumps(r) + "\n" for r in kept))
 
-    model = load_model(recipe, prep, backend, plan.gradient_checkpointing)
+    model = load_model(recipe, prep, backend, preflight.gradient_checkpointing)
     nonfinite = StopOnNonFiniteLoss()
     progress = RichProgress(console) if w.main else None
     callbacks = [MetricsCallback(run), nonfinite] + ([progress] if progress else [])
-    trainer = make_trainer(recipe, run, model, prep, train_ds, heldout_ds, callbacks, backend,
-                           plan.gradient_checkpointing)
+    trainer = make_trainer(recipe, run, model, prep, train_ds, heldout_ds, callbacks, batches, backend,
+                           preflight.gradient_checkpointing)
     summary = {}
     if checkpoint is None:
         summary["heldout_loss_start"] = trainer.evaluate()["eval_loss"]  # logged at step 0
@@ -406,9 +400,8 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
     stop = StopOnSignal()
     trainer.add_callback(stop)
     try:
-        if checkpoint is not None and training_finished(checkpoint):
-            result = restore_finished(trainer, checkpoint)
-        else:
+        result = restore_finished(trainer, checkpoint) if checkpoint is not None else None
+        if result is None:
             result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except NonFiniteWeights as exc:
         nonfinite.step, nonfinite.loss = exc.step, float("nan")

@@ -196,6 +196,25 @@ def test_remote_code_is_never_run(tmp_path, qwen_twin):
     assert not marker.exists()
 
 
+def test_gradient_checkpointing_auto_follows_free_memory(monkeypatch, qwen_twin):
+    """auto: off while the estimate without it (303 MiB for the tiny recipe) fits in half of the
+    free memory, on when it does not; an explicit setting is kept."""
+    from finetune import preflight
+    from finetune.models import resolve_base
+    from finetune.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "tiny-support.yaml")
+    base = resolve_base("tiny-qwen3.5")
+    targets = ["q_proj"]
+    monkeypatch.setattr(preflight, "available_ram", lambda: 4 << 30)  # a machine with 4 GiB free
+    assert preflight.preflight_train(recipe, base, ROOT / "runs" / "x", targets).gradient_checkpointing is False
+    monkeypatch.setattr(preflight, "available_ram", lambda: 400 << 20)  # 400 MiB free
+    plan = preflight.preflight_train(recipe, base, ROOT / "runs" / "x", targets)
+    assert plan.gradient_checkpointing is True and "gradient checkpointing: on (auto)" in plan.lines
+    recipe.train.gradient_checkpointing = False
+    assert preflight.preflight_train(recipe, base, ROOT / "runs" / "x", targets).gradient_checkpointing is False
+
+
 def test_preflight_refuses_a_run_that_cannot_fit(tmp_path):
     """On a real 8 MB tmpfs when the machine allows mounting one, else with a stated free-space figure."""
     small = tmp_path / "small"
