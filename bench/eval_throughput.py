@@ -41,8 +41,7 @@ def main() -> None:
     if args.run:
         model = PeftModel.from_pretrained(model, str(args.run / "adapter"))
     model.eval()
-    items = build_items(prep.splits.heldout[:args.items], prep.tokenizer, prep.base.family, prep.template,
-                        prep.template_kwargs, recipe.data.max_length)
+    items = build_items(prep.splits.heldout[:args.items], prep.renderer)
     eot = prep.tokenizer.convert_tokens_to_ids(list(prep.base.family.end_of_turn))
     torch.manual_seed(0)
 

@@ -81,8 +81,7 @@ def heldout_losses(recipe_path: Path, adapters: dict[str, Path]) -> dict[str, fl
 
     r = load_recipe(recipe_path)
     prep = train_mod.prepare(r)
-    ds, _ = data_mod.tokenize_all(prep.tokenizer, prep.splits.heldout, prep.template, r.data.max_length,
-                                  prep.template_kwargs, "truncate")
+    ds, _ = data_mod.tokenize_all(prep.renderer, prep.splits.heldout, r.data.max_length, "truncate")
     pad = prep.tokenizer.pad_token_id
     out = {}
     for name, adapter in adapters.items():

@@ -21,20 +21,16 @@ class Item:
     messages: list[dict]  # the conversation without its final assistant turn
     reference: str  # the final assistant turn
     prompt_ids: list[int]  # served template, generation prompt included
-    input_ids: list[int]  # full conversation (training template) for loss
-    labels: list[int]
+    input_ids: list[int]  # prompt_ids + the final answer, for loss
+    labels: list[int]  # the final answer only
 
 
-def build_items(examples, tokenizer, family, train_template: str, kwargs: dict, max_length: int) -> list[Item]:
-    served = family.read_template()
+def build_items(examples, renderer: data_mod.Renderer) -> list[Item]:
     items = []
     for e in examples:
-        prompt = e.messages[:-1]
-        prompt_ids = tokenizer.apply_chat_template(prompt, chat_template=served, tokenize=True,
-                                                   add_generation_prompt=True, return_dict=True, **kwargs)["input_ids"]
-        row = data_mod.tokenize(tokenizer, e, train_template, max_length, kwargs)
-        items.append(Item(e.where, prompt, e.messages[-1]["content"], list(prompt_ids),
-                          row["input_ids"], row["labels"]))
+        prompt_ids, row = renderer.final_turn(e)
+        items.append(Item(e.where, e.messages[:-1], e.messages[-1]["content"], prompt_ids,
+                          row.input_ids, row.labels))
     return items
 
 

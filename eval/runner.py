@@ -95,8 +95,7 @@ def evaluate(run: RunDir, overrides: list[str] = (), use_cache: bool = True, ggu
     gguf_path = shipped_gguf(run, recipe) if gguf else None  # fail before any model work
     prep = prepare(recipe)
     heldout = prep.splits.heldout[: recipe.eval.max_examples] if recipe.eval.max_examples else prep.splits.heldout
-    items = build_items(heldout, prep.tokenizer, prep.base.family, prep.template, prep.template_kwargs,
-                        recipe.data.max_length)
+    items = build_items(heldout, prep.renderer)
     metrics = choose_metrics(recipe, items, all(e.label is not None for e in heldout))
     unknown = sorted(set(recipe.eval.require) - {m.name for m in metrics})
     if unknown:

@@ -152,7 +152,7 @@ def run_verification(run, recipe, family, tokenizer, base_dir, sixteen_path, shi
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from finetune.data import load_splits, tokenize
+    from finetune.data import Renderer, load_splits
     from finetune.train import training_template
 
     # The reference: the original base in full precision with the adapter merged by peft,
@@ -162,11 +162,10 @@ def run_verification(run, recipe, family, tokenizer, base_dir, sixteen_path, shi
                                                 device_map={"": 0} if gpu else {"": "cpu"})
     reference = PeftModel.from_pretrained(base, str(run.adapter)).merge_and_unload().eval()
     heldout = load_splits(recipe).heldout[:VERIFY_PROMPTS]
-    template, _ = training_template(recipe, family)
-    sequences = [tokenize(tokenizer, e, template, recipe.data.max_length, kwargs)["input_ids"] for e in heldout]
-    served = family.read_template()
-    prompt_texts = [tokenizer.apply_chat_template(e.messages[:-1], chat_template=served, tokenize=False,
-                                                  add_generation_prompt=True, **kwargs) for e in heldout]
+    template, where = training_template(recipe, family)
+    renderer = Renderer(tokenizer, template, family.read_template(), kwargs, where)
+    sequences = [renderer.final_turn(e)[1].input_ids for e in heldout]
+    prompt_texts = [renderer.served_prompt(e.messages[:-1]) for e in heldout]
     prompts = [tokenizer.encode(t, add_special_tokens=False) for t in prompt_texts]
     stop_ids = {tokenizer.convert_tokens_to_ids(t) for t in family.end_of_turn}
     specials = [t for t in tokenizer.all_special_tokens] + list(family.end_of_turn)

@@ -245,8 +245,9 @@ def load_splits(recipe: Recipe) -> Splits:
         heldout, _ = load_examples(data.heldout, data)
     else:
         train, heldout = split(train, data.heldout_fraction, recipe.train.seed)
-    if data.heldout_max:
-        heldout = heldout[: data.heldout_max]
+    if data.heldout_max and data.heldout_max < len(heldout):  # a seeded sample: files are often sorted
+        rng = random.Random(recipe.train.seed)
+        heldout = [heldout[i] for i in sorted(rng.sample(range(len(heldout)), data.heldout_max))]
     # Leakage: an example in both sets would make held-out scores measure recall, not skill.
     heldout_keys = {e.key() for e in heldout}
     kept = [e for e in train if e.key() not in heldout_keys]
@@ -262,18 +263,27 @@ def load_splits(recipe: Recipe) -> Splits:
 
 
 def split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """Seeded split; stratified by label when examples have one, so rare classes are held out too."""
+    """Seeded split holding out round(fraction × N) examples; stratified by label when examples
+    have one. Each class gets its proportional share rounded down, and the examples still owed go
+    to the classes with the largest remainders (ties broken at random), so a set with many small
+    classes keeps the requested fraction instead of forcing one of each class out."""
     rng = random.Random(seed)
     groups: dict[str | None, list[Example]] = defaultdict(list)
     for e in examples:
         groups[e.label].append(e)
+    labels = sorted(groups, key=str)
+    target = round(len(examples) * fraction)
+    shares = {label: len(groups[label]) * fraction for label in labels}
+    counts = {label: int(shares[label]) for label in labels}
+    tiebreak = {label: rng.random() for label in labels}
+    owed = target - sum(counts.values())
+    for label in sorted(labels, key=lambda lab: (counts[lab] - shares[lab], tiebreak[lab]))[:owed]:
+        counts[label] += 1
     train, heldout = [], []
-    for label in sorted(groups, key=str):
+    for label in labels:
         group = groups[label][:]
         rng.shuffle(group)
-        n = round(len(group) * fraction)
-        if label is not None and len(group) >= 2:
-            n = max(n, 1)
+        n = min(counts[label], len(group) - 1) if len(group) > 1 else counts[label]
         heldout += group[:n]
         train += group[n:]
     rng.shuffle(train)
@@ -291,48 +301,162 @@ def template_kwargs(family: Family, recipe: Recipe) -> dict:
     return {"enable_thinking": recipe.model.thinking} if "enable_thinking" in family.template_switches else {}
 
 
-def tokenize(tokenizer, example: Example, template: str, max_length: int, kwargs: dict) -> dict:
-    """input_ids and labels (-100 outside trained text), truncated to max_length."""
-    try:
-        out = tokenizer.apply_chat_template(
-            example.messages, chat_template=template, tokenize=True, return_dict=True,
-            return_assistant_tokens_mask=True, **kwargs,
-        )
-    except Exception as exc:  # the template raised (e.g. a role it does not allow)
-        raise UserError(f"the chat template rejected this conversation: {exc}", example.where,
-                        "check the roles and order of its messages") from None
-    ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
-    labels = [i if m else -100 for i, m in zip(ids, mask)]
-    return {"input_ids": ids[:max_length], "labels": labels[:max_length], "length": len(ids)}
+@dataclass
+class Row:
+    """One training sequence: token ids, labels (-100 where nothing is learned)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    where: str
 
 
-def tokenize_all(tokenizer, examples: list[Example], template: str, max_length: int, kwargs: dict,
-                 too_long: str = "truncate"):
-    """A datasets.Dataset of input_ids/labels and a report of what truncation did.
-    too_long: error (refuse, naming the first long row), truncate (cut and count; rows with no
-    trained token left are dropped), or drop (leave long rows out)."""
+@dataclass
+class Renderer:
+    """Turns a conversation into token rows whose trained tokens are exactly what the model must
+    produce after the *served* generation prompt (the official template's, which Ollama and the
+    GGUF use), for every assistant turn.
+
+    Why not one `apply_chat_template(..., return_assistant_tokens_mask=True)` call: the rendered
+    history of a multi-turn conversation is not always what was served when that turn was
+    generated (Qwen3.5 drops the think block from earlier turns), and tokenizing prompt and answer
+    as one string lets BPE merge across the boundary (`<think>\n` + `\n</think>` → one `\n\n`
+    token the model never sees after a served prompt). So the prompt is tokenized on its own, as
+    served, and the answer after it."""
+
+    tokenizer: object
+    template: str  # training template: {% generation %} marks the trained text
+    served: str  # the template the model is served with (the generation prompt comes from here)
+    kwargs: dict  # template switches (enable_thinking)
+    template_where: str = "chat template"
+
+    def _render(self, messages: list[dict], template: str, generation_prompt: bool = False):
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        rendered, spans = render_jinja_template(
+            [messages], chat_template=template, add_generation_prompt=generation_prompt,
+            return_assistant_tokens_mask=True, **self.tokenizer.special_tokens_map, **self.kwargs)
+        return rendered[0], spans[0]
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def served_prompt(self, messages: list[dict]) -> str:
+        return self._render(messages, self.served, generation_prompt=True)[0]
+
+    def rows(self, example: Example) -> list[Row]:
+        """The example as one row with every assistant turn labelled when its rendered history is
+        token-for-token what was served before each turn; otherwise one row per assistant turn."""
+        self._check_thinking(example)
+        try:
+            text, spans = self._render(example.messages, self.template)
+            turns = [i for i, m in enumerate(example.messages) if m["role"] == "assistant"]
+            prompts = [self.served_prompt(example.messages[:i]) for i in turns]
+        except Exception as exc:  # the template raised (e.g. a role it does not allow)
+            raise UserError(f"the chat template rejected this conversation: {exc}", example.where,
+                            "check the roles and order of its messages") from None
+        if len(spans) != len(turns):
+            raise UserError(f"the {self.template_where} marks {len(spans)} trained spans in a conversation with "
+                            f"{len(turns)} assistant turns", example.where,
+                            "wrap each assistant turn in one {% generation %} block")
+        if all(text[:start] == prompt for (start, _), prompt in zip(spans, prompts)):
+            ids, labels, at = [], [], 0
+            for start, end in spans:
+                ids += self._ids(text[at:start])
+                labels += [-100] * (len(ids) - len(labels))
+                answer = self._ids(text[start:end])
+                ids += answer
+                labels += answer
+                at = end
+            # the history before each turn must also be the served prompt token for token
+            if all(ids[:labels_start] == self._ids(p)
+                   for labels_start, p in zip(_span_starts(labels), prompts)):
+                return [Row(ids, labels, example.where)]
+        return [self._turn_row(example, i, prompt) for i, prompt in zip(turns, prompts)]
+
+    def _turn_row(self, example: Example, turn: int, prompt: str) -> Row:
+        text, spans = self._render(example.messages[:turn + 1], self.template)
+        start, end = spans[-1]
+        if text[:start] != prompt:
+            at = next((k for k, (a, b) in enumerate(zip(text, prompt)) if a != b), min(len(text), len(prompt)))
+            raise UserError(
+                f"the {self.template_where} trains a different prefix than the served generation prompt: "
+                f"trained text starts after {text[max(0, at - 30):start]!r}, the served prompt ends "
+                f"{prompt[max(0, at - 30):]!r}", example.where,
+                "make the training template's text before {% generation %} equal the official template's "
+                "generation prompt")
+        prompt_ids, answer = self._ids(prompt), self._ids(text[start:end])
+        return Row(prompt_ids + answer, [-100] * len(prompt_ids) + answer, example.where)
+
+    def final_turn(self, example: Example) -> tuple[list[int], Row]:
+        """(served prompt ids, row whose labels are the last assistant turn only): what `ft eval`
+        generates from and scores."""
+        self._check_thinking(example)
+        prompt = self.served_prompt(example.messages[:-1])
+        return self._ids(prompt), self._turn_row(example, len(example.messages) - 1, prompt)
+
+    def _check_thinking(self, example: Example) -> None:
+        if self.kwargs.get("enable_thinking") is not False:
+            return
+        for i, m in enumerate(example.messages):
+            if m["role"] == "assistant" and ("<think>" in m["content"] or "</think>" in m["content"]):
+                raise UserError(
+                    f"message {i} has reasoning (<think>...</think>) but model.thinking is false: the served "
+                    "prompt closes the think block, so the model would learn reasoning it is never asked for",
+                    example.where, "set model.thinking: true to train reasoning, or remove the think block")
+
+
+def _span_starts(labels: list[int]) -> list[int]:
+    return [i for i, lab in enumerate(labels) if lab != -100 and (i == 0 or labels[i - 1] == -100)]
+
+
+def fit(row: Row, max_length: int, keep_first: int | None = None) -> Row | None:
+    """Truncate a row over max_length by cutting the *start* of its prompt, so the answer and its
+    end-of-turn token are kept (a model trained on cut answers never learns to stop). None when
+    the last answer alone does not fit. `keep_first`: a BOS id that stays at position 0."""
+    if len(row.input_ids) <= max_length:
+        return row
+    last_answer = _span_starts(row.labels)[-1]
+    keep = 1 if keep_first is not None and row.input_ids[0] == keep_first else 0
+    if len(row.input_ids) - last_answer > max_length - keep:
+        return None
+    cut = len(row.input_ids) - (max_length - keep)
+    ids = row.input_ids[:keep] + row.input_ids[cut:]
+    labels = row.labels[:keep] + row.labels[cut:]
+    # an earlier answer cut at its start would be learned without its question: not learned
+    for i in range(keep, len(labels)):
+        if labels[i] == -100:
+            break
+        labels[i] = -100
+    return Row(ids, labels, row.where)
+
+
+def tokenize_all(renderer: Renderer, examples: list[Example], max_length: int, too_long: str = "truncate"):
+    """A datasets.Dataset of input_ids/labels and a report of what was cut or left out.
+    too_long: error (refuse, naming the first long row), truncate (cut the prompt's start; rows
+    whose answer alone is too long are dropped and counted), or drop (leave long rows out)."""
     import datasets
 
     rows, truncated, dropped = [], [], []
+    bos = renderer.tokenizer.bos_token_id
     for e in examples:
-        row = tokenize(tokenizer, e, template, max_length, kwargs)
-        if row["length"] > max_length:
-            if too_long == "error":
-                raise UserError(f"this example is {row['length']} tokens, longer than data.max_length "
-                                f"({max_length})", e.where,
-                                "raise data.max_length, shorten the example, or set data.too_long to "
-                                "truncate or drop")
-            truncated.append(e.where)
-            if too_long == "drop" or all(label == -100 for label in row["labels"]):
-                dropped.append(e.where)  # dropped on request, or nothing left to learn from
-                continue
-        rows.append(row)
-    report = {"examples": len(rows), "truncated": len(truncated), "dropped": len(dropped),
-              "truncated_where": truncated[:5],
-              "tokens": sum(min(r["length"], max_length) for r in rows),
-              "trained_tokens": sum(sum(lab != -100 for lab in r["labels"]) for r in rows)}
-    ds = datasets.Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows],
-                                     "labels": [r["labels"] for r in rows]})
+        for row in renderer.rows(e):
+            if len(row.input_ids) > max_length:
+                if too_long == "error":
+                    raise UserError(f"this example is {len(row.input_ids)} tokens, longer than data.max_length "
+                                    f"({max_length})", e.where,
+                                    "raise data.max_length, shorten the example, or set data.too_long to "
+                                    "truncate or drop")
+                cut = fit(row, max_length, bos) if too_long == "truncate" else None
+                (truncated if cut is not None else dropped).append(e.where)
+                if cut is None:
+                    continue
+                row = cut
+            rows.append(row)
+    report = {"examples": len(examples), "rows": len(rows), "truncated": len(truncated), "dropped": len(dropped),
+              "truncated_where": truncated[:5], "dropped_where": dropped[:5],
+              "tokens": sum(len(r.input_ids) for r in rows),
+              "trained_tokens": sum(sum(lab != -100 for lab in r.labels) for r in rows)}
+    ds = datasets.Dataset.from_dict({"input_ids": [r.input_ids for r in rows], "labels": [r.labels for r in rows]})
     return ds, report
 
 

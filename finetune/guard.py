@@ -40,6 +40,15 @@ class NonFiniteWeights(Exception):
         super().__init__(f"non-finite adapter weights at step {step}")
 
 
+class NonFiniteLoss(Exception):
+    """A training step's loss was nan or inf: raised inside that step, before its update is logged
+    or saved. (transformers' logging_nan_inf_filter, on by default, would hide it from the logs.)"""
+
+    def __init__(self, step: int, loss: float):
+        self.step, self.loss = step, loss
+        super().__init__(f"loss {loss} at step {step}")
+
+
 class SafeTrainer(SFTTrainer):
     """TRL's SFTTrainer, with checkpoints written into `checkpoints/.staging/` and renamed into
     place only once complete (a rename within one folder is atomic), and never with non-finite
@@ -79,6 +88,18 @@ class SafeTrainer(SFTTrainer):
             for old in complete_checkpoints(final)[: -self.args.save_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # One host sync per micro-batch, the one transformers' nan filter made. Every rank must
+        # stop together, or the others would wait for it in the next all-reduce.
+        bad = (~torch.isfinite(loss.detach())).float()
+        if self.args.world_size > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if bad.item():
+            value = float(loss) if not torch.isfinite(loss) else float("nan")
+            raise NonFiniteLoss(self.state.global_step + 1, value)  # the step being taken
+        return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # TRL counts a batch without attention_mask as one row of position_ids; a packed batch has

@@ -31,6 +31,7 @@ class Prepared:
     template: str
     template_kwargs: dict
     splits: data_mod.Splits
+    renderer: data_mod.Renderer
 
 
 def on_gpu() -> bool:
@@ -99,7 +100,8 @@ def prepare(recipe: Recipe) -> Prepared:
     kwargs = data_mod.template_kwargs(base.family, recipe)
     data_mod.check_template(template, base.family, kwargs, where, tokenizer)
     splits = data_mod.load_splits(recipe)
-    return Prepared(base, tokenizer, template, kwargs, splits)
+    renderer = data_mod.Renderer(tokenizer, template, base.family.read_template(), kwargs, where)
+    return Prepared(base, tokenizer, template, kwargs, splits, renderer)
 
 
 # --- model ------------------------------------------------------------------------------------
@@ -114,7 +116,9 @@ def load_base_model(recipe: Recipe, base: ResolvedBase):
     gpu, w = on_gpu(), world()
     compute_dtype = torch.bfloat16 if gpu else torch.float32  # no fast bf16 matmul on most CPUs
     sharded = w.size > 1 and recipe.distributed.strategy != "ddp"  # FSDP / DeepSpeed place the weights
-    kwargs = dict(dtype=compute_dtype, revision=recipe.model.revision, use_safetensors=not recipe.model.allow_pickle,
+    # allow_pickle permits .bin weights; it must not forbid safetensors (None = prefer them when present)
+    kwargs = dict(dtype=compute_dtype, revision=recipe.model.revision,
+                  use_safetensors=None if recipe.model.allow_pickle else True,
                   trust_remote_code=recipe.model.trust_remote_code,
                   device_map=None if sharded else {"": w.local_rank if gpu else "cpu"})
     q = recipe.quantization
@@ -124,7 +128,36 @@ def load_base_model(recipe: Recipe, base: ResolvedBase):
             bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=compute_dtype,
             llm_int8_skip_modules=list(base.family.skip_4bit if q.skip_modules == "auto" else q.skip_modules),
         )
-    return AutoModelForCausalLM.from_pretrained(base.path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(base.path, **kwargs)
+    keep_4bit_layers_differentiable(model)
+    return model
+
+
+def keep_4bit_layers_differentiable(model) -> int:
+    """Turn off bitsandbytes' CPU inference repacking on every 4-bit layer; returns how many.
+
+    bitsandbytes >= 0.49, on a CPU with AVX512-BF16, rewrites a Linear4bit's weights into a packed
+    layout the first time the layer runs in eval mode without grad, and from then on every forward
+    (training included) goes through `gemv_4bit`, which has no autograd kernel: no gradient flows
+    back through any frozen 4-bit layer, silently. ft evaluates before training, so every step after
+    would train on wrong gradients. The switch is the per-module `support_avx512bf16_for_cpu` flag;
+    a layer already packed is unpacked with bitsandbytes' own inverse (which keeps the bf16-rounded
+    block scales the packing made: ft flips the flag before any forward, so its layers never are).
+    Training and evaluation then
+    use the same dequantize-and-matmul path, so eval numbers are computed as the model was trained."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            state = getattr(module.weight, "quant_state", None)
+            if state is not None and getattr(state, "packing_format_for_cpu", False):
+                module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                    module.weight.data, state)
+            count += 1
+    return count
 
 
 def load_model(recipe: Recipe, prep: Prepared, backend: str, checkpointing: bool | None = None):
@@ -145,7 +178,25 @@ def load_model(recipe: Recipe, prep: Prepared, backend: str, checkpointing: bool
     elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    targets = lora_targets(recipe, prep.base.family)
+    check_lora_targets(model, targets)
+    from transformers import set_seed
+
+    set_seed(recipe.train.seed)  # the adapters' A matrices are drawn now: seeded, or two runs differ
     return get_peft_model(model, lora_config(recipe, prep.base.family))
+
+
+def check_lora_targets(model, targets: list[str]) -> None:
+    """Every lora.targets entry must name linear layers of this model (peft would raise a bare
+    ValueError after the weights are loaded)."""
+    import torch
+
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                     if isinstance(module, torch.nn.Linear) and name})
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n, _ in model.named_modules())]
+    if missing:
+        raise UserError(f"lora.targets names modules this model does not have: {', '.join(missing)}",
+                        "lora.targets", f"use some of this model's linear layers: {', '.join(linear)} (or auto)")
 
 
 def lora_targets(recipe: Recipe, family: Family) -> list[str]:
@@ -199,6 +250,7 @@ def sft_config(recipe: Recipe, run: RunDir, plan: BatchPlan, extra: dict):
         max_steps=t.max_steps or -1,
         optim=t.optimizer,
         logging_steps=t.logging_steps,
+        logging_nan_inf_filter=False,  # a nan must show as nan (and finetune.guard stops at it)
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
@@ -273,6 +325,21 @@ def recipe_sha256(recipe: Recipe) -> str:
     return hashlib.sha256(json.dumps(recipe.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
+def data_hashes(recipe: Recipe) -> dict[str, str | None]:
+    return {"train": data_mod.sha256_file(recipe.data.train), "heldout": data_mod.sha256_file(recipe.data.heldout)}
+
+
+def check_data_unchanged(manifest: dict | None, recipe: Recipe) -> None:
+    """A resumed run must see the data it started with: the split, the order and the step count
+    all depend on it, and the manifest would describe data the adapter was not trained on."""
+    recorded = (manifest or {}).get("data_sha256") or {}
+    now_hashes = data_hashes(recipe)
+    for key, path in (("train", recipe.data.train), ("heldout", recipe.data.heldout)):
+        if recorded.get(key) and recorded[key] != now_hashes[key]:
+            raise UserError(f"the data file changed since this run started: {path}", f"data.{key}",
+                            "restore the file as it was to resume, or start a new run (--overwrite or --output DIR)")
+
+
 def start_run(recipe: Recipe, run: RunDir, resume: bool, overwrite: bool) -> Path | None:
     """Create (or reopen) the run folder. Returns the checkpoint to resume from, if any."""
     if run.root.exists() and not resume:
@@ -286,6 +353,7 @@ def start_run(recipe: Recipe, run: RunDir, resume: bool, overwrite: bool) -> Pat
         if old and old.get("recipe_sha256") != recipe_sha256(recipe):
             raise UserError("the recipe changed since this run started", str(run.recipe),
                             "resume with the same recipe and overrides, or start a new run")
+        check_data_unchanged(old, recipe)
         checkpoint = last_complete_checkpoint(run)
     run.root.mkdir(parents=True, exist_ok=True)
     return checkpoint
@@ -324,7 +392,7 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
     """Train the recipe into `run`. In a multi-process launch every rank calls this; rank 0 alone
     writes the run folder (the others pass console=None and write nothing but their share of
     each checkpoint's RNG state)."""
-    from finetune.guard import NonFiniteWeights, StopOnNonFiniteLoss, StopOnSignal
+    from finetune.guard import NonFiniteLoss, NonFiniteWeights, StopOnNonFiniteLoss, StopOnSignal
     from finetune.progress import MetricsCallback, RichProgress, plot_loss
 
     from finetune.preflight import preflight_train
@@ -343,14 +411,16 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
     if console is not None:
         for line in estimate:
             console.print(f"  preflight: {line}", markup=False, highlight=False)
-    train_ds, train_report = data_mod.tokenize_all(prep.tokenizer, prep.splits.train, prep.template,
-                                                   recipe.data.max_length, prep.template_kwargs, recipe.data.too_long)
-    heldout_ds, heldout_report = data_mod.tokenize_all(prep.tokenizer, prep.splits.heldout, prep.template,
-                                                       recipe.data.max_length, prep.template_kwargs, recipe.data.too_long)
+    train_ds, train_report = data_mod.tokenize_all(prep.renderer, prep.splits.train, recipe.data.max_length,
+                                                   recipe.data.too_long)
+    heldout_ds, heldout_report = data_mod.tokenize_all(prep.renderer, prep.splits.heldout, recipe.data.max_length,
+                                                       recipe.data.too_long)
     if console is not None:
         st = prep.splits.stats
-        console.print(f"  data: {st['train']} training / {st['heldout']} held-out examples ({st['format']}), "
-                      f"{st['leaked_removed']} leaked duplicates removed, {train_report['truncated']} truncated, "
+        rows = f" in {train_report['rows']} rows" if train_report["rows"] != st["train"] else ""
+        console.print(f"  data: {st['train']} training{rows} / {st['heldout']} held-out examples ({st['format']}), "
+                      f"{st['leaked_removed']} leaked duplicates removed, {train_report['truncated']} truncated "
+                      f"(prompt start cut), {train_report['dropped']} dropped as too long, "
                       f"{train_report['tokens']:,} tokens ({train_report['trained_tokens']:,} trained)",
                       markup=False, highlight=False)
     if resume:
@@ -369,8 +439,7 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
         run.update_manifest(
             name=recipe.name, status="running", started=started or now(), ended=None,
             recipe_sha256=recipe_sha256(recipe),
-            data_sha256={"train": data_mod.sha256_file(recipe.data.train),
-                         "heldout": data_mod.sha256_file(recipe.data.heldout)},
+            data_sha256=data_hashes(recipe),
             base={"name": prep.base.name, "path": prep.base.path, "family": prep.base.family.name},
             data={**prep.splits.stats, "train_tokens": train_report, "heldout_tokens": heldout_report},
             backend=backend, seed=recipe.train.seed, versions=package_versions(),
@@ -405,6 +474,8 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
             result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except NonFiniteWeights as exc:
         nonfinite.step, nonfinite.loss = exc.step, float("nan")
+    except NonFiniteLoss as exc:
+        nonfinite.step, nonfinite.loss = exc.step, exc.loss
     finally:
         stop.restore()
         if progress:

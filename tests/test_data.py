@@ -119,35 +119,114 @@ CONVERSATION = [
 ]
 
 
-@pytest.mark.parametrize("family,twin", [(QWEN3_5, "qwen_twin"), (OLMO3, "olmo_twin")])
-def test_labels_cover_assistant_text_and_end_of_turn_only(family, twin, request):
-    tokenizer = AutoTokenizer.from_pretrained(request.getfixturevalue(twin))
-    kwargs = {"enable_thinking": False} if family is QWEN3_5 else {}
-    row = data.tokenize(tokenizer, data.Example(CONVERSATION, "t"), family.read_template(training=True), 4096, kwargs)
-    ids, labels = row["input_ids"], row["labels"]
-    assert len(ids) == len(labels)
-    labelled = [i for i, lab in enumerate(labels) if lab != -100]
-    assert all(labels[i] == ids[i] for i in labelled)
-    # contiguous spans of labels = the two assistant turns
+def renderer_for(family, tokenizer, kwargs) -> data.Renderer:
+    return data.Renderer(tokenizer, family.read_template(training=True), family.read_template(), kwargs)
+
+
+def label_spans(labels: list[int]) -> list[tuple[int, int]]:
     spans, start = [], None
-    for i in range(len(ids) + 1):
-        on = i < len(ids) and labels[i] != -100
+    for i in range(len(labels) + 1):
+        on = i < len(labels) and labels[i] != -100
         if on and start is None:
             start = i
         if not on and start is not None:
             spans.append((start, i))
             start = None
-    texts = [tokenizer.decode(ids[a:b]) for a, b in spans]
-    eot = family.end_of_turn
+    return spans
+
+
+@pytest.mark.parametrize("family,twin", [(QWEN3_5, "qwen_twin"), (OLMO3, "olmo_twin")])
+def test_labels_cover_assistant_text_and_end_of_turn_only(family, twin, request):
+    tokenizer = AutoTokenizer.from_pretrained(request.getfixturevalue(twin))
+    kwargs = {"enable_thinking": False} if family is QWEN3_5 else {}
+    rows = renderer_for(family, tokenizer, kwargs).rows(data.Example(CONVERSATION, "t"))
+    texts = []
+    for row in rows:
+        ids, labels = row.input_ids, row.labels
+        assert len(ids) == len(labels)
+        assert all(labels[i] == ids[i] for i in range(len(ids)) if labels[i] != -100)
+        for a, b in label_spans(labels):
+            texts.append(tokenizer.decode(ids[a:b]))
+            assert tokenizer.convert_ids_to_tokens(ids[b - 1]) in family.end_of_turn  # the stop is learned
+        # nothing of the prompt is labelled
+        unlabelled = tokenizer.decode([ids[i] for i in range(len(ids)) if labels[i] == -100])
+        assert "Sort tickets." in unlabelled and "bug-report" not in unlabelled
     if family is QWEN3_5:
+        # Qwen3.5 renders earlier turns without their think block, unlike the prompt the turn was
+        # generated from: one row per turn, each ending at its own answer.
+        assert len(rows) == 2
         assert texts == ['{"category": "billing"}<|im_end|>', '{"category": "bug-report"}<|im_end|>']
-    else:  # OLMo 3 Instruct closes the last assistant turn with EOS
+    else:  # OLMo 3's history is what was served: one row; the last turn is closed with EOS
+        assert len(rows) == 1
         assert texts == ['{"category": "billing"}<|im_end|>', '{"category": "bug-report"}<|endoftext|>']
-    for a, b in spans:
-        assert tokenizer.convert_ids_to_tokens(ids[b - 1]) in eot  # the stop token is learned
-    # nothing of the prompt is labelled: every -100 position decodes to non-assistant text
-    unlabelled = tokenizer.decode([ids[i] for i in range(len(ids)) if labels[i] == -100])
-    assert "Sort tickets." in unlabelled and "billing" not in unlabelled
+
+
+THINKING = [
+    {"role": "user", "content": "Think first: is 7 prime?"},
+    {"role": "assistant", "content": "<think>\n7 has no divisors but 1 and 7.\n</think>\n\nyes"},
+    {"role": "user", "content": "And 9?"},
+    {"role": "assistant", "content": "no"},
+]
+
+
+@pytest.mark.parametrize("family,kwargs,conversation", [
+    (QWEN3_5, {"enable_thinking": False}, CONVERSATION),
+    (QWEN3_5, {"enable_thinking": True}, CONVERSATION),
+    (QWEN3_5, {"enable_thinking": True}, THINKING),
+    (QWEN3_5, {"enable_thinking": True}, CONVERSATION[1:3]),
+    (OLMO3, {}, CONVERSATION),
+    (OLMO3, {}, CONVERSATION[1:3]),
+])
+def test_trained_tokens_are_what_follows_the_served_prompt(family, kwargs, conversation, qwen_twin, olmo_twin):
+    """For every assistant turn: the tokens before its labels are the served generation prompt,
+    tokenized exactly as `ft eval`, the GGUF and Ollama see it, and the labels are the official
+    template's continuation of that prompt, up to and including the end-of-turn token."""
+    tokenizer = AutoTokenizer.from_pretrained(qwen_twin if family is QWEN3_5 else olmo_twin)
+    renderer = renderer_for(family, tokenizer, kwargs)
+    rows = renderer.rows(data.Example(conversation, "t"))
+    turns = [i for i, m in enumerate(conversation) if m["role"] == "assistant"]
+    found = [(row, span) for row in rows for span in label_spans(row.labels)]
+    assert len(found) == len(turns)
+    for turn, (row, (start, end)) in zip(turns, found):
+        prompt = tokenizer.apply_chat_template(conversation[:turn], chat_template=family.read_template(),
+                                               add_generation_prompt=True, tokenize=False, **kwargs)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        assert row.input_ids[:start] == prompt_ids  # token by token, up to the label boundary
+        official = tokenizer.apply_chat_template(conversation[:turn + 1], chat_template=family.read_template(),
+                                                 tokenize=False, **kwargs)
+        assert official.startswith(prompt)
+        trained = tokenizer.decode(row.input_ids[start:end])
+        continuation = official[len(prompt):]
+        eot = tokenizer.convert_ids_to_tokens(row.input_ids[end - 1])
+        assert eot in family.end_of_turn
+        # the continuation up to its end of turn (OLMo closes a non-final turn with <|im_end|> in
+        # history but with EOS when it is the last: either is a trained stop)
+        assert trained[:-len(eot)] == continuation[:len(trained) - len(eot)]
+        assert continuation[len(trained) - len(eot):].startswith(tuple(family.end_of_turn))
+    if family is QWEN3_5 and kwargs["enable_thinking"] and conversation is CONVERSATION:
+        # the served prompt opens the think block: closing it is what the model must learn
+        assert tokenizer.decode(found[-1][0].input_ids[found[-1][1][0]:]).startswith("\n</think>\n\n{")
+
+
+def test_reasoning_while_thinking_is_off_is_refused(qwen_twin):
+    tokenizer = AutoTokenizer.from_pretrained(qwen_twin)
+    renderer = renderer_for(QWEN3_5, tokenizer, {"enable_thinking": False})
+    with pytest.raises(UserError, match="model.thinking is false") as info:
+        renderer.rows(data.Example(THINKING, "train.jsonl:7"))
+    assert "train.jsonl:7" in info.value.render() and "fix:" in info.value.render()
+
+
+def test_a_custom_template_that_trains_another_prefix_is_refused(qwen_twin):
+    """A training template whose text before {% generation %} is not the served prompt would
+    train a prefix the model is never given: refused, naming the row."""
+    tokenizer = AutoTokenizer.from_pretrained(qwen_twin)
+    wrong = QWEN3_5.read_template(training=True).replace(
+        "'\\n<think>\\n\\n</think>\\n\\n' }}", "'\\n' }}", 1)
+    assert wrong != QWEN3_5.read_template(training=True)
+    renderer = data.Renderer(tokenizer, wrong, QWEN3_5.read_template(), {"enable_thinking": False}, "my.jinja")
+    with pytest.raises(UserError, match="different prefix than the served generation prompt") as info:
+        renderer.rows(data.Example(CONVERSATION[1:3], "d.jsonl:3"))
+    assert "d.jsonl:3" in info.value.render()
 
 
 @pytest.mark.parametrize("family", [QWEN3_5, OLMO3])
@@ -173,16 +252,53 @@ def test_training_template_renders_like_the_official_one(family, qwen_twin, olmo
 
 def test_too_long_examples_error_truncate_or_drop(qwen_twin):
     tokenizer = AutoTokenizer.from_pretrained(qwen_twin)
-    template, kw = QWEN3_5.read_template(training=True), {"enable_thinking": False}
-    long_prompt = data.Example([{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}], "f:1")
+    renderer = renderer_for(QWEN3_5, tokenizer, {"enable_thinking": False})
+    long_prompt = data.Example([{"role": "system", "content": "Rules."}, {"role": "user", "content": "word " * 400},
+                                {"role": "assistant", "content": "ok then"}], "f:1")
     long_answer = data.Example([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes " * 200}], "f:2")
     short = data.Example([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}], "f:3")
     with pytest.raises(UserError, match="longer than data.max_length") as info:
-        data.tokenize_all(tokenizer, [short, long_prompt], template, 64, kw, "error")
+        data.tokenize_all(renderer, [short, long_prompt], 64, "error")
     assert "f:1" in info.value.render()
-    ds, report = data.tokenize_all(tokenizer, [long_prompt, long_answer, short], template, 64, kw, "truncate")
-    # the long prompt leaves nothing to learn and is dropped; the long answer is cut and kept
-    assert report["truncated"] == 2 and report["dropped"] == 1 and report["truncated_where"] == ["f:1", "f:2"]
+    ds, report = data.tokenize_all(renderer, [long_prompt, long_answer, short], 64, "truncate")
+    # the long prompt loses its start and keeps its whole answer; the long answer cannot fit
+    assert report["truncated"] == 1 and report["truncated_where"] == ["f:1"]
+    assert report["dropped"] == 1 and report["dropped_where"] == ["f:2"]
     assert len(ds) == 2 and max(len(x) for x in ds["input_ids"]) <= 64
-    ds, report = data.tokenize_all(tokenizer, [long_prompt, long_answer, short], template, 64, kw, "drop")
+    ids, labels = ds[0]["input_ids"], ds[0]["labels"]
+    assert len(ids) == 64 and tokenizer.decode([i for i, lab in zip(ids, labels) if lab != -100]) == "ok then<|im_end|>"
+    full = renderer.rows(long_prompt)[0]
+    assert ids == full.input_ids[-64:]  # the end is kept as it was: the cut is at the prompt's start
+    ds, report = data.tokenize_all(renderer, [long_prompt, long_answer, short], 64, "drop")
     assert len(ds) == 1 and report["dropped"] == 2
+
+
+def test_truncation_keeps_bos_and_unlearns_a_cut_answer():
+    row = data.Row([1, 5, 6, 7, 8, 9, 10, 11], [-100, -100, 6, 7, -100, -100, 10, 11], "x")
+    cut = data.fit(row, 5, keep_first=1)
+    assert cut.input_ids == [1, 8, 9, 10, 11] and cut.labels == [-100, -100, -100, 10, 11]
+    cut = data.fit(row, 6, keep_first=None)  # the first answer loses its start: not learned
+    assert cut.input_ids == [6, 7, 8, 9, 10, 11] and cut.labels == [-100, -100, -100, -100, 10, 11]
+    assert data.fit(row, 1) is None  # the last answer alone is 2 tokens
+
+
+def test_many_class_split_keeps_the_fraction(tmp_path):
+    """50 classes of 4: holding one of each out would be 25%, not the 10% asked for."""
+    rows = [{"prompt": f"ticket {c}-{i}", "completion": f"class-{c}"} for c in range(50) for i in range(4)]
+    examples, _ = data.load_examples(write_jsonl(tmp_path / "d.jsonl", rows), section(label_column="completion"))
+    train, heldout = data.split(examples, 0.1, seed=3)
+    assert len(heldout) == 20 and len(train) == 180
+    assert max(data.label_counts(heldout).values()) == 1  # spread over 20 classes, not piled on a few
+
+
+def test_heldout_max_is_a_seeded_sample(tmp_path):
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(40)]
+    train = write_jsonl(tmp_path / "t.jsonl", rows[:20])
+    heldout = write_jsonl(tmp_path / "h.jsonl", rows[20:])
+    recipe = Recipe(model={"base": "tiny-qwen3.5"}, data={"train": train, "heldout": heldout, "heldout_max": 5},
+                    name="t")
+    picked = [e.where for e in data.load_splits(recipe).heldout]
+    assert len(picked) == 5 and picked != [f"{heldout}:{n}" for n in range(1, 6)]  # not the file's head
+    assert picked == [e.where for e in data.load_splits(recipe).heldout]  # the same sample each time
+    recipe.train.seed = 7
+    assert picked != [e.where for e in data.load_splits(recipe).heldout]

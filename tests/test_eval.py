@@ -165,8 +165,7 @@ def test_batched_generation_equals_one_at_a_time(untrained_run):
 
     recipe = load_recipe(untrained_run.recipe)
     prep = prepare(recipe)
-    items = build_items(prep.splits.heldout[:6], prep.tokenizer, prep.base.family, prep.template,
-                        prep.template_kwargs, recipe.data.max_length)
+    items = build_items(prep.splits.heldout[:6], prep.renderer)
     model = PeftModel.from_pretrained(load_base_model(recipe, prep.base), str(untrained_run.adapter)).eval()
     eot = [prep.tokenizer.convert_tokens_to_ids(t) for t in prep.base.family.end_of_turn]
     batched = TransformersColumn("b", model, prep.tokenizer, eot, 6, 12)

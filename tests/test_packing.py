@@ -42,8 +42,7 @@ def test_collator_marks_every_example_start():
 
 def examples(recipe, prep, n: int = 10) -> list[dict]:
     """Real support conversations, some cut short so lengths vary across GDN chunk counts."""
-    ds, _ = data_mod.tokenize_all(prep.tokenizer, prep.splits.train[:n], prep.template, recipe.data.max_length,
-                                  prep.template_kwargs, "error")
+    ds, _ = data_mod.tokenize_all(prep.renderer, prep.splits.train[:n], recipe.data.max_length, "error")
     rows = [{"input_ids": ds[i]["input_ids"], "labels": ds[i]["labels"]} for i in range(n)]
     for i, cut in zip(range(0, n, 3), (40, 70, 130, 65)):
         rows[i] = {k: v[:cut] for k, v in rows[i].items()}
