@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from finetune import logs
 from finetune.errors import (EXIT_GATE_FAILED, EXIT_INTERNAL_ERROR, EXIT_USER_ERROR, EXIT_VERIFY_FAILED,
                              GateFailed, Interrupted, UserError, VerifyFailed)
 
@@ -112,7 +113,9 @@ def eval_(
     if bad:
         raise UserError(f"ft eval only overrides eval.* keys, not {bad[0]}", "--set",
                         "change training settings in the recipe and train again")
-    _evaluate(find_run(run), set_, gguf)
+    chosen = find_run(run)
+    logs.attach(chosen.root / "logs" / "eval.log")
+    _evaluate(chosen, set_, gguf)
 
 
 @app.command()
@@ -132,6 +135,7 @@ def export(
     from finetune.run import find_run
 
     chosen = find_run(run)
+    logs.attach(chosen.root / "logs" / "export.log")
     recipe = load_recipe(chosen.recipe)
     quant = quant or recipe.export.quant
     if quant not in (*SIXTEEN_BIT, *FTYPES):
@@ -186,10 +190,9 @@ def models():
 def quiet_libraries() -> None:
     """ft draws its own progress; the libraries' bars and info logs would interleave with it."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import warnings
+    from finetune import logs
 
-    warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' renames, not the user's
-    warnings.filterwarnings("ignore", category=UserWarning, module="torch.utils.checkpoint")
+    logs.capture()  # library warnings go to <run>/logs/<command>.log, not the terminal
     import importlib.util
 
     if importlib.util.find_spec("unsloth") is not None:  # it patches transformers: import it first
@@ -201,8 +204,8 @@ def quiet_libraries() -> None:
     import transformers
 
     datasets.disable_progress_bars()
-    transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    logs.capture()  # again, now that transformers is imported: its own stderr handler is removed
 
 
 def main() -> None:

@@ -332,10 +332,11 @@ class Renderer:
     def _render(self, messages: list[dict], template: str, generation_prompt: bool = False):
         from transformers.utils.chat_template_utils import render_jinja_template
 
+        marked = template is self.template  # the served template has no {% generation %} marks
         rendered, spans = render_jinja_template(
             [messages], chat_template=template, add_generation_prompt=generation_prompt,
-            return_assistant_tokens_mask=True, **self.tokenizer.special_tokens_map, **self.kwargs)
-        return rendered[0], spans[0]
+            return_assistant_tokens_mask=marked, **self.tokenizer.special_tokens_map, **self.kwargs)
+        return rendered[0], spans[0] if marked else []
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

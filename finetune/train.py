@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune import data as data_mod
+from finetune import logs
 from finetune.distributed import (BatchPlan, barrier, batch_plan, check_resume, check_strategy, start,
                                   trainer_arguments, world)
 from finetune.errors import Interrupted, UserError
@@ -429,6 +430,7 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
             console.print(f"  {note}", markup=False, highlight=False)
     if w.main:
         checkpoint = start_run(recipe, run, resume, overwrite)  # only now is anything written
+        logs.attach(run.root / "logs" / "train.log")
     barrier()  # the others find the folder (and the checkpoint to resume) as rank 0 left it
     if not w.main:
         checkpoint = last_complete_checkpoint(run) if resume else None

@@ -36,6 +36,19 @@ def olmo_twin() -> Path:
     return ensure_twin("tiny-olmo3")
 
 
+# What library chatter looks like on a terminal: none of it may reach a user's (it goes to the
+# run folder's logs/ instead; finetune/logs.py).
+NOISE = ("warn", "Failed to load", "kernels-community", "deprecated", "Traceback", "llama_", "ggml_",
+         "load_tensors", "bitsandbytes", "torch.", "falling back")
+
+
+def assert_quiet(stderr: str, log: Path) -> None:
+    """A normal ft command printed only ft's own lines; what the libraries said is in `log`."""
+    noisy = [line for line in stderr.splitlines() if any(n.lower() in line.lower() for n in NOISE)]
+    assert not noisy, f"library output reached the terminal: {noisy[:5]}"
+    assert log.is_file(), f"no library log at {log}"
+
+
 def needs_shared(*parts: str) -> Path:
     path = SHARED.joinpath(*parts)
     if not path.exists():

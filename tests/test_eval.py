@@ -14,7 +14,7 @@ from eval.metrics import Outcome
 from eval.stats import paired_bootstrap
 from finetune.recipe import load_recipe
 from finetune.run import RunDir
-from tests.conftest import ROOT, needs_shared, run_ft
+from tests.conftest import ROOT, assert_quiet, needs_shared, run_ft
 
 
 def outcome(reference: str, output: str, stopped: bool = True, nll: float = 1.0, tokens: int = 1) -> Outcome:
@@ -191,6 +191,7 @@ def test_tiny_support_end_to_end_fine_tune_beats_base(tmp_path):
     out = tmp_path / "tiny-support"
     result = run_ft("train", str(TINY), "--output", str(out), timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert_quiet(result.stderr, out / "logs" / "train.log")
     assert "held-out examples" in result.stdout and "json_valid" in result.stdout
     report = json.loads((out / "eval" / "report.json").read_text())
     rows = {r["name"]: r for r in report["metrics"]}

@@ -16,7 +16,7 @@ from finetune.errors import UserError, VerifyFailed
 from finetune.recipe import load_recipe
 from finetune.run import RunDir
 from finetune.train import train
-from tests.conftest import ROOT, run_ft
+from tests.conftest import ROOT, assert_quiet, run_ft
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +77,9 @@ def test_export_is_verified_and_loads_in_llama_cpp(which, request, tmp_path):
 
 def test_intermediate_removed_without_keep_f16(qwen_run, tmp_path):
     run = copy_run(qwen_run, tmp_path)
-    export_run(run, "q8_0", progress=lambda m: None)
+    result = run_ft("export", str(run.root), "--quant", "q8_0")  # the CLI, verification on
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_quiet(result.stderr, run.root / "logs" / "export.log")
     names = sorted(p.name for p in run.export_dir.glob("*.gguf"))
     assert names == ["tiny-support-q8_0.gguf"]
 
@@ -167,6 +169,7 @@ def test_eval_gguf_column(qwen_run, tmp_path):
     export_run(run, "q4_k_m", verify=False, progress=lambda m: None)
     result = run_ft("eval", str(run.root), "--gguf", "--set", "eval.max_examples=8")
     assert result.returncode == 0, result.stderr[-2000:]
+    assert_quiet(result.stderr, run.root / "logs" / "eval.log")
     assert "gguf" in result.stdout
     report = json.loads((run.eval_dir / "report.json").read_text())
     assert report["columns"] == ["base", "fine-tuned", "gguf"]

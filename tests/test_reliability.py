@@ -123,6 +123,55 @@ def test_non_finite_loss_stops_the_run_with_a_clear_message(tmp_path, qwen_twin)
     assert not (out / "adapter").exists()
 
 
+def test_non_finite_loss_stops_at_the_step_it_happens(tmp_path, qwen_twin):
+    """One embedding row set to inf, for a token that only one training example uses: the loss is
+    finite until the step that example is trained in. The run must stop at that step, whatever
+    logging_steps is and with no checkpoint due (transformers' nan filter hides it from the logs,
+    and the weight check only runs at checkpoints)."""
+    from collections import Counter
+
+    from safetensors.torch import load_file, save_file
+
+    from finetune import data as data_mod
+    from finetune.recipe import load_recipe
+    from finetune.train import prepare
+
+    recipe = load_recipe(TINY, SMALL)
+    prep = prepare(recipe)
+    train_rows, _ = data_mod.tokenize_all(prep.renderer, prep.splits.train, recipe.data.max_length, "error")
+    heldout_rows, _ = data_mod.tokenize_all(prep.renderer, prep.splits.heldout, recipe.data.max_length, "error")
+    in_rows = Counter(t for ids in train_rows["input_ids"] for t in set(ids))
+    in_heldout = {t for ids in heldout_rows["input_ids"] for t in ids}
+    token = min(t for t, n in in_rows.items() if n == 1 and t not in in_heldout)
+
+    base = tmp_path / "poisoned-base"
+    shutil.copytree(qwen_twin, base)
+    weights = load_file(str(base / "model.safetensors"))
+    name = next(n for n in weights if n.endswith("embed_tokens.weight"))
+    weights[name][token] = float("inf")
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+
+    steps = {}
+    for logging in (1, 50):
+        out = tmp_path / f"log{logging}"
+        result = run_ft(*train_args(out, f"model.base={base}", "train.max_steps=12", "train.save_steps=100",
+                                    f"train.logging_steps={logging}"))
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+        import re
+
+        found = re.search(r"training diverged: the loss became (\S+) at step (\d+)", result.stderr)
+        assert found, result.stderr[-2000:]
+        steps[logging] = int(found.group(2))
+        assert json.loads((out / "manifest.json").read_text())["status"] == "diverged"
+        assert not (out / "adapter").exists()
+        if logging == 1:  # every step before it was logged, finite
+            losses = {r["step"]: r["loss"] for r in RunDir(out).read_metrics() if "loss" in r}
+            assert sorted(losses) == list(range(1, steps[1])), losses
+            assert all(v == v and abs(v) != float("inf") for v in losses.values())
+    assert steps[1] == steps[50] >= 2, steps
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("trained") / "run"

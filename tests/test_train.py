@@ -94,3 +94,54 @@ def prep_targets(base: str):
     from finetune.models import REGISTRY
 
     return REGISTRY[base].family.lora_targets
+
+
+def test_same_seed_gives_bit_identical_adapters_and_another_seed_does_not(tmp_path):
+    """train.seed seeds the LoRA initialisation too (the adapters are drawn before the trainer
+    seeds anything): two runs of one recipe write byte-identical adapter weights."""
+    files = {}
+    for name, seed in (("a", 42), ("b", 42), ("c", 7)):
+        run = RunDir(tmp_path / name)
+        train(recipe_for("tiny-qwen3.5", "train.max_steps=3", "train.save_steps=3", f"train.seed={seed}",
+                         "eval.after_train=false"), run)
+        files[name] = (run.adapter / "adapter_model.safetensors").read_bytes()
+    assert files["a"] == files["b"]
+    assert files["a"] != files["c"]
+
+
+def test_unknown_lora_target_names_the_modules_that_exist(tmp_path):
+    from tests.conftest import run_ft
+
+    result = run_ft("train", str(TINY), "--output", str(tmp_path / "run"), "--set", "lora.targets=[q_proj,qkv]")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "lora.targets" in result.stderr
+    assert "qkv" in result.stderr and "in_proj_qkv" in result.stderr  # what exists, to pick from
+
+
+def test_allow_pickle_still_loads_safetensors(qwen_twin):
+    """allow_pickle permits .bin weights; it must not stop a safetensors checkpoint from loading."""
+    from finetune.train import load_base_model
+
+    recipe = recipe_for("tiny-qwen3.5", "model.allow_pickle=true")
+    model = load_base_model(recipe, prepare(recipe).base)
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_resume_refuses_when_a_data_file_changed(tmp_path):
+    import shutil
+
+    from finetune.errors import UserError
+    from finetune.train import start_run
+
+    data = tmp_path / "train.jsonl"
+    shutil.copy(ROOT / "datasets" / "support" / "train.jsonl", data)
+    recipe = recipe_for("tiny-qwen3.5", f"data.train={data}", "train.max_steps=2", "train.save_steps=2",
+                        "eval.after_train=false")
+    run = RunDir(tmp_path / "run")
+    train(recipe, run)
+    assert start_run(recipe, run, resume=True, overwrite=False) is not None  # unchanged: resumes
+    with data.open("a", encoding="utf-8") as f:
+        f.write(data.read_text(encoding="utf-8").splitlines()[0] + "\n")
+    with pytest.raises(UserError, match="data file changed since this run started") as info:
+        start_run(recipe, run, resume=True, overwrite=False)
+    assert str(data) in info.value.render() and "data.train" in info.value.render()
