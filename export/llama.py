@@ -30,12 +30,36 @@ def native_log(path: Path | None):
         os.close(target)
 
 
+@contextlib.contextmanager
+def plain_cpu_kernels():
+    """Load with llama.cpp's "extra buffer types" off (`use_extra_bufts`, which `Llama` does not
+    expose): the AMX and repacked-weight matmuls it picks by CPU. The llama.cpp in
+    llama-cpp-python 0.3.36, built natively on a CPU with AMX (Sapphire Rapids and later),
+    segfaults in ggml_backend_amx_mul_mat on the first decode of a Q4_K_M file. The plain CPU
+    kernels compute the same quantized dot products on every machine, which is what verification
+    and `ft eval --gguf` want; the shipped file is unchanged."""
+    import llama_cpp.llama_cpp as capi
+
+    default = capi.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    capi.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        capi.llama_model_default_params = default
+
+
 class GGUFModel:
     def __init__(self, path: Path, n_ctx: int = 2048, log: Path | None = None, vocab_only: bool = False):
         from llama_cpp import Llama
 
         self.log = log
-        with native_log(log):
+        with native_log(log), plain_cpu_kernels():
             self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True,
                              vocab_only=vocab_only, verbose=False, n_threads=os.cpu_count())
         self.n_ctx = n_ctx

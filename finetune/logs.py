@@ -43,6 +43,8 @@ def capture() -> None:
         root.setLevel(logging.INFO)
         logging.captureWarnings(True)  # warnings.warn → the "py.warnings" logger → the file
         warnings.simplefilter("default")  # each distinct warning once per place, into the file
+        # except unclosed-file notices, which Python emits at exit after logging has shut down
+        warnings.filterwarnings("ignore", category=ResourceWarning)
     import sys
 
     if "transformers" in sys.modules:  # its own stderr handler, and no propagation: undo both
