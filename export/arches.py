@@ -43,10 +43,80 @@ def rope_theta(cfg: dict, layer_type: str = "full_attention") -> float | None:
 
 
 def rope_params(cfg: dict) -> dict:
+    """The full-attention layers' rope settings, whichever way the config spells them: legacy
+    `rope_theta` + `rope_scaling` (with `type` or `rope_type`) or transformers 5 `rope_parameters`,
+    flat or nested per layer type."""
     params = cfg.get("rope_parameters") or {}
     if isinstance(params.get("full_attention"), dict):
         params = params["full_attention"]
-    return {**(cfg.get("rope_scaling") or {}), **params}
+    merged = {**(cfg.get("rope_scaling") or {}), **params}
+    if "rope_type" not in merged and "type" in merged:  # the legacy spelling
+        merged["rope_type"] = merged["type"]
+    return merged
+
+
+@dataclass
+class Rope:
+    """Rope settings as transformers computes them (defaults included), for llama.cpp's keys."""
+
+    theta: float | None
+    kind: str  # default | linear | yarn
+    partial_rotary_factor: float
+    factor: float | None = None
+    original_context: int | None = None
+    attention_factor: float | None = None
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+
+
+def rope_settings(cfg: dict, default_partial: float = 1.0) -> Rope:
+    """Resolve the rope configuration with transformers' defaults (modeling_rope_utils), and
+    refuse, naming the key, what llama.cpp cannot reproduce. llama.cpp's own converter silently
+    drops YaRN without `factor` and crashes without `beta_slow`; here a missing factor is derived
+    as transformers derives it and missing betas take transformers' (and llama.cpp's) 32 / 1."""
+    params = rope_params(cfg)
+    kind = params.get("rope_type") or "default"
+    partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", default_partial))
+    rope = Rope(rope_theta(cfg), kind, float(partial))
+    key = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
+    if kind == "linear":
+        if params.get("factor") is None:
+            raise UserError("linear rope scaling without a factor", f"config.json {key}.factor",
+                            "add the factor the model was trained with")
+        rope.factor = float(params["factor"])
+    elif kind == "yarn":
+        for unsupported in ("mscale", "mscale_all_dim"):
+            if params.get(unsupported) is not None:
+                raise UserError(f"YaRN with '{unsupported}' has no llama.cpp equivalent", f"config.json {key}.{unsupported}",
+                                "export this model with llama.cpp's own converter and check it by hand")
+        if params.get("truncate") is False:
+            raise UserError("YaRN with truncate: false has no llama.cpp equivalent", f"config.json {key}.truncate",
+                            "export this model with llama.cpp's own converter and check it by hand")
+        original = (params.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings")
+                    or cfg["max_position_embeddings"])
+        rope.original_context = int(original)
+        rope.factor = float(params.get("factor") or cfg["max_position_embeddings"] / original)
+        rope.attention_factor = params.get("attention_factor")
+        rope.beta_fast = float(params.get("beta_fast") or 32)
+        rope.beta_slow = float(params.get("beta_slow") or 1)
+    elif kind != "default":
+        raise UserError(f"rope type '{kind}' is not supported by ft's converter", f"config.json {key}.rope_type",
+                        "export this model with llama.cpp's own converter")
+    return rope
+
+
+def check_layer_types(cfg: dict, allowed: tuple[str, ...]) -> None:
+    layer_types = cfg.get("layer_types")
+    if layer_types is None:
+        return
+    if len(layer_types) != cfg["num_hidden_layers"]:
+        raise UserError(f"layer_types lists {len(layer_types)} layers but num_hidden_layers is "
+                        f"{cfg['num_hidden_layers']}", "config.json layer_types",
+                        "fix the checkpoint's config.json: one entry per layer")
+    unknown = sorted(set(layer_types) - set(allowed))
+    if unknown:
+        raise UserError(f"layer_types has values this architecture does not have: {', '.join(unknown)}",
+                        "config.json layer_types", f"use {' / '.join(allowed)}")
 
 
 class Arch:
@@ -55,9 +125,13 @@ class Arch:
     name: str
     model_arch: gguf.MODEL_ARCH
     tied_output_allowed = True
+    default_partial_rotary = 1.0
+    layer_types: tuple[str, ...] = ("full_attention",)
 
     def check(self, cfg: dict) -> None:
-        pass
+        """Everything in the config that the conversion depends on, refused before any work."""
+        check_layer_types(cfg, self.layer_types)
+        rope_settings(cfg, self.default_partial_rotary)
 
     def metadata(self, w: gguf.GGUFWriter, cfg: dict) -> None:
         w.add_context_length(cfg["max_position_embeddings"])
@@ -70,25 +144,20 @@ class Arch:
         if cfg.get("head_dim"):
             w.add_key_length(cfg["head_dim"])
             w.add_value_length(cfg["head_dim"])
-        theta = rope_theta(cfg)
-        if theta is not None:
-            w.add_rope_freq_base(float(theta))
-        scaling = rope_params(cfg)
-        if scaling.get("rope_type") == "yarn":
+        rope = rope_settings(cfg, self.default_partial_rotary)
+        if rope.theta is not None:
+            w.add_rope_freq_base(float(rope.theta))
+        if rope.kind == "yarn":
             w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-            w.add_rope_scaling_factor(scaling["factor"])
-            w.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
-            if "attention_factor" in scaling:
-                w.add_rope_scaling_yarn_attn_factor(scaling["attention_factor"])
-            if "beta_fast" in scaling:
-                w.add_rope_scaling_yarn_beta_fast(scaling["beta_fast"])
-                w.add_rope_scaling_yarn_beta_slow(scaling["beta_slow"])
-        elif scaling.get("rope_type") == "linear":
+            w.add_rope_scaling_factor(rope.factor)
+            w.add_rope_scaling_orig_ctx_len(rope.original_context)
+            if rope.attention_factor is not None:
+                w.add_rope_scaling_yarn_attn_factor(float(rope.attention_factor))
+            w.add_rope_scaling_yarn_beta_fast(rope.beta_fast)
+            w.add_rope_scaling_yarn_beta_slow(rope.beta_slow)
+        elif rope.kind == "linear":
             w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            w.add_rope_scaling_factor(scaling["factor"])
-        elif scaling.get("rope_type") not in (None, "default"):
-            raise UserError(f"rope type '{scaling['rope_type']}' is not supported by ft's {self.name} converter",
-                            "config.json", "export this model with llama.cpp's own converter")
+            w.add_rope_scaling_factor(rope.factor)
 
     def transform(self, name: str, cfg: dict) -> tuple[str, Transform | None]:
         """(name to look up in gguf-py's map, transform). Default: unchanged."""
@@ -129,8 +198,11 @@ def reorder_value_heads(t: torch.Tensor, axis: int, n_k: int, n_v: int, head_dim
 class Qwen35(Arch):
     name = "qwen35"
     model_arch = gguf.MODEL_ARCH.QWEN35
+    default_partial_rotary = 0.25  # Qwen3_5TextConfig's default, and llama.cpp's converter's
+    layer_types = ("linear_attention", "full_attention")
 
     def check(self, cfg: dict) -> None:
+        super().check(cfg)
         if cfg["linear_key_head_dim"] != cfg["linear_value_head_dim"]:
             raise UserError("llama.cpp's qwen35 needs linear_key_head_dim == linear_value_head_dim",
                             "config.json", "this Qwen3.5 variant cannot run in llama.cpp")
@@ -141,8 +213,9 @@ class Qwen35(Arch):
     def metadata(self, w: gguf.GGUFWriter, cfg: dict) -> None:
         super().metadata(w, cfg)
         rope = rope_params(cfg)
-        w.add_rope_dimension_count(int(cfg["head_dim"] * rope.get("partial_rotary_factor", 1.0)))
-        sections = list(rope.get("mrope_section") or [11, 11, 10])
+        partial = rope_settings(cfg, self.default_partial_rotary).partial_rotary_factor
+        w.add_rope_dimension_count(int(cfg["head_dim"] * partial))
+        sections = list(rope.get("mrope_section") or cfg.get("mrope_section") or [11, 11, 10])
         w.add_rope_dimension_sections((sections + [0, 0, 0, 0])[:4])
         w.add_ssm_conv_kernel(cfg["linear_conv_kernel_dim"])
         w.add_ssm_state_size(cfg["linear_key_head_dim"])
@@ -201,6 +274,7 @@ class Olmo2(Arch):
     name = "olmo2"
     model_arch = gguf.MODEL_ARCH.OLMO2
     tied_output_allowed = False
+    layer_types = ("sliding_attention", "full_attention")
 
     def metadata(self, w: gguf.GGUFWriter, cfg: dict) -> None:
         super().metadata(w, cfg)

@@ -71,6 +71,7 @@ def export_run(run: RunDir, quant: str, keep_f16: bool = False, verify: bool = T
     arch = arch_for(info["gguf_arch"])  # unknown architectures fail here, before any work
     base_dir = local_snapshot(info["base_path"], recipe.model.revision)
     cfg = read_config(base_dir)
+    arch.check(cfg)  # a config ft cannot convert faithfully: refused before any work
     ckpt = Checkpoint.open(base_dir)
     adapter = Adapter(run.adapter)
     adapter.check(ckpt, base_dir)

@@ -92,3 +92,83 @@ def test_llama_without_the_rope_permutation_is_caught(checkpoint, tmp_path, monk
     with GGUFModel(out, n_ctx=256) as gguf:
         logits = verify.logit_parity(verify.reference_logits(merged, sequences), gguf, sequences)
     assert logits["top1_agreement"] < 0.9 or logits["kl_mean"] > 1e-2
+
+
+# --- config robustness: every spelling of the rope settings, and what cannot be converted -------
+
+def written(arch_name: str, cfg: dict) -> dict:
+    """The metadata ft's converter writes for this config, as {key: value}."""
+    import gguf
+
+    arch = arch_for(arch_name)
+    arch.check(cfg)
+    writer = gguf.GGUFWriter(path=None, arch=arch_name)
+    arch.metadata(writer, cfg)
+    return {k: v.value for k, v in writer.kv_data[0].items()}
+
+
+def qwen35_cfg(**changes) -> dict:
+    from finetune.twins import TWINS
+
+    cfg = {**TWINS["tiny-qwen3.5"].config, "vocab_size": 768}
+    cfg.update(changes)
+    return {k: v for k, v in cfg.items() if v is not None}
+
+
+def olmo3_cfg(**changes) -> dict:
+    from finetune.twins import TWINS
+
+    cfg = {**TWINS["tiny-olmo3"].config, "vocab_size": 768}
+    cfg.update(changes)
+    return {k: v for k, v in cfg.items() if v is not None}
+
+
+YARN = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64, "attention_factor": 1.2079,
+        "beta_fast": 32.0, "beta_slow": 1.0}
+
+
+def test_legacy_rope_scaling_type_is_read():
+    legacy = {k: v for k, v in YARN.items() if k != "rope_type"} | {"type": "yarn"}
+    for scaling in (YARN, legacy):
+        keys = written("olmo2", olmo3_cfg(rope_scaling=scaling))
+        assert keys["olmo2.rope.scaling.type"] == "yarn"
+        assert keys["olmo2.rope.scaling.factor"] == pytest.approx(8.0)
+        assert keys["olmo2.rope.scaling.original_context_length"] == 64
+        assert keys["olmo2.rope.scaling.yarn_attn_factor"] == pytest.approx(1.2079)
+
+
+def test_yarn_defaults_follow_transformers():
+    """Missing betas: transformers' 32 / 1 (llama.cpp's converter crashes on a missing beta_slow);
+    missing factor: max_position_embeddings / original context, as transformers derives it
+    (llama.cpp's converter silently drops YaRN)."""
+    no_betas = {k: v for k, v in YARN.items() if not k.startswith("beta")}
+    keys = written("olmo2", olmo3_cfg(rope_scaling=no_betas))
+    assert keys["olmo2.rope.scaling.yarn_beta_fast"] == 32 and keys["olmo2.rope.scaling.yarn_beta_slow"] == 1
+    no_factor = {k: v for k, v in YARN.items() if k != "factor"}
+    keys = written("olmo2", olmo3_cfg(rope_scaling=no_factor, max_position_embeddings=512))
+    assert keys["olmo2.rope.scaling.factor"] == pytest.approx(512 / 64)
+
+
+def test_partial_rotary_factor_nested_top_level_or_default():
+    nested = qwen35_cfg()
+    assert written("qwen35", nested)["qwen35.rope.dimension_count"] == 64 * 0.25
+    params = {k: v for k, v in nested["rope_parameters"].items() if k != "partial_rotary_factor"}
+    top = qwen35_cfg(rope_parameters=params, partial_rotary_factor=0.5)
+    assert written("qwen35", top)["qwen35.rope.dimension_count"] == 32
+    absent = qwen35_cfg(rope_parameters=params)  # Qwen3.5's default, as transformers and llama.cpp
+    assert written("qwen35", absent)["qwen35.rope.dimension_count"] == 16
+
+
+@pytest.mark.parametrize("arch_name,cfg,key", [
+    ("qwen35", qwen35_cfg(layer_types=["linear_attention"] * 3), "layer_types"),
+    ("olmo2", olmo3_cfg(layer_types=["sliding_attention"] * 3 + ["global"]), "layer_types"),
+    ("olmo2", olmo3_cfg(rope_scaling={**YARN, "mscale": 0.7, "mscale_all_dim": 0.7}), "mscale"),
+    ("olmo2", olmo3_cfg(rope_scaling={"rope_type": "linear"}), "factor"),
+    ("olmo2", olmo3_cfg(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope_type"),
+])
+def test_unconvertible_configs_are_refused_naming_the_key(arch_name, cfg, key):
+    from finetune.errors import UserError
+
+    with pytest.raises(UserError) as info:
+        arch_for(arch_name).check(cfg)
+    assert f"config.json" in info.value.render() and key in info.value.render()
