@@ -28,32 +28,40 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {gpu}; torch {torch.__version__}"
 
 
-def peak_rss_of(pid: int) -> int | None:
-    """VmHWM of a live process in bytes. Unlike rusage, it starts fresh at exec, so a child forked
-    from this (large) benchmark process is not charged with the parent's memory."""
+def status_field(pid: int, field: str) -> int | None:
+    """A memory field of /proc/PID/status in bytes: VmHWM (peak RSS; unlike rusage it starts fresh
+    at exec, so a child forked from this large benchmark process is not charged with the parent's
+    memory) or RssAnon (anonymous memory now: RSS less the file pages mapped from disk, such as a
+    memory-mapped checkpoint or GGUF, which the kernel can drop and re-read)."""
     try:
         for line in open(f"/proc/{pid}/status"):
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         return None
     return None
 
 
+def peak_rss_of(pid: int) -> int | None:
+    return status_field(pid, "VmHWM")
+
+
 def measured(argv: list[str], cwd: Path = ROOT, env: dict | None = None) -> dict:
-    """Run a command to completion: its wall time, its output, and its peak resident memory (the
+    """Run a command to completion: its wall time, its output, its peak resident memory (the
     high-water mark of the process, sampled every 50 ms while it runs; it only ever grows, so
-    the last sample is the peak up to 50 ms before exit)."""
+    the last sample is the peak up to 50 ms before exit) and the largest anonymous memory seen
+    in those samples (no high-water mark exists for it: a spike shorter than 50 ms can be missed)."""
     import threading
 
     start = time.monotonic()
     proc = subprocess.Popen(argv, cwd=cwd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    peak = [0]
+    peak, anon = [0], [0]
 
     def sample():
         while proc.poll() is None:
             peak[0] = max(peak[0], peak_rss_of(proc.pid) or 0)
+            anon[0] = max(anon[0], status_field(proc.pid, "RssAnon") or 0)
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -64,7 +72,7 @@ def measured(argv: list[str], cwd: Path = ROOT, env: dict | None = None) -> dict
     wall = time.monotonic() - start
     if proc.returncode != 0:
         sys.exit(f"benchmark step failed ({proc.returncode}): {' '.join(argv)}\n{output[-4000:]}")
-    return {"wall_s": wall, "peak_rss_mib": peak[0] / 2**20, "output": output}
+    return {"wall_s": wall, "peak_rss_mib": peak[0] / 2**20, "peak_anon_mib": anon[0] / 2**20, "output": output}
 
 
 def python(*args: str) -> list[str]:

@@ -10,7 +10,10 @@ each step in its own process: peft `merge_and_unload()` + `save_pretrained()`, l
 `convert_hf_to_gguf.py --outtype f16 --no-mtp` (the synthetic checkpoint has no MTP layers), then quantization to Q4_K_M (the same
 llama_model_quantize that `llama-quantize` calls). The converter comes from the
 llama-cpp-python source release matching the installed version, fetched from PyPI once into
-$FT_CACHE/bench. ft runs `ft export --no-verify` (the usual path verifies nothing).
+$FT_CACHE/bench. ft runs `ft export` twice: with its default verification (tokenizer, logit parity
+of both files against a transformers + peft reference streamed one layer at a time, stops), whose
+anonymous memory must stay under 25% of the bf16 checkpoint + 1.5 GiB, and with --no-verify, the
+like-for-like comparison with the usual path (which verifies nothing).
 """
 
 from __future__ import annotations
@@ -191,6 +194,9 @@ def main() -> None:
     print(f"machine: {machine()}\ncheckpoint: {checkpoint / 2**30:.2f} GiB bf16 Qwen3.5 ({args.layers} layers, "
           f"hidden {args.hidden}), LoRA r=16 on every target\n")
 
+    verified = measured(python("-m", "finetune", "export", str(run), "--quant", "q4_k_m"))
+    verified_report = json.loads((run / "export" / "export.json").read_text())
+    shutil.rmtree(run / "export")
     # --keep-f16 so the 16-bit intermediate ft writes (and normally deletes) is counted
     ft = measured(python("-m", "finetune", "export", str(run), "--quant", "q4_k_m", "--no-verify", "--keep-f16"))
     ft_written = size(run / "export")
@@ -211,7 +217,14 @@ def main() -> None:
     rows.append(["ft export --no-verify", ft["wall_s"], ft["peak_rss_mib"], f"{ft_written / 2**30:.2f} GiB"])
     rows.append(["  of which merge + f16 GGUF", ft_report["convert"]["seconds"], "", ""])
     rows.append(["  of which quantize q4_k_m", ft_report["quantize_seconds"], "", ""])
+    rows.append(["ft export (verified, the default)", verified["wall_s"], verified["peak_rss_mib"], ""])
     print(table(["export", "wall s", "peak RSS MiB", "bytes written"], rows))
+    bound = 0.25 * checkpoint / 2**20 + 1536
+    verdict = "within" if verified["peak_anon_mib"] <= bound else "OVER"
+    print(f"\nft export with verification: peak anonymous memory {verified['peak_anon_mib']:,.0f} MiB, "
+          f"{verdict} the bound of 25% of the checkpoint + 1.5 GiB = {bound:,.0f} MiB "
+          f"(peak RSS with mapped files {verified['peak_rss_mib']:,.0f} MiB); verification "
+          f"{'passed' if verified_report['verify']['passed'] else 'FAILED'}")
     ratio_rss, ratio_wall = usual_peak / ft["peak_rss_mib"], ft["wall_s"] / usual_wall
     share = ft["peak_rss_mib"] * 2**20 / checkpoint
     print(f"\nft peak RSS = {share:.1%} of the checkpoint, {ratio_rss:.1f}x below the usual path; "
@@ -223,7 +236,11 @@ def main() -> None:
         "usual": {"steps": {k: {"wall_s": round(v["wall_s"], 1), "peak_rss_mib": round(v["peak_rss_mib"])}
                             for k, v in steps.items()},
                   "wall_s": round(usual_wall, 1), "peak_rss_mib": round(usual_peak), "bytes_written": usual_written},
-        "ft_peak_share_of_checkpoint": round(share, 3), "rss_ratio": round(ratio_rss, 2), "wall_ratio": round(ratio_wall, 3)})
+        "ft_peak_share_of_checkpoint": round(share, 3), "rss_ratio": round(ratio_rss, 2), "wall_ratio": round(ratio_wall, 3),
+        "ft_verified": {"wall_s": round(verified["wall_s"], 1), "peak_rss_mib": round(verified["peak_rss_mib"]),
+                        "peak_anon_mib": round(verified["peak_anon_mib"]), "anon_bound_mib": round(bound),
+                        "within_bound": verified["peak_anon_mib"] <= bound,
+                        "passed": verified_report["verify"]["passed"]}})
     print(f"written: {path}")
     if not args.keep:
         shutil.rmtree(work)

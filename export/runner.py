@@ -149,19 +149,10 @@ def export_run(run: RunDir, quant: str, keep_f16: bool = False, verify: bool = T
 
 
 def run_verification(run, recipe, family, tokenizer, base_dir, sixteen_path, shipped, kwargs, log):
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
+    from export.reference import reference_logits
     from finetune.data import Renderer, load_splits
     from finetune.train import training_template
 
-    # The reference: the original base in full precision with the adapter merged by peft,
-    # independently of ft's own streaming merge.
-    gpu = torch.cuda.is_available()
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16 if gpu else torch.float32,
-                                                device_map={"": 0} if gpu else {"": "cpu"})
-    reference = PeftModel.from_pretrained(base, str(run.adapter)).merge_and_unload().eval()
     heldout = load_splits(recipe).heldout[:VERIFY_PROMPTS]
     template, where = training_template(recipe, family)
     renderer = Renderer(tokenizer, template, family.read_template(), kwargs, where)
@@ -170,12 +161,17 @@ def run_verification(run, recipe, family, tokenizer, base_dir, sixteen_path, shi
     prompts = [tokenizer.encode(t, add_special_tokens=False) for t in prompt_texts]
     stop_ids = {tokenizer.convert_tokens_to_ids(t) for t in family.end_of_turn}
     specials = [t for t in tokenizer.all_special_tokens] + list(family.end_of_turn)
-    result = verify_mod.verify(
-        tokenizer=tokenizer, reference_model=reference, sequences=sequences, prompts=prompts,
-        prompt_texts=prompt_texts, stop_ids=stop_ids, specials=specials, sixteen_bit=sixteen_path,
-        quantized=shipped, max_new_tokens=recipe.eval.max_new_tokens, log=log)
-    del reference, base
-    return result
+    # The fine-tuned model as transformers + peft compute it, one layer in memory at a time; its
+    # logits go to a file (file-backed pages, not the process's anonymous memory).
+    logits_file = sixteen_path.parent / ".reference-logits.npy.partial"
+    try:
+        reference = reference_logits(base_dir, run.adapter, sequences, logits_file)
+        return verify_mod.verify(
+            tokenizer=tokenizer, reference=reference, sequences=sequences, prompts=prompts,
+            prompt_texts=prompt_texts, stop_ids=stop_ids, specials=specials, sixteen_bit=sixteen_path,
+            quantized=shipped, max_new_tokens=recipe.eval.max_new_tokens, log=log)
+    finally:
+        logits_file.unlink(missing_ok=True)
 
 
 def ollama_create(name: str, modelfile_path: Path) -> str:

@@ -5,8 +5,13 @@
 2. logit parity on held-out conversations: the 16-bit GGUF against the merged model in
    transformers (top-1 agreement and mean KL); the quantized file against the same, with looser
    bounds that still fail a broken file;
-3. stops: the quantized model, given held-out prompts rendered with the served template (the
-   one the Modelfile's TEMPLATE reproduces), ends its answers with an end-of-turn token.
+3. stops: given held-out prompts rendered with the served template (the one the Modelfile's
+   TEMPLATE reproduces), the shipped file ends its answers with an end-of-turn token as often as
+   the fine-tuned model does. The fine-tuned model's own rate is the 16-bit file's, which step 2
+   has just shown to compute the same logits; an under-trained model that never stops yet is
+   therefore not held against its export.
+
+The reference is export/reference.py: transformers + peft, streamed one layer at a time.
 """
 
 from __future__ import annotations
@@ -20,12 +25,19 @@ import torch
 
 from export.llama import GGUFModel
 
-# A correct converter matches to float precision (GGUF_FACTS.md §10: F16 KL < 1e-5); a quantized
-# file drifts, but a file with one wrong transform drifts far more (top-1 well under 0.5).
+# A correct converter matches to float precision (GGUF_FACTS.md §10: F16 KL < 1e-5). A quantized
+# file drifts, and how far depends on the model: quantization flips near-ties, and a random-weight
+# or barely trained model is almost all near-ties. Calibrated on faithful Q4_K_M files of the
+# twins (random weights, 6, 20, 40 and 200 steps): mean KL 0.0021-0.0044, top-1 agreement
+# 0.68-0.93 over all positions, 1.0 where the reference is decisive (its top token leads the
+# runner-up by DECISIVE_MARGIN in probability). A faithful Q4_K_M of the *untrained* base shipped
+# for a 40-step run: KL 0.19, top-1 0.02. llama.cpp's published Q4_K_M KL on 7-9B models is
+# about 0.01-0.05, so kl_max keeps a margin of 2x over real models.
+DECISIVE_MARGIN = 0.2
 THRESHOLDS = {
     "sixteen_bit": {"top1_min": 0.99, "kl_max": 1e-3},
-    "quantized": {"top1_min": 0.80, "kl_max": 0.25},
-    "stop_rate_min": 0.9,
+    "quantized": {"top1_min": 0.5, "top1_decisive_min": 0.9, "kl_max": 0.1},
+    "stop_rate_drop_max": 0.25,  # shipped file's clean stops vs the 16-bit file's, same prompts
 }
 
 CORPUS = [
@@ -72,26 +84,26 @@ def tokenizer_parity(tokenizer, gguf: GGUFModel, texts: list[str], specials: lis
             "mismatches": mismatches[:5], "nfc_normalization_only": nfc_only[:5]}
 
 
-def reference_logits(model, sequences: list[list[int]]) -> list[np.ndarray]:
-    out = []
-    with torch.no_grad():
-        for ids in sequences:
-            out.append(model(torch.tensor([ids], device=model.device)).logits[0].float().cpu().numpy())
-    return out
-
-
-def logit_parity(reference: list[np.ndarray], gguf: GGUFModel, sequences: list[list[int]]) -> dict:
-    agree, kls, positions = 0, [], 0
-    for ref, ids in zip(reference, sequences):
-        got = gguf.logits(ids)[:, : ref.shape[1]]
-        p = torch.log_softmax(torch.from_numpy(ref), -1)
-        q = torch.log_softmax(torch.from_numpy(got), -1)
+def logit_parity(reference: np.ndarray, gguf: GGUFModel, sequences: list[list[int]]) -> dict:
+    """`reference`: the sequences' logits stacked over positions (a file-backed array)."""
+    agree, decisive, decisive_agree, kls, at = 0, 0, 0, [], 0
+    for ids in sequences:
+        ref = torch.from_numpy(np.asarray(reference[at:at + len(ids)]))
+        at += len(ids)
+        got = torch.from_numpy(gguf.logits(ids)[:, : ref.shape[1]])
+        p = torch.log_softmax(ref, -1)
+        q = torch.log_softmax(got, -1)
         kls.append((p.exp() * (p - q)).sum(-1))
-        agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
-        positions += len(ids)
+        same = ref.argmax(-1) == got.argmax(-1)
+        top2 = p.exp().topk(2, dim=-1).values
+        sure = (top2[:, 0] - top2[:, 1]) >= DECISIVE_MARGIN
+        agree += int(same.sum())
+        decisive += int(sure.sum())
+        decisive_agree += int((same & sure).sum())
     kl = torch.cat(kls)
-    return {"positions": positions, "top1_agreement": agree / positions, "kl_mean": float(kl.mean()),
-            "kl_max": float(kl.max())}
+    return {"positions": at, "top1_agreement": agree / at, "decisive_positions": decisive,
+            "top1_agreement_decisive": decisive_agree / decisive if decisive else None,
+            "kl_mean": float(kl.mean()), "kl_max": float(kl.max())}
 
 
 def stops(gguf: GGUFModel, tokenizer, prompts: list[list[int]], stop_ids: set[int], max_new_tokens: int) -> dict:
@@ -105,31 +117,38 @@ def stops(gguf: GGUFModel, tokenizer, prompts: list[list[int]], stop_ids: set[in
 
 def check_logits(v: Verification, name: str, result: dict, bounds: dict) -> None:
     v.checks[name] = {**result, "bounds": bounds}
-    if result["top1_agreement"] < bounds["top1_min"] or result["kl_mean"] > bounds["kl_max"]:
-        v.failures.append(f"{name}: top-1 agreement {result['top1_agreement']:.4f} (min {bounds['top1_min']}), "
+    decisive = result["top1_agreement_decisive"]
+    if (result["top1_agreement"] < bounds["top1_min"] or result["kl_mean"] > bounds["kl_max"]
+            or (decisive is not None and decisive < bounds.get("top1_decisive_min", 0))):
+        shown = "" if decisive is None or "top1_decisive_min" not in bounds else (
+            f", on {result['decisive_positions']} decisive positions {decisive:.4f} (min {bounds['top1_decisive_min']})")
+        v.failures.append(f"{name}: top-1 agreement {result['top1_agreement']:.4f} (min {bounds['top1_min']}){shown}, "
                           f"mean KL {result['kl_mean']:.2e} (max {bounds['kl_max']:g})")
 
 
-def verify(*, tokenizer, reference_model, sequences: list[list[int]], prompts: list[list[int]], prompt_texts: list[str],
-           stop_ids: set[int], specials: list[str], sixteen_bit: Path | None, quantized: Path | None,
-           max_new_tokens: int, log: Path | None) -> Verification:
+def verify(*, tokenizer, reference: np.ndarray, sequences: list[list[int]], prompts: list[list[int]],
+           prompt_texts: list[str], stop_ids: set[int], specials: list[str], sixteen_bit: Path,
+           quantized: Path, max_new_tokens: int, log: Path | None) -> Verification:
     v = Verification()
-    reference = reference_logits(reference_model, sequences)
     n_ctx = max(len(s) for s in sequences + prompts) + max_new_tokens + 16
-    if sixteen_bit is not None:
-        with GGUFModel(sixteen_bit, n_ctx, log) as gguf:
-            parity = tokenizer_parity(tokenizer, gguf, prompt_texts, specials)
-            v.checks["tokenizer"] = parity
-            if parity["mismatches"]:
-                v.failures.append(f"tokenizer: {len(parity['mismatches'])} of {parity['cases']} texts tokenize "
-                                  f"differently in llama.cpp, e.g. {parity['mismatches'][0]['text'][:60]!r}")
-            check_logits(v, "logits_16bit", logit_parity(reference, gguf, sequences), THRESHOLDS["sixteen_bit"])
-    if quantized is not None:
+    with GGUFModel(sixteen_bit, n_ctx, log) as gguf:
+        parity = tokenizer_parity(tokenizer, gguf, prompt_texts, specials)
+        v.checks["tokenizer"] = parity
+        if parity["mismatches"]:
+            v.failures.append(f"tokenizer: {len(parity['mismatches'])} of {parity['cases']} texts tokenize "
+                              f"differently in llama.cpp, e.g. {parity['mismatches'][0]['text'][:60]!r}")
+        check_logits(v, "logits_16bit", logit_parity(reference, gguf, sequences), THRESHOLDS["sixteen_bit"])
+        fine_tuned = stops(gguf, tokenizer, prompts, stop_ids, max_new_tokens)
+    if quantized == sixteen_bit:
+        shipped = fine_tuned
+    else:
         with GGUFModel(quantized, n_ctx, log) as gguf:
             check_logits(v, "logits_shipped", logit_parity(reference, gguf, sequences), THRESHOLDS["quantized"])
-            result = stops(gguf, tokenizer, prompts, stop_ids, max_new_tokens)
-            v.checks["stops"] = {**result, "min_rate": THRESHOLDS["stop_rate_min"]}
-            if result["stop_rate"] < THRESHOLDS["stop_rate_min"]:
-                v.failures.append(f"stops: only {result['stop_rate']:.0%} of held-out answers ended with an "
-                                  f"end-of-turn token within {max_new_tokens} tokens")
+            shipped = stops(gguf, tokenizer, prompts, stop_ids, max_new_tokens)
+    drop = THRESHOLDS["stop_rate_drop_max"]
+    v.checks["stops"] = {**shipped, "fine_tuned_stop_rate": fine_tuned["stop_rate"], "max_drop": drop}
+    if shipped["stop_rate"] < fine_tuned["stop_rate"] - drop:
+        v.failures.append(f"stops: {shipped['stop_rate']:.0%} of held-out answers from the shipped file ended with "
+                          f"an end-of-turn token within {max_new_tokens} tokens, against "
+                          f"{fine_tuned['stop_rate']:.0%} for the fine-tuned model (16-bit)")
     return v

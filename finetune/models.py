@@ -120,6 +120,11 @@ REGISTRY = {
                   "tiny Qwen3_5ForCausalLM built locally (3 linear + 1 full attention layers)"),
         BaseModel("tiny-olmo3", OLMO3, None, "apache-2.0",
                   "tiny Olmo3ForCausalLM built locally (3 sliding + 1 full attention layers)"),
+        BaseModel("tiny-qwen3.5-hub", QWEN3_5, None, "apache-2.0",
+                  "tiny Qwen3.5 saved as the hub checkpoint is: vision-language class, text_config, "
+                  "vision tower, MTP head"),
+        BaseModel("tiny-olmo3-yarn", OLMO3, None, "apache-2.0",
+                  "tiny OLMo 3 with the 7B's hub config: YaRN rope_scaling, sliding window, 3:1 pattern"),
     )
 }
 

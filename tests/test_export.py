@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,6 +42,54 @@ def qwen_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def olmo_run(tmp_path_factory):
     return trained_run(tmp_path_factory.mktemp("export"), "tiny-olmo3")
+
+
+@pytest.fixture(scope="module")
+def qwen_hub_run(tmp_path_factory):
+    return trained_run(tmp_path_factory.mktemp("export"), "tiny-qwen3.5-hub")
+
+
+@pytest.fixture(scope="module")
+def olmo_yarn_run(tmp_path_factory):
+    return trained_run(tmp_path_factory.mktemp("export"), "tiny-olmo3-yarn")
+
+
+@pytest.mark.parametrize("which", ["qwen_hub_run", "olmo_yarn_run"])
+def test_hub_layout_twins_train_export_and_evaluate_as_gguf(which, request, tmp_path):
+    """The checkpoints users train are not flat CausalLM folders: Qwen3.5-9B is published as the
+    vision-language class (text_config, model.language_model.*, a vision tower, an MTP head),
+    OLMo 3 7B with legacy `rope_scaling` YaRN and a sliding window. Both twins are saved that way,
+    trained, exported with verification and evaluated with the GGUF column; the held-out
+    sequences are longer than the OLMo twin's window and YaRN original context (64)."""
+    from gguf import GGUFReader
+
+    run = copy_run(request.getfixturevalue(which), tmp_path)
+    result = run_ft("export", str(run.root))
+    assert result.returncode == 0, result.stderr[-3000:]
+    verify = json.loads((run.export_dir / "verify.json").read_text())
+    assert verify["passed"], verify["failures"]
+    assert verify["logits_16bit"]["top1_agreement"] >= 0.99 and verify["logits_16bit"]["kl_mean"] < 1e-3
+    report = json.loads((run.export_dir / "export.json").read_text())
+    reader = GGUFReader(run.export_dir / "tiny-support-q4_k_m.gguf")
+    fields = {f.name: f for f in reader.fields.values()}
+    if which == "qwen_hub_run":
+        skipped = report["convert"]["skipped"]
+        assert any(n.startswith("model.visual.") for n in skipped) and any(n.startswith("mtp.") for n in skipped)
+        assert not any("visual" in t.name or "mtp" in t.name for t in reader.tensors)
+    else:
+        assert "olmo2.rope.scaling.type" in fields and "olmo2.attention.sliding_window" in fields
+        assert min(len(s) for s in heldout_sequences(run)) > 64  # past the window and the original context
+    result = run_ft("eval", str(run.root), "--gguf", "--set", "eval.max_examples=8", "--set", "eval.max_new_tokens=32")
+    assert result.returncode == 0, result.stderr[-3000:]
+    columns = json.loads((run.eval_dir / "report.json").read_text())["columns"]
+    assert columns == ["base", "fine-tuned", "gguf"]
+
+
+def heldout_sequences(run: RunDir) -> list[list[int]]:
+    from finetune.train import prepare
+
+    prep = prepare(load_recipe(run.recipe))
+    return [prep.renderer.final_turn(e)[1].input_ids for e in prep.splits.heldout[:8]]
 
 
 def copy_run(run: RunDir, dest) -> RunDir:
@@ -120,6 +170,80 @@ def test_broken_conversion_fails_verification(qwen_run, tmp_path, monkeypatch):
     assert (run.export_dir / f"{name}-q4_k_m.FAILED.gguf").is_file()
     assert not (run.export_dir / f"{name}-q4_k_m.gguf").exists()
     assert not json.loads((run.export_dir / "verify.json").read_text())["passed"]
+
+
+def untrained(run: RunDir) -> RunDir:
+    """The same run with every lora_B zeroed: the fine-tuned model is the random-weight base."""
+    from safetensors.torch import load_file, save_file
+
+    path = run.adapter / "adapter_model.safetensors"
+    tensors = {k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in load_file(str(path)).items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return run
+
+
+def test_faithful_export_of_a_random_weight_model_passes(qwen_run, tmp_path):
+    """A model that never stops and has no decisive token (random weights) is exported faithfully:
+    verification compares the shipped file with it, not with what a trained model would do."""
+    run = untrained(copy_run(qwen_run, tmp_path))
+    export_run(run, "q4_k_m", progress=lambda m: None)
+    verify = json.loads((run.export_dir / "verify.json").read_text())
+    assert verify["passed"], verify["failures"]
+    assert verify["logits_16bit"]["top1_agreement"] >= 0.99
+    assert verify["stops"]["stop_rate"] >= verify["stops"]["fine_tuned_stop_rate"] - 0.25
+
+
+def test_a_shipped_file_of_another_model_fails_verification(qwen_run, tmp_path, monkeypatch):
+    """Negative control for the quantized-file bounds: the trained run's export ships a faithful
+    Q4_K_M of the *untrained* base instead. Logits and stops must both give it away."""
+    import export.runner
+
+    other = untrained(copy_run(qwen_run, tmp_path / "other"))
+    export_run(other, "q4_k_m", verify=False, progress=lambda m: None)
+    impostor = other.export_dir / "tiny-support-q4_k_m.gguf"
+    monkeypatch.setattr(export.runner, "quantize", lambda src, dst, quant: shutil.copy(impostor, dst))
+    run = copy_run(qwen_run, tmp_path)
+    with pytest.raises(VerifyFailed) as info:
+        export_run(run, "q4_k_m", progress=lambda m: None)
+    assert any(f.startswith("logits_shipped") for f in info.value.failures), info.value.failures
+    assert any(f.startswith("stops") for f in info.value.failures), info.value.failures
+
+
+@pytest.mark.parametrize("which", ["qwen_run", "olmo_run"])
+def test_streamed_reference_equals_the_merged_model(which, request, tmp_path, monkeypatch):
+    """Verification's reference (one layer in memory at a time, adapter applied by peft, logits in
+    vocabulary blocks) computes what peft's merge_and_unload() model computes."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from export import reference as reference_mod
+    from finetune.train import prepare
+
+    run = request.getfixturevalue(which)
+    prep = prepare(load_recipe(run.recipe))
+    sequences = [prep.renderer.final_turn(e)[1].input_ids for e in prep.splits.heldout[:4]]
+    monkeypatch.setattr(reference_mod, "VOCAB_BLOCK_BYTES", 64 * 256 * 4)  # several vocabulary blocks
+    streamed = reference_mod.reference_logits(Path(prep.base.path), run.adapter, sequences, tmp_path / "r.npy")
+    base = AutoModelForCausalLM.from_pretrained(prep.base.path, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, str(run.adapter)).merge_and_unload().eval()
+    with torch.no_grad():
+        expected = torch.cat([merged(torch.tensor([s])).logits[0] for s in sequences])
+    torch.testing.assert_close(torch.from_numpy(np.asarray(streamed)), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_unconvertible_config_fails_before_any_work(qwen_run, tmp_path):
+    run = copy_run(qwen_run, tmp_path)
+    info_path = run.adapter / "ft_adapter.json"
+    info = json.loads(info_path.read_text())
+    base = tmp_path / "base"
+    shutil.copytree(info["base_path"], base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "layer_types": config["layer_types"][:-1]}))
+    info_path.write_text(json.dumps({**info, "base_path": str(base)}))
+    result = run_ft("export", str(run.root))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "config.json layer_types" in result.stderr and "fix:" in result.stderr
+    assert not run.export_dir.exists()
 
 
 def test_unknown_architecture_fails_before_any_work(qwen_run, tmp_path):
