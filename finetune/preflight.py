@@ -95,6 +95,19 @@ def check_disk(needs: list[Need], action: str) -> list[str]:
     return lines
 
 
+def logits_bytes(tokens: int, vocab: int) -> int:
+    """The loss's logits, forward and backward in fp32. TRL >= 1.16 computes log-probabilities in
+    [4096 token, 32768 vocabulary] tiles (trl/kernels/chunked_logprob.py) and never builds the
+    full [tokens, vocabulary] array; older TRL (unsloth's pin, 1.15) does."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    if Version(version("trl")) >= Version("1.16"):
+        return min(tokens, 4096) * min(vocab, 32768) * 4 * 2
+    return tokens * vocab * 4 * 2
+
+
 @dataclass
 class TrainPlan:
     lines: list[str]  # what the estimate says, printed and kept in the manifest
@@ -133,12 +146,15 @@ def preflight_train(recipe, base, run_root: Path, targets: list[str]) -> TrainPl
 
     gpu = torch.cuda.is_available()
     dense_bytes = 2 if gpu else 4  # compute dtype: bf16 on GPU, fp32 on CPU
-    weights = int((params - embed) * (NF4_BYTES_PER_PARAM if recipe.quantization.load_in_4bit else dense_bytes)
-                  + embed * dense_bytes)
+    four_bit = recipe.quantization.load_in_4bit
+    # peft's prepare_model_for_kbit_training upcasts every parameter it cannot quantize to fp32:
+    # the embedding and lm_head above all (2.03 B parameters, about 8 GB, in Qwen3.5-9B).
+    embed_bytes = 4 if four_bit else dense_bytes
+    weights = int((params - embed) * (NF4_BYTES_PER_PARAM if four_bit else dense_bytes) + embed * embed_bytes)
     hidden = getattr(text_config, "hidden_size", 0)
     layers = getattr(text_config, "num_hidden_layers", 0)
     tokens = recipe.train.batch_size * recipe.data.max_length
-    logits = tokens * getattr(text_config, "vocab_size", 0) * 4 * 2
+    logits = logits_bytes(tokens, getattr(text_config, "vocab_size", 0))
     where = "GPU" if gpu else "RAM"
     available = torch.cuda.mem_get_info()[0] if gpu else available_ram()
 
