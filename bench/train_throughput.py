@@ -112,7 +112,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from finetune.train import lora_targets
-    from finetune.models import resolve_base
+    from finetune.bases import resolve_base
     from finetune.recipe import load_recipe
     from finetune.twins import ensure_twin
 

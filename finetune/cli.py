@@ -1,5 +1,9 @@
 """`ft`: the command line. Each command is a thin shell over one module.
 
+The one place allowed to import every stage: finetune (training), eval and export. Elsewhere the
+direction is one way, finetune ← export ← eval (export uses finetune's recipes, registry and data;
+eval also uses export's GGUF runtime); nothing in finetune but this file imports eval or export.
+
 Exit codes (finetune/errors.py): 0 success, 1 a bug in ft, 2 a problem the user can fix (one message,
 no traceback), 3 an eval gate failed, 4 an export failed verification.
 """
@@ -155,6 +159,28 @@ def export(
         out.print(ollama_create(ollama, modelfile_path))
     else:
         out.print(f"next: ollama create {recipe.name} -f {modelfile_path}")
+
+
+@app.command()
+def chat(
+    run: Optional[str] = typer.Argument(None, help="run folder (default: the newest under runs/)"),
+    gguf: bool = typer.Option(False, "--gguf", help="chat with the exported GGUF through llama.cpp (run ft export first)"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="answer this one message and exit (scriptable)"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1,
+                                                 help="answer length limit (default: the recipe's eval.max_new_tokens)"),
+):
+    """Talk to the fine-tune in the terminal, with the served template and system prompt."""
+    from eval.chat import interactive, open_chat
+    from finetune.run import find_run
+
+    chosen = find_run(run)
+    logs.attach(chosen.root / "logs" / "chat.log")
+    session = open_chat(chosen, gguf, max_new_tokens)
+    if prompt is not None:
+        session.reply(prompt, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+        sys.stdout.write("\n")
+        return
+    interactive(session)
 
 
 @app.command()

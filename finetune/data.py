@@ -1,11 +1,14 @@
 """Data: files → conversations → token ids with assistant-only labels.
 
-Three record shapes are accepted, detected from the first record unless the recipe says:
+Four record shapes are accepted, detected from the first record unless the recipe says:
   chat               {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
+  sharegpt           {"conversations": [{"from": "system"|"human"|"gpt", "value": ...}, ...]}
+                     (also user/assistant, and role/content keys inside the list)
   instruction        {"instruction": ..., "input": ..., "output": ...}
   prompt_completion  {"prompt": ..., "completion": ...}
 `data.columns` maps these field names onto a file's own columns (`{prompt: text, completion:
-category}`), which is how CSV files are read.
+category}`, or `{conversations: dialog, role: speaker, content: text}`), which is how CSV files
+are read. `data.train` may list several files, each with its own format, columns and weight.
 
 Labels are computed by the chat template itself: the family's *training* template marks the text
 a model must learn to produce with `{% generation %}`, and transformers returns that as a mask.
@@ -31,6 +34,7 @@ from finetune.recipe import DataSection, Recipe
 ROLES = ("system", "user", "assistant")
 FORMAT_FIELDS = {
     "chat": ("messages",),
+    "sharegpt": ("conversations",),
     "instruction": ("instruction", "output"),
     "prompt_completion": ("prompt", "completion"),
 }
@@ -140,15 +144,15 @@ def _read_hub(name: str, split: str) -> list[tuple[dict, str]]:
 def detect_format(record: dict, data: DataSection, where: str) -> str:
     if data.format != "auto":
         return data.format
-    present = {f for f in ("messages", "instruction", "output", "prompt", "completion")
+    present = {f for f in ("messages", "conversations", "instruction", "output", "prompt", "completion")
                if data.columns.get(f, f) in record}
     for fmt, needed in FORMAT_FIELDS.items():
         if all(f in present for f in needed):
             return fmt
     raise UserError(
         f"cannot tell the record format from its fields {sorted(record)[:8]}", where,
-        "use fields messages | instruction/input/output | prompt/completion, or map your "
-        "columns with data.columns (e.g. {prompt: text, completion: label})",
+        "use fields messages | conversations (ShareGPT) | instruction/input/output | prompt/completion, or map "
+        "your columns with data.columns (e.g. {prompt: text, completion: label})",
     )
 
 
@@ -168,6 +172,12 @@ def to_example(record: dict, fmt: str, data: DataSection, where: str) -> Example
         if not isinstance(messages, list):
             raise UserError("'messages' must be a list of {role, content}", where, "see the chat format in README.md")
         messages = [_check_message(m, i, where) for i, m in enumerate(messages)]
+    elif fmt == "sharegpt":
+        turns = get("conversations")
+        if not isinstance(turns, list):
+            raise UserError(f"'{data.columns.get('conversations', 'conversations')}' must be a list of turns", where,
+                            "see the ShareGPT format in README.md")
+        messages = [_check_message(_sharegpt_turn(t, i, data, where), i, where) for i, t in enumerate(turns)]
     elif fmt == "instruction":
         extra = get("input", required=False)
         user = str(get("instruction")) + (f"\n\n{extra}" if extra else "")
@@ -192,6 +202,30 @@ def to_example(record: dict, fmt: str, data: DataSection, where: str) -> Example
                             f"fix data.label_column; columns here: {', '.join(sorted(record))}")
         label = str(record[data.label_column])
     return Example(messages, where, label)
+
+
+# ShareGPT speaker names (Axolotl, LLaMA-Factory and unsloth's standardize_sharegpt read the same).
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+TOOL_ROLES = ("function_call", "observation", "tool", "function", "ipython", "tool_call", "tool_response")
+
+
+def _sharegpt_turn(turn, index: int, data: DataSection, where: str) -> dict:
+    """A ShareGPT turn ({from, value}, or {role, content}) as a chat message."""
+    if not isinstance(turn, dict):
+        raise UserError(f"turn {index} must be an object", where, 'write turns as {"from": ..., "value": ...}')
+    role_key = data.columns.get("role") or ("from" if "from" in turn else "role")
+    content_key = data.columns.get("content") or ("value" if "value" in turn else "content")
+    if role_key not in turn or content_key not in turn:
+        raise UserError(f"turn {index} has no '{role_key}' and '{content_key}' keys (it has {sorted(turn)})", where,
+                        "name them with data.columns, e.g. {role: speaker, content: text}")
+    speaker = turn[role_key]
+    if speaker in TOOL_ROLES:
+        raise UserError(f"turn {index} is a tool turn ('{speaker}'): ft trains system, user and assistant turns only",
+                        where, "remove tool and function turns (or the records with them) from the training file")
+    if speaker not in SHAREGPT_ROLES:
+        raise UserError(f"turn {index} has unknown speaker '{speaker}'", where,
+                        f"use one of: {', '.join(SHAREGPT_ROLES)}")
+    return {"role": SHAREGPT_ROLES[speaker], "content": turn[content_key]}
 
 
 def _check_message(message, index: int, where: str) -> dict:
@@ -237,14 +271,33 @@ def _auto_label(examples: list[Example]) -> None:
 # --- splits -----------------------------------------------------------------------------------
 
 def load_splits(recipe: Recipe) -> Splits:
+    """Training and held-out examples from every source. Without a held-out file each source is
+    split on its own (stratified within it), so every source is represented in the held-out set
+    in its own proportion; weights apply to the training part only."""
     data = recipe.data
-    train, fmt = load_examples(data.train, data, data.limit, recipe.train.seed)
-    stats: dict = {"format": fmt}
-    within = len(train) - len({e.key() for e in train})
+    train, heldout_parts, sources, within = [], [], [], 0
+    fmt = None
+    for source in data.sources:
+        section = data.model_copy(update={"format": source.format, "columns": source.columns})
+        examples, fmt = load_examples(source.path, section, data.limit, recipe.train.seed)
+        if data.heldout:
+            kept, held = examples, []
+        else:
+            kept, held = split(examples, data.heldout_fraction, recipe.train.seed)
+        within += len(kept) - len({e.key() for e in kept})
+        used = weighted(kept, source.weight, recipe.train.seed)
+        train += used
+        heldout_parts += held
+        sources.append({"path": source.path, "format": fmt, "weight": source.weight, "records": len(examples),
+                        "train": len(used), "heldout": len(held), "sha256": sha256_file(source.path)})
+    formats = sorted({s["format"] for s in sources})
+    stats: dict = {"format": formats[0] if len(formats) == 1 else "+".join(formats)}
+    if len(sources) > 1:
+        stats["sources"] = sources
     if data.heldout:
         heldout, _ = load_examples(data.heldout, data)
     else:
-        train, heldout = split(train, data.heldout_fraction, recipe.train.seed)
+        heldout = heldout_parts
     if data.heldout_max and data.heldout_max < len(heldout):  # a seeded sample: files are often sorted
         rng = random.Random(recipe.train.seed)
         heldout = [heldout[i] for i in sorted(rng.sample(range(len(heldout)), data.heldout_max))]
@@ -259,7 +312,18 @@ def load_splits(recipe: Recipe) -> Splits:
     if not heldout:
         raise UserError("the held-out set is empty", data.heldout or "data.heldout_fraction",
                         "add held-out examples or raise data.heldout_fraction")
-    return Splits(kept, heldout, fmt, stats)
+    return Splits(kept, heldout, stats["format"], stats)
+
+
+def weighted(examples: list[Example], weight: float, seed: int) -> list[Example]:
+    """Each example `int(weight)` times, plus a seeded sample for the fractional part."""
+    whole, fraction = int(weight), weight - int(weight)
+    out = examples * whole
+    extra = round(len(examples) * fraction)
+    if extra:
+        rng = random.Random(seed)
+        out += [examples[i] for i in sorted(rng.sample(range(len(examples)), extra))]
+    return out
 
 
 def split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:

@@ -4,13 +4,12 @@ A *family* is an architecture plus its chat conventions: which chat template it 
 with, which tokens end an assistant turn, which linear layers LoRA should adapt, what llama.cpp
 calls the architecture, and what Ollama needs to run it. A *base model* is an alias users write
 in a recipe (`base: qwen3.5-9b`), pointing at a hub checkpoint or at a tiny twin that ft builds
-locally (see `twins.py`). Any other hub id or local folder works too: its family comes from
+locally (see `twins.py`; `bases.py` resolves an alias, folder or hub id). Any other hub id or local folder works too: its family comes from
 `config.json`'s `model_type`.
 """
 
 from __future__ import annotations
 
-import difflib
 import json
 from dataclasses import dataclass
 from importlib import resources
@@ -141,58 +140,6 @@ def family_for_model_type(model_type: str, where: str) -> Family:
     )
 
 
-@dataclass(frozen=True)
-class ResolvedBase:
-    """Where the base weights are and what family they belong to."""
-
-    name: str  # what the recipe said
-    path: str  # local folder, or hub id to download
-    family: Family
-    license: str
-
-
 def read_model_type(folder: Path) -> str:
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     return config["model_type"]
-
-
-def resolve_base(name: str, where: str = "model.base") -> ResolvedBase:
-    """Turn a recipe's `model.base` into a local folder (or hub id) and a family."""
-    if name in REGISTRY:
-        model = REGISTRY[name]
-        if model.is_twin:
-            from finetune.twins import ensure_twin  # builds on first use
-
-            return ResolvedBase(name, str(ensure_twin(name)), model.family, model.license)
-        return ResolvedBase(name, model.hub_id, model.family, model.license)
-
-    folder = Path(name)  # recipe loading already made a recipe-relative folder absolute
-    if (folder / "config.json").is_file():
-        family = family_for_model_type(read_model_type(folder), f"{folder}/config.json")
-        return ResolvedBase(name, str(folder.resolve()), family, "see the model's card")
-
-    if name.count("/") == 1 and not name.startswith((".", "/")):
-        return ResolvedBase(name, name, _family_from_hub(name, where), "see the model's card")
-
-    hint = difflib.get_close_matches(name, list(REGISTRY), n=1)
-    raise UserError(
-        f"unknown base model '{name}'",
-        where,
-        (f"did you mean '{hint[0]}'? " if hint else "")
-        + "use an alias from `ft models`, a hub id like org/name, or a folder with a config.json",
-    )
-
-
-def _family_from_hub(hub_id: str, where: str) -> Family:
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(hub_id)
-    except Exception as exc:  # offline, private, or misspelled: all the user's to fix
-        raise UserError(
-            f"cannot read the config of hub model '{hub_id}': {type(exc).__name__}",
-            where,
-            "check the id and your network (or HF_TOKEN for a gated model), or download it and "
-            "point model.base at the local folder",
-        ) from None
-    return family_for_model_type(config.model_type, where)

@@ -35,19 +35,33 @@ class ModelSection(Section):
     thinking: bool = Field(False, description="Qwen3.5: train and answer with thinking on")
 
 
-ChatFields = Literal["messages", "system", "prompt", "completion", "instruction", "input", "output"]
+ChatFields = Literal["messages", "conversations", "role", "content", "system", "prompt", "completion",
+                     "instruction", "input", "output"]
+DataFormat = Literal["auto", "chat", "sharegpt", "instruction", "prompt_completion"]
+
+
+class DataSource(Section):
+    """One training file among several (Axolotl's `datasets:` list, with LLaMA-Factory's sampling
+    ratio)."""
+
+    path: str = Field(description="jsonl/json/csv/parquet file, or hub dataset `hub:org/name`")
+    weight: float = Field(1.0, gt=0, description="sampling ratio: each example is used `weight` times "
+                          "(the fraction is a seeded sample), e.g. 0.5 uses half the file, 2 every example twice")
+    format: DataFormat | None = Field(None, description="this file's record shape (unset: data.format)")
+    columns: dict[ChatFields, str] | None = Field(None, description="this file's column names (unset: data.columns)")
 
 
 class DataSection(Section):
-    train: str = Field(description="jsonl/json/csv/parquet file, or hub dataset `hub:org/name`")
+    train: str | list[str | DataSource] = Field(
+        description="jsonl/json/csv/parquet file or hub dataset `hub:org/name`; or a list of them, each a path "
+        "or {path, weight, format, columns}")
     heldout: str | None = Field(None, description="held-out file; if unset, split from train")
     heldout_fraction: float = Field(0.1, gt=0, lt=0.9, description="share held out when splitting")
     heldout_max: int | None = Field(None, gt=0, description="cap on held-out examples")
-    format: Literal["auto", "chat", "instruction", "prompt_completion"] = Field(
-        "auto", description="record shape; auto detects it from the first record"
-    )
+    format: DataFormat = Field("auto", description="record shape; auto detects it from the first record")
     columns: dict[ChatFields, str] = Field(
-        default_factory=dict, description="ft field → column in the file, e.g. {prompt: text}"
+        default_factory=dict, description="ft field → column in the file, e.g. {prompt: text}; for ShareGPT "
+        "the list and its keys, e.g. {conversations: dialog, role: speaker, content: text}"
     )
     system_prompt: str | None = Field(None, description="system message added to every example")
     label_column: str | None = Field(
@@ -58,7 +72,16 @@ class DataSection(Section):
     too_long: Literal["error", "truncate", "drop"] = Field(
         "error", description="an example over max_length: error (names it), truncate, or drop")
     hub_split: str = Field("train", description="split to read from a hub dataset")
-    limit: int | None = Field(None, gt=0, description="use N training examples: a seeded random sample")
+    limit: int | None = Field(None, gt=0, description="use N examples of each training file: a seeded random sample")
+
+    @property
+    def sources(self) -> list[DataSource]:
+        """data.train as a list of sources, each with its own format and columns filled in."""
+        entries = self.train if isinstance(self.train, list) else [self.train]
+        sources = [DataSource(path=e) if isinstance(e, str) else e for e in entries]
+        return [s.model_copy(update={"format": s.format or self.format,
+                                     "columns": self.columns if s.columns is None else s.columns})
+                for s in sources]
 
 
 class LoraSection(Section):
@@ -106,6 +129,9 @@ class TrainSection(Section):
     save_total_limit: int = Field(2, ge=1, description="checkpoints kept (oldest deleted)")
     logging_steps: int = Field(5, ge=1, description="metrics.jsonl row every N steps")
     eval_steps: int | None = Field(None, ge=1, description="held-out loss every N steps")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="also send the training curves to these trackers (installed "
+        "separately); tensorboard writes into the run folder's tensorboard/")
 
 
 class EvalSection(Section):
@@ -226,7 +252,11 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
             return p
         return str((base / p).resolve())
 
-    recipe.data.train = local(recipe.data.train)
+    if isinstance(recipe.data.train, list):
+        recipe.data.train = [local(e) if isinstance(e, str) else e.model_copy(update={"path": local(e.path)})
+                             for e in recipe.data.train]
+    else:
+        recipe.data.train = local(recipe.data.train)
     recipe.data.heldout = local(recipe.data.heldout)
     if recipe.model.chat_template is not None:
         recipe.model.chat_template = (base / recipe.model.chat_template).resolve()

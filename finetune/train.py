@@ -18,7 +18,8 @@ from finetune import logs
 from finetune.distributed import (BatchPlan, barrier, batch_plan, check_resume, check_strategy, start,
                                   trainer_arguments, world)
 from finetune.errors import Interrupted, UserError
-from finetune.models import Family, ResolvedBase, resolve_base
+from finetune.bases import ResolvedBase, resolve_base
+from finetune.models import Family
 from finetune.recipe import Recipe
 from finetune.run import RunDir, atomic_write_text, git_commit, hardware, now, package_versions, write_json
 
@@ -233,6 +234,22 @@ def _load_unsloth(recipe: Recipe, prep: Prepared, checkpointing: bool):
 
 # --- trainer ----------------------------------------------------------------------------------
 
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # report_to → package
+
+
+def check_trackers(recipe: Recipe, run: RunDir) -> None:
+    """Every train.report_to tracker must be importable; tensorboard writes into the run folder."""
+    import importlib.util
+    import os
+
+    missing = [t for t in recipe.train.report_to if importlib.util.find_spec(TRACKERS[t]) is None]
+    if missing:
+        raise UserError(f"train.report_to names {', '.join(missing)}, which is not installed", "train.report_to",
+                        f"pip install {' '.join(TRACKERS[t] for t in missing)}, or remove it from train.report_to")
+    if "tensorboard" in recipe.train.report_to:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.root / "tensorboard")  # transformers reads it here
+
+
 def sft_config(recipe: Recipe, run: RunDir, plan: BatchPlan, extra: dict):
     from trl import SFTConfig
 
@@ -266,7 +283,7 @@ def sft_config(recipe: Recipe, run: RunDir, plan: BatchPlan, extra: dict):
         packing=False,
         assistant_only_loss=False,  # labels come masked from finetune.data
         completion_only_loss=False,
-        report_to="none",
+        report_to=list(t.report_to) or "none",
         disable_tqdm=True,  # ft draws its own progress bar
         dataloader_num_workers=0,
         **extra,  # what the distributed strategy needs (finetune/distributed.py)
@@ -326,8 +343,11 @@ def recipe_sha256(recipe: Recipe) -> str:
     return hashlib.sha256(json.dumps(recipe.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
-def data_hashes(recipe: Recipe) -> dict[str, str | None]:
-    return {"train": data_mod.sha256_file(recipe.data.train), "heldout": data_mod.sha256_file(recipe.data.heldout)}
+def data_hashes(recipe: Recipe) -> dict[str, dict[str, str | None]]:
+    """sha256 of every data file: {"train": {path: sha256}, "heldout": {path: sha256}}."""
+    heldout = recipe.data.heldout
+    return {"train": {s.path: data_mod.sha256_file(s.path) for s in recipe.data.sources},
+            "heldout": {heldout: data_mod.sha256_file(heldout)} if heldout else {}}
 
 
 def check_data_unchanged(manifest: dict | None, recipe: Recipe) -> None:
@@ -335,10 +355,11 @@ def check_data_unchanged(manifest: dict | None, recipe: Recipe) -> None:
     all depend on it, and the manifest would describe data the adapter was not trained on."""
     recorded = (manifest or {}).get("data_sha256") or {}
     now_hashes = data_hashes(recipe)
-    for key, path in (("train", recipe.data.train), ("heldout", recipe.data.heldout)):
-        if recorded.get(key) and recorded[key] != now_hashes[key]:
-            raise UserError(f"the data file changed since this run started: {path}", f"data.{key}",
-                            "restore the file as it was to resume, or start a new run (--overwrite or --output DIR)")
+    for key in ("train", "heldout"):
+        for path, digest in (recorded.get(key) or {}).items():
+            if digest and now_hashes[key].get(path) != digest:
+                raise UserError(f"the data file changed since this run started: {path}", f"data.{key}",
+                                "restore the file as it was to resume, or start a new run (--overwrite or --output DIR)")
 
 
 def start_run(recipe: Recipe, run: RunDir, resume: bool, overwrite: bool) -> Path | None:
@@ -401,6 +422,7 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
     w = world()
     start(w)
     prep = prepare(recipe)
+    check_trackers(recipe, run)
     backend = pick_backend(recipe.train.backend)
     check_strategy(recipe, w.size, on_gpu())
     batches = batch_plan(recipe, w.size)

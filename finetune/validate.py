@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from finetune import data as data_mod
-from finetune.models import resolve_base
+from finetune.bases import resolve_base
 from finetune.recipe import load_recipe
 from finetune.train import check_weights_format, load_tokenizer, training_template
 

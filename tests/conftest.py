@@ -49,6 +49,40 @@ def assert_quiet(stderr: str, log: Path) -> None:
     assert log.is_file(), f"no library log at {log}"
 
 
+def trained_run(root: Path, base: str):
+    """A short real training run on a twin (40 steps): enough to stop and answer in JSON."""
+    from finetune.recipe import load_recipe
+    from finetune.run import RunDir
+    from finetune.train import train
+
+    recipe = load_recipe(ROOT / "recipes" / "tiny-support.yaml", [
+        f"model.base={base}", "data.limit=160", "data.heldout_max=16", "train.max_steps=40", "train.lr=3e-3",
+        "train.batch_size=8", "eval.max_new_tokens=48", "eval.batch_size=16", "train.save_steps=40"])
+    run = RunDir(root / base)
+    train(recipe, run)
+    return run
+
+
+@pytest.fixture(scope="session")
+def qwen_run(tmp_path_factory):
+    return trained_run(tmp_path_factory.mktemp("runs"), "tiny-qwen3.5")
+
+
+@pytest.fixture(scope="session")
+def olmo_run(tmp_path_factory):
+    return trained_run(tmp_path_factory.mktemp("runs"), "tiny-olmo3")
+
+
+@pytest.fixture(scope="session")
+def qwen_hub_run(tmp_path_factory):
+    return trained_run(tmp_path_factory.mktemp("runs"), "tiny-qwen3.5-hub")
+
+
+@pytest.fixture(scope="session")
+def olmo_yarn_run(tmp_path_factory):
+    return trained_run(tmp_path_factory.mktemp("runs"), "tiny-olmo3-yarn")
+
+
 def needs_shared(*parts: str) -> Path:
     path = SHARED.joinpath(*parts)
     if not path.exists():

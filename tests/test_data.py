@@ -302,3 +302,67 @@ def test_heldout_max_is_a_seeded_sample(tmp_path):
     assert picked == [e.where for e in data.load_splits(recipe).heldout]  # the same sample each time
     recipe.train.seed = 7
     assert picked != [e.where for e in data.load_splits(recipe).heldout]
+
+
+# --- ShareGPT and several training files ------------------------------------------------------
+
+SUPPORT = Path(__file__).resolve().parents[1] / "datasets" / "support" / "train.jsonl"
+SHAREGPT_NAMES = {"system": "system", "user": "human", "assistant": "gpt"}
+
+
+def support_rows(n: int) -> list[dict]:
+    return [json.loads(line) for line in SUPPORT.read_text(encoding="utf-8").splitlines()[:n]]
+
+
+def as_sharegpt(rows: list[dict], list_key="conversations", role_key="from", content_key="value", names=None):
+    names = names or SHAREGPT_NAMES
+    return [{list_key: [{role_key: names[m["role"]], content_key: m["content"]} for m in r["messages"]]} for r in rows]
+
+
+@pytest.mark.parametrize("variant", ["from/value", "role/content", "mapped"])
+def test_sharegpt_reads_as_the_same_conversations(tmp_path, variant):
+    rows = support_rows(40)
+    if variant == "from/value":
+        shared, columns = as_sharegpt(rows), {}
+    elif variant == "role/content":  # the other common spelling inside `conversations`
+        shared = as_sharegpt(rows, role_key="role", content_key="content",
+                             names={"system": "system", "user": "user", "assistant": "assistant"})
+        columns = {}
+    else:
+        shared = as_sharegpt(rows, list_key="dialog", role_key="speaker", content_key="text")
+        columns = {"conversations": "dialog", "role": "speaker", "content": "text"}
+    path = write_jsonl(tmp_path / "sharegpt.jsonl", shared)
+    chat, chat_format = data.load_examples(write_jsonl(tmp_path / "chat.jsonl", rows), section())
+    got, fmt = data.load_examples(path, section(columns=columns))
+    assert (fmt, chat_format) == ("sharegpt", "chat")
+    assert [e.messages for e in got] == [e.messages for e in chat]
+
+
+@pytest.mark.parametrize("speaker,message", [("observation", "tool turn"), ("function_call", "tool turn"),
+                                             ("bot", "unknown speaker 'bot'")])
+def test_sharegpt_tool_and_unknown_turns_are_refused_naming_the_row(tmp_path, speaker, message):
+    rows = as_sharegpt(support_rows(3))
+    rows[2]["conversations"].insert(2, {"from": speaker, "value": "{}"})
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(UserError, match=message) as info:
+        data.load_examples(path, section())
+    assert f"{path}:3" in info.value.render() and "fix:" in info.value.render()
+
+
+def test_several_training_files_with_weights_and_per_source_splits(tmp_path):
+    rows = support_rows(100)
+    chat = write_jsonl(tmp_path / "chat.jsonl", rows[:60])
+    sharegpt = write_jsonl(tmp_path / "sharegpt.jsonl", as_sharegpt(rows[60:]))
+    pc = write_jsonl(tmp_path / "pc.jsonl", [{"q": f"question {i}", "a": f"answer {i}"} for i in range(20)])
+    recipe = Recipe(name="t", model={"base": "tiny-qwen3.5"}, data={
+        "heldout_fraction": 0.1,
+        "train": [chat, {"path": sharegpt, "weight": 2}, {"path": pc, "weight": 0.5, "format": "prompt_completion",
+                                                           "columns": {"prompt": "q", "completion": "a"}}]})
+    splits = data.load_splits(recipe)
+    sources = splits.stats["sources"]
+    assert [(s["format"], s["records"], s["heldout"], s["train"]) for s in sources] == [
+        ("chat", 60, 6, 54), ("sharegpt", 40, 4, 72), ("prompt_completion", 20, 2, 9)]  # weights: ×2, ×0.5
+    assert all(len(s["sha256"]) == 64 for s in sources) and splits.stats["format"] == "chat+prompt_completion+sharegpt"
+    assert len(splits.heldout) == 12 and splits.stats["train"] == 54 + 72 + 9
+    held = {e.key() for e in splits.heldout}
+    assert not any(e.key() in held for e in splits.train)

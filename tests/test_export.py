@@ -17,41 +17,13 @@ from export.runner import export_run
 from finetune.errors import UserError, VerifyFailed
 from finetune.recipe import load_recipe
 from finetune.run import RunDir
-from finetune.train import train
-from tests.conftest import ROOT, assert_quiet, run_ft
+from tests.conftest import assert_quiet, run_ft
 
 pytestmark = pytest.mark.slow
 
-TINY = ROOT / "recipes" / "tiny-support.yaml"
 
 
-def trained_run(root, base: str) -> RunDir:
-    recipe = load_recipe(TINY, [f"model.base={base}", "data.limit=160", "data.heldout_max=16",
-                                "train.max_steps=40", "train.lr=3e-3", "train.batch_size=8",
-                                "eval.max_new_tokens=48", "eval.batch_size=16", "train.save_steps=40"])
-    run = RunDir(root / base)
-    train(recipe, run)
-    return run
-
-
-@pytest.fixture(scope="module")
-def qwen_run(tmp_path_factory):
-    return trained_run(tmp_path_factory.mktemp("export"), "tiny-qwen3.5")
-
-
-@pytest.fixture(scope="module")
-def olmo_run(tmp_path_factory):
-    return trained_run(tmp_path_factory.mktemp("export"), "tiny-olmo3")
-
-
-@pytest.fixture(scope="module")
-def qwen_hub_run(tmp_path_factory):
-    return trained_run(tmp_path_factory.mktemp("export"), "tiny-qwen3.5-hub")
-
-
-@pytest.fixture(scope="module")
-def olmo_yarn_run(tmp_path_factory):
-    return trained_run(tmp_path_factory.mktemp("export"), "tiny-olmo3-yarn")
+# qwen_run, olmo_run, qwen_hub_run, olmo_yarn_run: session fixtures in conftest.py
 
 
 @pytest.mark.parametrize("which", ["qwen_hub_run", "olmo_yarn_run"])

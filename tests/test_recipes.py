@@ -20,7 +20,7 @@ def test_every_shipped_recipe_validates(path: Path):
     report = validate_recipe(str(path))
     assert any(line.startswith("chat template") for line in report)
     recipe = load_recipe(path)
-    assert Path(recipe.data.train).is_file()  # resolved against the recipe's folder
+    assert all(Path(s.path).is_file() for s in recipe.data.sources)  # resolved against the recipe's folder
 
 
 def test_shipped_recipes_cover_both_real_models():

@@ -249,7 +249,7 @@ def test_gradient_checkpointing_auto_follows_free_memory(monkeypatch, qwen_twin)
     """auto: off while the estimate without it (303 MiB for the tiny recipe) fits in half of the
     free memory, on when it does not; an explicit setting is kept."""
     from finetune import preflight
-    from finetune.models import resolve_base
+    from finetune.bases import resolve_base
     from finetune.recipe import load_recipe
 
     recipe = load_recipe(ROOT / "recipes" / "tiny-support.yaml")

@@ -78,7 +78,7 @@ def test_training_lowers_heldout_loss_and_writes_run_folder(tmp_path, base):
     assert not list(run.adapter.glob("*.bin")) and not list(run.root.glob(".adapter*"))
     manifest = json.loads(run.manifest.read_text())
     assert manifest["status"] == "complete" and manifest["seed"] == 42
-    assert len(manifest["data_sha256"]["train"]) == 64
+    assert [len(h) for h in manifest["data_sha256"]["train"].values()] == [64]
     assert {"torch", "transformers", "peft", "trl", "bitsandbytes"} <= set(manifest["versions"])
     assert manifest["base"]["family"] in ("qwen3_5", "olmo3") and manifest["started"] and manifest["ended"]
     rows = run.read_metrics()
@@ -145,3 +145,34 @@ def test_resume_refuses_when_a_data_file_changed(tmp_path):
     with pytest.raises(UserError, match="data file changed since this run started") as info:
         start_run(recipe, run, resume=True, overwrite=False)
     assert str(data) in info.value.render() and "data.train" in info.value.render()
+
+
+def test_report_to_tensorboard_writes_event_files_in_the_run_folder(tmp_path):
+    """train.report_to: [tensorboard] logs the same curves as metrics.jsonl, read back with
+    tensorboard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = RunDir(tmp_path / "run")
+    train(recipe_for("tiny-qwen3.5", "train.max_steps=4", "train.logging_steps=1", "train.save_steps=4",
+                     "eval.after_train=false", "train.report_to=[tensorboard]"), run)
+    events = list((run.root / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events, "no tensorboard event file in the run folder"
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    logged = {e.step: e.value for e in accumulator.Scalars("train/loss")}
+    expected = {r["step"]: r["loss"] for r in run.read_metrics() if "loss" in r}
+    assert sorted(logged) == sorted(expected) == [1, 2, 3, 4]
+    assert all(abs(logged[s] - expected[s]) < 1e-4 for s in expected)
+
+
+def test_report_to_an_uninstalled_tracker_is_a_clear_error(tmp_path):
+    import importlib.util
+
+    from finetune.errors import UserError
+    from finetune.train import check_trackers
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    with pytest.raises(UserError, match="wandb, which is not installed") as info:
+        check_trackers(recipe_for("tiny-qwen3.5", "train.report_to=[wandb]"), RunDir(tmp_path / "run"))
+    assert "pip install wandb" in info.value.render()

@@ -1,0 +1,152 @@
+"""`ft chat RUN [--gguf]`: talk to the fine-tune in a terminal, as it will be served.
+
+The prompt is the family's served template (what Ollama's TEMPLATE and the GGUF reproduce) with the
+trained mode and the recipe's system prompt; decoding is greedy, like `ft eval`; tokens are printed
+as they are generated. Two engines: transformers with the adapter on the 4-bit base (the model
+`ft eval` scores as "fine-tuned"), or the exported GGUF through llama.cpp (the shipped file).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+Stream = Callable[[str], None]
+
+
+class TransformersEngine:
+    def __init__(self, run, recipe, prep):
+        from peft import PeftModel
+
+        from finetune.train import load_base_model
+
+        self.tokenizer = prep.tokenizer
+        self.model = PeftModel.from_pretrained(load_base_model(recipe, prep.base), str(run.adapter)).eval()
+
+    def tokens(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int]) -> Iterator[int]:
+        import torch
+
+        ids = torch.tensor([prompt_ids], device=self.model.device)
+        past = None
+        with torch.no_grad():
+            for _ in range(max_new_tokens):
+                out = self.model(input_ids=ids, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                token = int(out.logits[0, -1].argmax())
+                yield token
+                if token in stop_ids:
+                    return
+                ids = torch.tensor([[token]], device=self.model.device)
+
+
+class GGUFEngine:
+    def __init__(self, path, n_ctx: int):
+        from export.llama import GGUFModel
+
+        self.gguf = GGUFModel(path, n_ctx)
+
+    def tokens(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int]) -> Iterator[int]:
+        import numpy as np
+
+        llm = self.gguf.llm
+        llm.reset()
+        llm.eval(prompt_ids)
+        for _ in range(max_new_tokens):
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            yield token
+            if token in stop_ids or llm.n_tokens >= self.gguf.n_ctx:
+                return
+            llm.eval([token])
+
+
+@dataclass
+class Chat:
+    """One conversation: the messages so far, rendered with the served template on every turn."""
+
+    engine: object
+    renderer: object  # finetune.data.Renderer: the served template with the trained switches
+    tokenizer: object
+    stop_ids: set[int]
+    max_new_tokens: int
+    system_prompt: str | None = None
+    messages: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+
+    def reply(self, text: str, stream: Stream) -> str:
+        """Answer `text`, streaming the answer's text as it is decoded; returns the answer."""
+        self.messages.append({"role": "user", "content": text})
+        prompt = self.tokenizer(self.renderer.served_prompt(self.messages), add_special_tokens=False)["input_ids"]
+        answer: list[int] = []
+        shown = ""
+        for token in self.engine.tokens(prompt, self.max_new_tokens, self.stop_ids):
+            if token in self.stop_ids:
+                break
+            answer.append(token)
+            decoded = self.tokenizer.decode(answer)
+            if not decoded.endswith("\ufffd"):  # a character split across tokens: wait for the rest
+                stream(decoded[len(shown):])
+                shown = decoded
+        text_out = self.tokenizer.decode(answer)
+        stream(text_out[len(shown):])
+        self.messages.append({"role": "assistant", "content": text_out})
+        return text_out
+
+
+def open_chat(run, gguf: bool, max_new_tokens: int | None) -> Chat:
+    from finetune.recipe import load_recipe
+    from finetune.train import prepare
+
+    recipe = load_recipe(run.recipe)
+    prep = prepare(recipe)
+    budget = max_new_tokens or recipe.eval.max_new_tokens
+    if gguf:
+        from eval.runner import shipped_gguf
+
+        engine = GGUFEngine(shipped_gguf(run, recipe), recipe.export.num_ctx)
+    else:
+        engine = TransformersEngine(run, recipe, prep)
+    stop_ids = {prep.tokenizer.convert_tokens_to_ids(t) for t in prep.base.family.end_of_turn}
+    return Chat(engine, prep.renderer, prep.tokenizer, stop_ids, budget, trained_system_prompt(recipe, prep.splits))
+
+
+def trained_system_prompt(recipe, splits) -> str | None:
+    """The recipe's data.system_prompt; else the system message every training example shares
+    (a chat file often carries its own), so the chat asks the model what training taught it."""
+    if recipe.data.system_prompt:
+        return recipe.data.system_prompt
+    systems = {e.messages[0]["content"] if e.messages[0]["role"] == "system" else None for e in splits.train}
+    return systems.pop() if len(systems) == 1 else None
+
+
+def interactive(chat: Chat, read: Callable[[str], str] = input, write: Stream | None = None) -> None:
+    """you> prompts until /exit or end of input; /reset starts a new conversation."""
+    def out(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    write = write or out
+    write("chat with the fine-tune: /reset starts over, /exit quits\n")
+    while True:
+        try:
+            line = read("you> ")
+        except EOFError:
+            write("\n")
+            return
+        command = line.strip()
+        if command == "/exit":
+            return
+        if command == "/reset":
+            chat.reset()
+            write("(conversation reset)\n")
+            continue
+        if not command:
+            continue
+        write("model> ")
+        chat.reply(line, write)
+        write("\n")

@@ -1,0 +1,65 @@
+"""`ft chat`: the answer a user gets in the terminal is the answer `ft eval` scored, for the
+fine-tune in transformers and for the shipped GGUF; the interactive mode is driven through a real
+pseudo-terminal (pexpect)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import pytest
+
+from export.runner import export_run
+from finetune.run import RunDir
+from tests.conftest import ROOT, run_ft
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def evaluated(qwen_run, tmp_path_factory):
+    """The shared trained run, exported and evaluated with the GGUF column."""
+    run = RunDir(tmp_path_factory.mktemp("chat") / "run")
+    shutil.copytree(qwen_run.root, run.root, ignore=shutil.ignore_patterns("export", "eval", "checkpoints"))
+    export_run(run, "q4_k_m", verify=False, progress=lambda m: None)
+    result = run_ft("eval", str(run.root), "--gguf", "--set", "eval.max_examples=2", "--set", "eval.max_new_tokens=24")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return run
+
+
+@pytest.mark.parametrize("column,flags", [("fine-tuned", []), ("gguf", ["--gguf"])])
+def test_one_shot_answer_is_what_eval_scored(evaluated, column, flags):
+    item = json.loads((evaluated.eval_dir / "predictions.jsonl").read_text().splitlines()[0])
+    system, user = item["prompt"][0], item["prompt"][-1]
+    assert system["role"] == "system" and len(item["prompt"]) == 2  # chat adds the trained system prompt
+    result = run_ft("chat", str(evaluated.root), *flags, "--prompt", user["content"], "--max-new-tokens", "24")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == item["outputs"][column]["text"].strip()
+    assert "Traceback" not in result.stderr and "warn" not in result.stderr.lower()
+
+
+def test_interactive_session_streams_resets_and_exits(evaluated):
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(sys.executable, ["-m", "finetune", "chat", str(evaluated.root), "--max-new-tokens", "16"],
+                          cwd=str(ROOT), encoding="utf-8", timeout=120)
+    child.expect_exact("you> ")
+    child.sendline("My invoice is wrong, I was charged twice.")
+    child.expect_exact("model> ")
+    child.expect_exact("you> ")
+    first = child.before.strip()
+    assert first, "no answer was printed"
+    child.sendline("And the app crashes too.")
+    child.expect_exact("model> ")
+    child.expect_exact("you> ")
+    child.sendline("/reset")
+    child.expect_exact("(conversation reset)")
+    child.expect_exact("you> ")
+    child.sendline("My invoice is wrong, I was charged twice.")
+    child.expect_exact("model> ")
+    child.expect_exact("you> ")
+    assert child.before.strip() == first  # after /reset the conversation starts over: same answer
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
