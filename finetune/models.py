@@ -4,8 +4,8 @@ A *family* is an architecture plus its chat conventions: which chat template it 
 with, which tokens end an assistant turn, which linear layers LoRA should adapt, what llama.cpp
 calls the architecture, and what Ollama needs to run it. A *base model* is an alias users write
 in a recipe (`base: qwen3.5-9b`), pointing at a hub checkpoint or at a tiny twin that ft builds
-locally (see `twins.py`; `bases.py` resolves an alias, folder or hub id). Any other hub id or local folder works too: its family comes from
-`config.json`'s `model_type`.
+locally (see `twins.py`; `bases.py` resolves an alias, folder or hub id). Any other hub id or
+local folder works too: its family comes from `config.json`'s `model_type`.
 """
 
 from __future__ import annotations
