@@ -63,24 +63,18 @@ def trained_run(root: Path, base: str):
     return run
 
 
-@pytest.fixture(scope="session")
-def qwen_run(tmp_path_factory):
-    return trained_run(tmp_path_factory.mktemp("runs"), "tiny-qwen3.5")
+def session_run(base: str):
+    """A session fixture: the twin trained once, shared by every test module that asks."""
+    @pytest.fixture(scope="session")
+    def fixture(tmp_path_factory):
+        return trained_run(tmp_path_factory.mktemp("runs"), base)
+    return fixture
 
 
-@pytest.fixture(scope="session")
-def olmo_run(tmp_path_factory):
-    return trained_run(tmp_path_factory.mktemp("runs"), "tiny-olmo3")
-
-
-@pytest.fixture(scope="session")
-def qwen_hub_run(tmp_path_factory):
-    return trained_run(tmp_path_factory.mktemp("runs"), "tiny-qwen3.5-hub")
-
-
-@pytest.fixture(scope="session")
-def olmo_yarn_run(tmp_path_factory):
-    return trained_run(tmp_path_factory.mktemp("runs"), "tiny-olmo3-yarn")
+qwen_run = session_run("tiny-qwen3.5")
+olmo_run = session_run("tiny-olmo3")
+qwen_hub_run = session_run("tiny-qwen3.5-hub")
+olmo_yarn_run = session_run("tiny-olmo3-yarn")
 
 
 def needs_shared(*parts: str) -> Path:
