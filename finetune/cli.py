@@ -64,6 +64,9 @@ def train(
     summary = run_training(loaded, run, resume=resume, overwrite=overwrite, console=err if main_rank else None)
     if not main_rank:
         return  # rank 0 reports, evaluates and writes; the others are done
+    import gc
+
+    gc.collect()  # the trained model (trainer, callbacks and model refer to each other) before eval loads another
     start, end = summary.get("heldout_loss_start"), summary["heldout_loss_end"]
     out.print(f"held-out loss: {start:.4f} → {end:.4f}" if start is not None else f"held-out loss: {end:.4f}")
     out.print(f"adapter: {run.adapter}")
