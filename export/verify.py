@@ -25,18 +25,20 @@ import torch
 
 from export.llama import GGUFModel
 
-# A correct converter matches to float precision (GGUF_FACTS.md §10: F16 KL < 1e-5). A quantized
-# file drifts, and how far depends on the model: quantization flips near-ties, and a random-weight
-# or barely trained model is almost all near-ties. Calibrated on faithful Q4_K_M files of the
-# twins (random weights, 6, 20, 40 and 200 steps): mean KL 0.0021-0.0044, top-1 agreement
-# 0.68-0.93 over all positions, 1.0 where the reference is decisive (its top token leads the
-# runner-up by DECISIVE_MARGIN in probability). A faithful Q4_K_M of the *untrained* base shipped
-# for a 40-step run: KL 0.19, top-1 0.02. llama.cpp's published Q4_K_M KL on 7-9B models is
-# about 0.01-0.05, so kl_max keeps a margin of 2x over real models.
+# A correct converter matches to float precision (GGUF_FACTS.md §10: F16 KL < 1e-5), and the 16-bit
+# file is held to that. The quantized file is llama.cpp's quantization of that verified file; how
+# far it drifts depends on the model, not on ft: quantization flips near-ties, a random-weight or
+# barely trained model is almost all near-ties, and a deep random network amplifies the noise.
+# Measured on faithful Q4_K_M files: 4-layer twins (random weights to 200 steps) KL 0.002-0.004,
+# top-1 0.68-0.93 over all positions; a 24-layer, 3 GB random-weight Qwen3.5 (bench/export_memory)
+# KL 0.156, top-1 0.17. No all-positions bound separates those from a wrong file, so top-1 counts
+# only where the reference is decisive (its top token leads the runner-up by DECISIVE_MARGIN in
+# probability: a trained model's answer tokens); kl_max only catches garbage (a real 7-9B Q4_K_M
+# is about 0.01-0.05); and the stops check compares behaviour with the fine-tuned model's own.
 DECISIVE_MARGIN = 0.2
 THRESHOLDS = {
     "sixteen_bit": {"top1_min": 0.99, "kl_max": 1e-3},
-    "quantized": {"top1_min": 0.5, "top1_decisive_min": 0.9, "kl_max": 0.1},
+    "quantized": {"top1_decisive_min": 0.9, "kl_max": 0.25},
     "stop_rate_drop_max": 0.25,  # shipped file's clean stops vs the 16-bit file's, same prompts
 }
 
@@ -118,12 +120,13 @@ def stops(gguf: GGUFModel, tokenizer, prompts: list[list[int]], stop_ids: set[in
 def check_logits(v: Verification, name: str, result: dict, bounds: dict) -> None:
     v.checks[name] = {**result, "bounds": bounds}
     decisive = result["top1_agreement_decisive"]
-    if (result["top1_agreement"] < bounds["top1_min"] or result["kl_mean"] > bounds["kl_max"]
+    if (result["top1_agreement"] < bounds.get("top1_min", 0) or result["kl_mean"] > bounds["kl_max"]
             or (decisive is not None and decisive < bounds.get("top1_decisive_min", 0))):
+        top1 = f"top-1 agreement {result['top1_agreement']:.4f}" + (
+            f" (min {bounds['top1_min']})" if "top1_min" in bounds else "")
         shown = "" if decisive is None or "top1_decisive_min" not in bounds else (
             f", on {result['decisive_positions']} decisive positions {decisive:.4f} (min {bounds['top1_decisive_min']})")
-        v.failures.append(f"{name}: top-1 agreement {result['top1_agreement']:.4f} (min {bounds['top1_min']}){shown}, "
-                          f"mean KL {result['kl_mean']:.2e} (max {bounds['kl_max']:g})")
+        v.failures.append(f"{name}: {top1}{shown}, mean KL {result['kl_mean']:.2e} (max {bounds['kl_max']:g})")
 
 
 def verify(*, tokenizer, reference: np.ndarray, sequences: list[list[int]], prompts: list[list[int]],
