@@ -57,10 +57,9 @@ def write_checkpoint(folder: Path, twin_alias: str, text: dict, layers: int | No
     spec = TWINS[twin_alias]
     text = dict(text, num_hidden_layers=layers or text["num_hidden_layers"])
     n = text["num_hidden_layers"]
-    if "linear_num_key_heads" in text:
-        text["layer_types"] = ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(n)]
-    else:
-        text["layer_types"] = ["full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(n)]
+    other = "linear_attention" if "linear_num_key_heads" in text else "sliding_attention"
+    # every 4th layer full attention, as published; a cut-down depth keeps its last layer full too
+    text["layer_types"] = ["full_attention" if (i + 1) % 4 == 0 or i == n - 1 else other for i in range(n)]
     tokenizer_config = json.loads((twin / "config.json").read_text())
     tokenizer_config = tokenizer_config.get("text_config", tokenizer_config)
     ids = {k: tokenizer_config[k] for k in ("eos_token_id", "pad_token_id", "bos_token_id") if k in tokenizer_config}

@@ -33,10 +33,10 @@ from export.quantize import SIXTEEN_BIT, quantize
 from export.vocab import add_vocab
 from finetune.errors import UserError, VerifyFailed
 from finetune.models import FAMILIES, Family
+from finetune.preflight import VERIFY_PROMPTS, verify_logits_bytes
 from finetune.recipe import load_recipe
 from finetune.run import RunDir, atomic_write_text, write_json
 
-VERIFY_PROMPTS = 8  # held-out examples used for logit parity and stops
 
 
 def peak_rss_mib() -> float:
@@ -99,7 +99,8 @@ def export_run(run: RunDir, quant: str, keep_f16: bool = False, verify: bool = T
     out = run.export_dir
     from finetune.preflight import preflight_export
 
-    report_preflight = preflight_export(base_dir, out, quant, hf)
+    report_preflight = preflight_export(base_dir, out, quant, hf,
+                                        verify_logits_bytes(recipe.data.max_length, cfg["vocab_size"]) if verify else 0)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.partial"):  # left by a killed export
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()

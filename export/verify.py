@@ -86,22 +86,30 @@ def tokenizer_parity(tokenizer, gguf: GGUFModel, texts: list[str], specials: lis
             "mismatches": mismatches[:5], "nfc_normalization_only": nfc_only[:5]}
 
 
+PARITY_POSITIONS = 32  # positions compared at once: a few [32, vocabulary] fp32 temporaries
+
+
 def logit_parity(reference: np.ndarray, gguf: GGUFModel, sequences: list[list[int]]) -> dict:
     """`reference`: the sequences' logits stacked over positions (a file-backed array)."""
     agree, decisive, decisive_agree, kls, at = 0, 0, 0, [], 0
     for ids in sequences:
-        ref = torch.from_numpy(np.asarray(reference[at:at + len(ids)]))
+        scores = gguf.logits(ids)
+        for start in range(0, len(ids), PARITY_POSITIONS):
+            end = min(start + PARITY_POSITIONS, len(ids))
+            ref = torch.from_numpy(np.asarray(reference[at + start:at + end]))
+            got = torch.from_numpy(scores[start:end, : ref.shape[1]])
+            p = torch.log_softmax(ref, -1)
+            q = torch.log_softmax(got, -1)
+            probs = p.exp()
+            kls.append((probs * (p - q)).sum(-1))
+            same = ref.argmax(-1) == got.argmax(-1)
+            top2 = probs.topk(2, dim=-1).values
+            sure = (top2[:, 0] - top2[:, 1]) >= DECISIVE_MARGIN
+            agree += int(same.sum())
+            decisive += int(sure.sum())
+            decisive_agree += int((same & sure).sum())
         at += len(ids)
-        got = torch.from_numpy(gguf.logits(ids)[:, : ref.shape[1]])
-        p = torch.log_softmax(ref, -1)
-        q = torch.log_softmax(got, -1)
-        kls.append((p.exp() * (p - q)).sum(-1))
-        same = ref.argmax(-1) == got.argmax(-1)
-        top2 = p.exp().topk(2, dim=-1).values
-        sure = (top2[:, 0] - top2[:, 1]) >= DECISIVE_MARGIN
-        agree += int(same.sum())
-        decisive += int(sure.sum())
-        decisive_agree += int((same & sure).sum())
+        del scores
     kl = torch.cat(kls)
     return {"positions": at, "top1_agreement": agree / at, "decisive_positions": decisive,
             "top1_agreement_decisive": decisive_agree / decisive if decisive else None,

@@ -20,6 +20,12 @@ from finetune.errors import UserError
 # bytes per parameter of each shipped GGUF type (K-quants carry block scales: bits per weight / 8)
 GGUF_BYTES_PER_PARAM = {"f16": 2.0, "bf16": 2.0, "q8_0": 1.07, "q6_k": 0.83, "q5_k_m": 0.71, "q4_k_m": 0.61}
 NF4_BYTES_PER_PARAM = 0.52  # 4 bits + double-quantized absmax per 64 weights
+VERIFY_PROMPTS = 8  # held-out examples ft export verifies on (its reference logits go to a file)
+
+
+def verify_logits_bytes(max_length: int, vocab: int) -> int:
+    """At most: every verified example at max_length, one fp32 logit per vocabulary entry."""
+    return VERIFY_PROMPTS * max_length * vocab * 4
 
 
 def human(n: float) -> str:
@@ -136,6 +142,8 @@ def preflight_train(recipe, base, run_root: Path, targets: list[str]) -> TrainPl
         Need("16-bit GGUF", run_root, int(params * 2)),
         Need(f"{quant} GGUF", run_root, int(params * GGUF_BYTES_PER_PARAM[quant])) if quant not in ("f16", "bf16")
         else Need("", run_root, 0),
+        Need("verification logits (at most)", run_root,
+             verify_logits_bytes(recipe.data.max_length, getattr(text_config, "vocab_size", 0))),
     ]
     if not local:
         from huggingface_hub import constants
@@ -158,9 +166,15 @@ def preflight_train(recipe, base, run_root: Path, targets: list[str]) -> TrainPl
     where = "GPU" if gpu else "RAM"
     available = torch.cuda.mem_get_info()[0] if gpu else available_ram()
 
+    # Measured at the real widths and vocabularies (bench/full_size.py): the process itself (torch,
+    # transformers, TRL, peft, bitsandbytes) takes about 0.5 GiB, and while the model loads, the
+    # largest tensor kept out of 4-bit exists in 16-bit beside its fp32 upcast.
+    largest = max(getattr(text_config, "vocab_size", 0), 1) * hidden * 2
+    process = (512 << 20) + (largest if four_bit else 0)
+
     def estimate(checkpointing: bool) -> tuple[int, int]:
         activations = tokens * hidden * layers * (4 if checkpointing else 34) * (dense_bytes // 2)
-        return weights + lora * 16 + activations + logits, activations
+        return process + weights + lora * 16 + activations + logits, activations
 
     checkpointing = recipe.train.gradient_checkpointing
     if checkpointing == "auto":  # recomputation costs a third of the step: only when memory asks for it
@@ -169,7 +183,8 @@ def preflight_train(recipe, base, run_root: Path, targets: list[str]) -> TrainPl
     lines.append(f"gradient checkpointing: {'on' if checkpointing else 'off'}"
                  + (" (auto)" if recipe.train.gradient_checkpointing == "auto" else ""))
     lines.append(f"{where}: about {human(memory)} (weights {human(weights)}, activations {human(activations)}, "
-                 f"logits {human(logits)})" + (f"; available {human(available)}" if available else ""))
+                 f"logits {human(logits)}, process and loading {human(process)})"
+                 + (f"; available {human(available)}" if available else ""))
     if available and memory > 1.5 * available:
         raise UserError(f"training needs about {human(memory)} of {where} but {human(available)} is available",
                         "preflight", "lower train.batch_size or data.max_length, or turn on "
@@ -177,10 +192,12 @@ def preflight_train(recipe, base, run_root: Path, targets: list[str]) -> TrainPl
     return TrainPlan(lines, checkpointing)
 
 
-def preflight_export(base_dir: Path, out: Path, quant: str, hf: bool) -> list[str]:
+def preflight_export(base_dir: Path, out: Path, quant: str, hf: bool, verify_logits: int = 0) -> list[str]:
     base = weight_bytes(base_dir)
     params = base // 2  # checkpoints ship in 16-bit
     needs = [Need("16-bit GGUF", out, params * 2)]
+    if verify_logits:
+        needs.append(Need("verification logits (at most)", out, verify_logits))
     if quant not in ("f16", "bf16"):
         needs.append(Need(f"{quant} GGUF", out, int(params * GGUF_BYTES_PER_PARAM[quant])))
     if hf:

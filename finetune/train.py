@@ -180,23 +180,23 @@ def load_model(recipe: Recipe, prep: Prepared, backend: str, checkpointing: bool
     elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    targets = lora_targets(recipe, prep.base.family)
-    check_lora_targets(model, targets)
+    check_lora_targets(model, lora_targets(recipe, prep.base.family), explicit=recipe.lora.targets != "auto")
     from transformers import set_seed
 
     set_seed(recipe.train.seed)  # the adapters' A matrices are drawn now: seeded, or two runs differ
     return get_peft_model(model, lora_config(recipe, prep.base.family))
 
 
-def check_lora_targets(model, targets: list[str]) -> None:
-    """Every lora.targets entry must name linear layers of this model (peft would raise a bare
-    ValueError after the weights are loaded)."""
+def check_lora_targets(model, targets: list[str], explicit: bool) -> None:
+    """Each entry the recipe names must match layers of this model; the family's `auto` list must
+    match at least one (a variant may lack some kinds, e.g. a model of linear-attention layers
+    only). peft itself would raise a bare ValueError after the weights are loaded."""
     import torch
 
     linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                      if isinstance(module, torch.nn.Linear) and name})
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n, _ in model.named_modules())]
-    if missing:
+    if missing and (explicit or len(missing) == len(targets)):
         raise UserError(f"lora.targets names modules this model does not have: {', '.join(missing)}",
                         "lora.targets", f"use some of this model's linear layers: {', '.join(linear)} (or auto)")
 

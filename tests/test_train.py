@@ -176,3 +176,17 @@ def test_report_to_an_uninstalled_tracker_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="wandb, which is not installed") as info:
         check_trackers(recipe_for("tiny-qwen3.5", "train.report_to=[wandb]"), RunDir(tmp_path / "run"))
     assert "pip install wandb" in info.value.render()
+
+
+def test_auto_targets_need_one_match_and_named_targets_each():
+    """A family's auto list may name kinds a variant lacks (a Qwen3.5 of linear-attention layers
+    only has no q_proj); a target the recipe names must exist."""
+    from finetune.errors import UserError
+    from finetune.train import check_lora_targets
+
+    model = torch.nn.ModuleDict({"in_proj_qkv": torch.nn.Linear(4, 4), "down_proj": torch.nn.Linear(4, 4)})
+    check_lora_targets(model, ["q_proj", "in_proj_qkv", "down_proj"], explicit=False)
+    with pytest.raises(UserError, match="q_proj"):
+        check_lora_targets(model, ["q_proj", "in_proj_qkv"], explicit=True)
+    with pytest.raises(UserError, match="down_proj, in_proj_qkv"):
+        check_lora_targets(model, ["q_proj", "k_proj"], explicit=False)
