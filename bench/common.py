@@ -92,6 +92,40 @@ def table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def write_random_checkpoint(folder: Path, shapes: dict, shard_bytes: int, norms: float) -> int:
+    """Seeded random bf16 tensors of `shapes`, written shard by shard with an index (never the
+    whole model in memory); 1-D norm weights are the constant `norms` (0 for Qwen3.5's offsets
+    from 1, 1 elsewhere). Returns the bytes of tensor data."""
+    import torch
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(0)
+    shard, size, index, total, number = {}, 0, {}, 0, 1
+
+    def flush():
+        nonlocal shard, size, number
+        name = f"model-{number:05d}.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        index.update({k: name for k in shard})
+        shard, size, number = {}, 0, number + 1
+
+    for key, shape in shapes.items():
+        if key.endswith("norm.weight") and len(shape) == 1:
+            tensor = torch.full(tuple(shape), float(norms), dtype=torch.bfloat16)
+        else:
+            tensor = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+        shard[key] = tensor
+        size += tensor.numel() * 2
+        total += tensor.numel() * 2
+        if size >= shard_bytes:
+            flush()
+    if shard:
+        flush()
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                     "weight_map": index}))
+    return total
+
+
 def write_result(name: str, result: dict) -> Path:
     """bench/results/<name>.json: the figures bench/RESULTS.md quotes (written by the last run)."""
     path = ROOT / "bench" / "results" / f"{name}.json"

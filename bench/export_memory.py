@@ -29,7 +29,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-from bench.common import ROOT, machine, measured, python, table, write_result
+from bench.common import ROOT, machine, measured, python, table, write_random_checkpoint, write_result
 
 SHARD_BYTES = 1 << 30
 
@@ -63,7 +63,6 @@ def llama_cpp_converter() -> Path:
 def synthetic_base(folder: Path, layers: int, hidden: int) -> int:
     """A Qwen3.5 checkpoint with the twin's tokenizer; returns its size in bytes."""
     import torch
-    from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from finetune.twins import ensure_twin
@@ -83,31 +82,7 @@ def synthetic_base(folder: Path, layers: int, hidden: int) -> int:
         if name.startswith("tokenizer") or name.endswith(".jinja") or name == "generation_config.json":
             shutil.copy(twin / name, folder / name)
     config.save_pretrained(folder)
-    generator = torch.Generator().manual_seed(0)
-    shard, shard_bytes, index, total, number = {}, 0, {}, 0, 1
-
-    def flush():
-        nonlocal shard, shard_bytes, number
-        name = f"model-{number:05d}.safetensors"
-        save_file(shard, str(folder / name), metadata={"format": "pt"})
-        index.update({k: name for k in shard})
-        shard, shard_bytes, number = {}, 0, number + 1
-
-    for key, shape in shapes.items():
-        if key.endswith("norm.weight"):
-            tensor = torch.zeros(shape, dtype=torch.bfloat16)  # Qwen3.5 stores norms as offsets from 1
-        else:
-            tensor = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
-        shard[key] = tensor
-        shard_bytes += tensor.numel() * 2
-        total += tensor.numel() * 2
-        if shard_bytes >= SHARD_BYTES:
-            flush()
-    if shard:
-        flush()
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                     "weight_map": index}))
-    return total
+    return write_random_checkpoint(folder, shapes, SHARD_BYTES, norms=0.0)  # Qwen3.5 norms: offsets from 1
 
 
 def synthetic_run(work: Path, base: Path) -> Path:

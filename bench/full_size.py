@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.common import ROOT, machine, measured, python, table, write_result
+from bench.common import ROOT, machine, measured, python, table, write_random_checkpoint, write_result
 
 SHARD_BYTES = 2 << 30
 
@@ -49,7 +49,6 @@ MODELS = {"qwen3.5-9b": ("tiny-qwen3.5-hub", QWEN35_9B), "olmo3-7b": ("tiny-olmo
 def write_checkpoint(folder: Path, twin_alias: str, text: dict, layers: int | None) -> int:
     """The real config and layout with random weights; returns the bytes written."""
     import torch
-    from safetensors.torch import save_file
 
     from finetune.twins import TWINS, ensure_twin, legacy_rope_config
 
@@ -77,55 +76,25 @@ def write_checkpoint(folder: Path, twin_alias: str, text: dict, layers: int | No
         if name.startswith("tokenizer") or name.endswith(".jinja") or name in ("generation_config.json", "special_tokens_map.json"):
             shutil.copy(twin / name, folder / name)
     config.save_pretrained(folder)
-    generator = torch.Generator().manual_seed(0)
-    shard, shard_bytes, index, total, number = {}, 0, {}, 0, 1
-
-    def flush():
-        nonlocal shard, shard_bytes, number
-        name = f"model-{number:05d}.safetensors"
-        save_file(shard, str(folder / name), metadata={"format": "pt"})
-        index.update({k: name for k in shard})
-        shard, shard_bytes, number = {}, 0, number + 1
-
-    zero_centred = spec.family.name == "qwen3_5"  # Qwen3.5 norms are offsets from 1
-    for key, shape in shapes.items():
-        if key.endswith("norm.weight") and len(shape) == 1:
-            tensor = (torch.zeros if zero_centred else torch.ones)(shape, dtype=torch.bfloat16)
-        else:
-            tensor = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
-        shard[key] = tensor
-        shard_bytes += tensor.numel() * 2
-        total += tensor.numel() * 2
-        if shard_bytes >= SHARD_BYTES:
-            flush()
-    if shard:
-        flush()
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                     "weight_map": index}))
+    norms = 0.0 if spec.family.name == "qwen3_5" else 1.0  # Qwen3.5 norms are offsets from 1
+    write_random_checkpoint(folder, shapes, SHARD_BYTES, norms)
     if spec.layout == "qwen3_5_hub":  # the MTP head, in a shard of its own, as published
-        add_mtp_head_shard(folder, text)
+        add_mtp_shard(folder, text)
     else:
         legacy_rope_config(folder, text)
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
-def add_mtp_head_shard(folder: Path, text: dict) -> None:
-    from finetune.twins import add_mtp_head
-
-    scratch = folder / "mtp"
-    scratch.mkdir()
+def add_mtp_shard(folder: Path, text: dict) -> None:
     from safetensors.torch import save_file
 
-    save_file({}, str(scratch / "model.safetensors"), metadata={"format": "pt"})
-    add_mtp_head(scratch, text)
-    (scratch / "model.safetensors").rename(folder / "model-mtp.safetensors")
-    scratch.rmdir()
+    from finetune.twins import mtp_head_tensors
+
+    tensors = mtp_head_tensors(text)
+    save_file(tensors, str(folder / "model-mtp.safetensors"), metadata={"format": "pt"})
     index_path = folder / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
-    from safetensors import safe_open
-
-    with safe_open(folder / "model-mtp.safetensors", "pt") as f:
-        index["weight_map"].update({k: "model-mtp.safetensors" for k in f.keys()})
+    index["weight_map"].update({k: "model-mtp.safetensors" for k in tensors})
     index_path.write_text(json.dumps(index))
 
 

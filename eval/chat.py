@@ -40,26 +40,6 @@ class TransformersEngine:
                 ids = torch.tensor([[token]], device=self.model.device)
 
 
-class GGUFEngine:
-    def __init__(self, path, n_ctx: int):
-        from export.llama import GGUFModel
-
-        self.gguf = GGUFModel(path, n_ctx)
-
-    def tokens(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int]) -> Iterator[int]:
-        import numpy as np
-
-        llm = self.gguf.llm
-        llm.reset()
-        llm.eval(prompt_ids)
-        for _ in range(max_new_tokens):
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            yield token
-            if token in stop_ids or llm.n_tokens >= self.gguf.n_ctx:
-                return
-            llm.eval([token])
-
-
 @dataclass
 class Chat:
     """One conversation: the messages so far, rendered with the served template on every turn."""
@@ -107,8 +87,9 @@ def open_chat(run, gguf: bool, max_new_tokens: int | None) -> Chat:
     budget = max_new_tokens or recipe.eval.max_new_tokens
     if gguf:
         from eval.runner import shipped_gguf
+        from export.llama import GGUFModel
 
-        engine = GGUFEngine(shipped_gguf(run, recipe), recipe.export.num_ctx)
+        engine = GGUFModel(shipped_gguf(run, recipe), recipe.export.num_ctx)  # its tokens() streams
     else:
         engine = TransformersEngine(run, recipe, prep)
     stop_ids = {prep.tokenizer.convert_tokens_to_ids(t) for t in prep.base.family.end_of_turn}

@@ -87,18 +87,21 @@ class GGUFModel:
             self.llm.eval(ids)
         return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
 
-    def generate(self, prompt: list[int], max_new_tokens: int, stop_ids: set[int]) -> tuple[list[int], bool]:
-        """Greedy decoding; (new tokens, ended with a stop token)."""
-        out: list[int] = []
+    def tokens(self, prompt: list[int], max_new_tokens: int, stop_ids: set[int]):
+        """Greedy decoding, one token at a time (a stop token is yielded, then nothing more)."""
         with native_log(self.log):
             self.llm.reset()
             self.llm.eval(prompt)
             for _ in range(max_new_tokens):
                 if self.llm.n_tokens >= self.n_ctx:
-                    break
+                    return
                 token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
-                out.append(token)
+                yield token
                 if token in stop_ids:
-                    return out, True
+                    return
                 self.llm.eval([token])
-        return out, False
+
+    def generate(self, prompt: list[int], max_new_tokens: int, stop_ids: set[int]) -> tuple[list[int], bool]:
+        """Greedy decoding; (new tokens, ended with a stop token)."""
+        out = list(self.tokens(prompt, max_new_tokens, stop_ids))
+        return out, bool(out) and out[-1] in stop_ids

@@ -241,11 +241,10 @@ def build_twin(spec: TwinSpec, out: Path) -> None:
     )
 
 
-def add_mtp_head(folder: Path, text: dict) -> None:
+def mtp_head_tensors(text: dict) -> dict:
     """The hub checkpoint's multi-token-prediction head: tensors transformers ignores on load
-    and a text GGUF leaves out. Names and shapes as in Qwen3.5-9B, at the twin's size."""
+    and a text GGUF leaves out. Names and shapes as in Qwen3.5-9B, at the config's size."""
     import torch
-    from safetensors.torch import load_file, save_file
 
     h, ff = text["hidden_size"], text["intermediate_size"]
     q = text["num_attention_heads"] * text["head_dim"]
@@ -258,10 +257,15 @@ def add_mtp_head(folder: Path, text: dict) -> None:
               "mtp.layers.0.mlp.gate_proj.weight": (ff, h), "mtp.layers.0.mlp.up_proj.weight": (ff, h),
               "mtp.layers.0.mlp.down_proj.weight": (h, ff)}
     generator = torch.Generator().manual_seed(1)
+    return {k: (torch.randn(s, generator=generator) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}
+
+
+def add_mtp_head(folder: Path, text: dict) -> None:
+    """The MTP head added to the twin's single safetensors file."""
+    from safetensors.torch import load_file, save_file
+
     path = folder / "model.safetensors"
-    tensors = load_file(str(path))
-    tensors.update({k: (torch.randn(s, generator=generator) * 0.02).to(torch.bfloat16) for k, s in shapes.items()})
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    save_file({**load_file(str(path)), **mtp_head_tensors(text)}, str(path), metadata={"format": "pt"})
 
 
 def legacy_rope_config(folder: Path, config: dict) -> None:
