@@ -34,12 +34,12 @@ def start(args: list[str], env: dict | None = None) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, start_new_session=True, env={**os.environ, **(env or {})})
 
 
-def wait_for(condition, proc: subprocess.Popen, timeout: float = 600) -> None:
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 600, poll: float = 0.1) -> None:
     deadline = time.time() + timeout
     while not condition():
         assert proc.poll() is None, f"process ended early: {proc.communicate()[1][-2000:]}"
         assert time.time() < deadline, "timed out"
-        time.sleep(0.1)
+        time.sleep(poll)
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
@@ -50,9 +50,12 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
 
     out = tmp_path / "killed"
     proc = start(train_args(out, *steps))
+    # Killed somewhere after the first checkpoint, at a logged step chosen at random: a step
+    # count, not a sleep, so a fast machine cannot finish the run before the kill lands.
+    kill_at = random.Random().choice([6, 8, 10, 12])
     first = out / "checkpoints" / "checkpoint-4" / "trainer_state.json"
-    wait_for(first.exists, proc)
-    time.sleep(random.Random().uniform(0, 4))  # somewhere after the first checkpoint
+    wait_for(lambda: first.exists() and any(r.get("step", 0) >= kill_at and "loss" in r
+                                            for r in RunDir(out).read_metrics()), proc, poll=0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert json.loads((out / "manifest.json").read_text())["status"] == "running"
