@@ -46,7 +46,7 @@ def peak_rss_of(pid: int) -> int | None:
     return status_field(pid, "VmHWM")
 
 
-def measured(argv: list[str], cwd: Path = ROOT, env: dict | None = None) -> dict:
+def measured(argv: list[str], cwd: Path = ROOT, env: dict | None = None, check: bool = True) -> dict:
     """Run a command to completion: its wall time, its output, its peak resident memory (the
     high-water mark of the process, sampled every 50 ms while it runs; it only ever grows, so
     the last sample is the peak up to 50 ms before exit) and the largest anonymous memory seen
@@ -70,9 +70,10 @@ def measured(argv: list[str], cwd: Path = ROOT, env: dict | None = None) -> dict
     proc.wait()
     sampler.join()
     wall = time.monotonic() - start
-    if proc.returncode != 0:
+    if proc.returncode != 0 and check:
         sys.exit(f"benchmark step failed ({proc.returncode}): {' '.join(argv)}\n{output[-4000:]}")
-    return {"wall_s": wall, "peak_rss_mib": peak[0] / 2**20, "peak_anon_mib": anon[0] / 2**20, "output": output}
+    return {"returncode": proc.returncode, "wall_s": wall, "peak_rss_mib": peak[0] / 2**20,
+            "peak_anon_mib": anon[0] / 2**20, "output": output}
 
 
 def python(*args: str) -> list[str]:

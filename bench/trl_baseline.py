@@ -29,34 +29,42 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--max-length", type=int, default=1024)
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--alpha", type=int, default=32)
+    ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--targets", required=True, help="comma-separated LoRA target modules (ft's, for equal work)")
     ap.add_argument("--tuned", action="store_true")
     args = ap.parse_args()
 
     dataset = load_dataset("json", data_files=args.data, split="train")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
+    # the docs' bf16 on a GPU; fp32 on a CPU, where bf16 matmuls are slow and TRL would refuse bf16
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     model = AutoModelForCausalLM.from_pretrained(
-        args.model, dtype=torch.float32,
+        args.model, dtype=dtype,
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32),
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype),
     )
     extra = dict(gradient_checkpointing=False, bf16=False) if args.tuned else {}
     if not torch.cuda.is_available():
         extra["use_cpu"] = True  # without it TRL's bf16 default refuses to start on a CPU
     config = SFTConfig(
         output_dir=args.out, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
+        gradient_accumulation_steps=args.grad_accum,
         learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0.05, max_length=args.max_length,
         seed=42, logging_steps=5, save_strategy="no", report_to="none", disable_tqdm=True, **extra,
     )
-    peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=args.targets.split(","),
+    peft_config = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=args.targets.split(","),
                              task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config)
     result = trainer.train()
     trainer.save_model(args.out)
     tokens = max(r.get("num_tokens", 0) for r in trainer.state.log_history)
+    vram = round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
     print(json.dumps({"train_runtime_s": result.metrics["train_runtime"], "tokens": tokens,
-                      "steps": trainer.state.global_step}))
+                      "steps": trainer.state.global_step, "peak_gpu_memory_gib": vram}))
 
 
 if __name__ == "__main__":

@@ -83,6 +83,7 @@ def _launch(recipe, args: list[str], nproc: int, nnodes: int, node_rank: int, ad
 
     if node_rank >= nnodes:
         raise UserError(f"--node-rank {node_rank} with --nnodes {nnodes}", "--node-rank", f"use 0 to {nnodes - 1}")
+    logs.quiet_hf_libraries()  # this process only checks and launches: it never trains
     prepare(recipe)  # recipe, template and data problems: one message, before any process starts
     plan = batch_plan(recipe, nproc * nnodes)
     check_strategy(recipe, nproc * nnodes, on_gpu())
@@ -217,24 +218,19 @@ def models():
 
 
 def quiet_libraries() -> None:
-    """ft draws its own progress; the libraries' bars and info logs would interleave with it."""
+    """ft draws its own progress; the libraries' bars and info logs would interleave with it.
+    Nothing heavy is imported here: `ft train` must import unsloth (when it trains with it)
+    before transformers, so each command imports the libraries itself (see `before_command`)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from finetune import logs
-
     logs.capture()  # library warnings go to <run>/logs/<command>.log, not the terminal
-    import importlib.util
 
-    if importlib.util.find_spec("unsloth") is not None:  # it patches transformers: import it first
-        try:
-            import unsloth  # noqa: F401
-        except Exception:  # no CUDA here: the hf backend will be used
-            pass
-    import datasets
-    import transformers
 
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    logs.capture()  # again, now that transformers is imported: its own stderr handler is removed
+@app.callback()
+def before_command(ctx: typer.Context) -> None:
+    """Quiet transformers and datasets before any command but `train` (which does it itself,
+    right after choosing its backend)."""
+    if ctx.invoked_subcommand != "train":
+        logs.quiet_hf_libraries()
 
 
 def main() -> None:

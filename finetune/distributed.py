@@ -94,23 +94,33 @@ def check_strategy(recipe: Recipe, world_size: int, gpu: bool) -> None:
                             "distributed.strategy", "pip install deepspeed, or use fsdp / ddp") from None
 
 
-def trainer_arguments(recipe: Recipe, decoder_layer: str, checkpointing: bool) -> dict:
-    """The TrainingArguments each strategy needs, with the settings QLoRA needs under it."""
+def trainer_arguments(recipe: Recipe, decoder_layer: str) -> dict:
+    """The TrainingArguments each strategy needs, with the settings QLoRA needs under it.
+
+    Sharded QLoRA follows peft's FSDP-QLoRA and DeepSpeed-ZeRO3-QLoRA guides: 4-bit storage and
+    every other tensor in the compute dtype (train.quantization_config, train.prepare_for_training),
+    gradient checkpointing set up once on the model (FSDP's own activation checkpointing stays off:
+    both would recompute every layer twice)."""
     d = recipe.distributed
     if d.strategy == "ddp":
         # adapters only: no parameter goes unused, and searching for them costs a pass per step
         return {"ddp_find_unused_parameters": False}
     if d.strategy == "fsdp":
-        # QLoRA under FSDP: 4-bit weights are stored in the compute dtype (bnb_4bit_quant_storage,
-        # set in train.load_base_model) so FSDP can flatten them with the bf16 adapters.
-        return {"fsdp": "full_shard auto_wrap" + (" offload" if d.cpu_offload else ""),
-                "fsdp_config": {"auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        # FSDP1 with use_orig_params false, as the guide: FSDP2 (transformers' default) turns a
+        # bitsandbytes Params4bit into a plain tensor when it gathers it, losing its quantization
+        # state (accelerate issue 3983), and LoRA's trainable and frozen weights need separate flat
+        # parameters (transformers applies peft's fsdp_auto_wrap_policy for that).
+        return {"fsdp": True,
+                "fsdp_config": {"version": 1, "reshard_after_forward": "full_shard",
+                                "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
                                 "transformer_layer_cls_to_wrap": [decoder_layer], "use_orig_params": False,
                                 "cpu_ram_efficient_loading": True, "sync_module_states": True,
-                                "activation_checkpointing": checkpointing}}
+                                "cpu_offload": d.cpu_offload, "activation_checkpointing": False}}
     zero = {"stage": d.zero_stage, "overlap_comm": True, "contiguous_gradients": True}
     if d.cpu_offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if d.zero_stage == 3:  # the adapter is gathered into whole tensors when it is saved
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
     return {"deepspeed": {"zero_optimization": zero, "bf16": {"enabled": "auto"},
                           "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
                           "gradient_clipping": "auto", "train_batch_size": "auto"}}

@@ -55,6 +55,16 @@ def capture() -> None:
         hf_logging.set_verbosity_warning()
 
 
+def quiet_hf_libraries() -> None:
+    """Import transformers and datasets, turn off their progress bars, route their logs here."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    capture()  # again, now that transformers is imported: its own stderr handler is removed
+
+
 def attach(path: Path) -> Path:
     """Write what was buffered to `path` and append everything after it there."""
     global _file

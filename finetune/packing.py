@@ -15,17 +15,25 @@ Rows no wider than a padded batch's keep attention's quadratic cost at or below 
 - `use_cache: False`: a recurrent cache of a packed row would mix examples.
 
 Qwen3.5's Gated DeltaNet layers carry state along the sequence (a causal conv1d and the delta-rule
-recurrence). transformers hands them `cu_seq_lens_q`, but its PyTorch fallbacks (what runs on
-CPU, and on GPU without flash-linear-attention) ignore it, so a packed row would leak state from
-one example into the next. `segment_aware_linear_attention()` wraps both functions: written by
-hand because no library has a boundary-aware CPU version (fla's kernel is CUDA-only and accepts
-cu_seqlens only for a batch of one row). tests/test_packing.py proves that packed and unpacked
-losses and gradients agree to fp32 tolerance for both families.
+recurrence). transformers hands them `cu_seq_lens_q`, but its PyTorch fallbacks ignore it, and
+with causal-conv1d installed transformers passes the kernel no `seq_idx`: either way a packed row
+would leak state from one example into the next. `segment_aware_linear_attention()` wraps both
+functions. On CUDA tensors, when the fast kernels are installed (flash-linear-attention,
+causal-conv1d; see `VarlenKernels`), it calls their variable-length entry points: fla's chunked
+delta rule with `cu_seqlens` over the batch flattened to one row (fla takes cu_seqlens only for a
+batch of one), causal-conv1d with a `seq_idx` per position. Otherwise it runs ft's PyTorch
+versions below, written by hand because no library has a boundary-aware CPU version. Neither path
+reads a device value on the host per layer (fla computes its chunk index once per forward and
+caches it by tensor identity; every layer gets the same cu_seqlens tensor).
+tests/test_packing.py proves that packed and unpacked losses and gradients agree to fp32 tolerance
+for both families, on whichever path the machine has.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -88,23 +96,71 @@ class PackingCollator:
 
 # --- Gated DeltaNet with sequence boundaries ---------------------------------------------------
 
+@dataclass(frozen=True)
+class VarlenKernels:
+    """The fast kernels' variable-length entry points, where installed (CUDA only).
+
+    conv: causal_conv1d.causal_conv1d_fn(x, weight, bias, seq_idx=..., activation=...)
+    delta_rule: fla.ops.gated_delta_rule.chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=...)
+    """
+
+    conv: Callable | None = None
+    delta_rule: Callable | None = None
+    device_types: tuple[str, ...] = ("cuda",)  # where they run (a test may hand in CPU references)
+
+    def serve(self, kernel: Callable | None, tensor: torch.Tensor) -> bool:
+        return kernel is not None and tensor.device.type in self.device_types
+
+    def describe(self) -> str:
+        """For the run manifest: which code computed the linear-attention layers of packed rows."""
+        parts = []
+        for name, dist, fn in (("delta rule", "flash-linear-attention", self.delta_rule),
+                               ("conv1d", "causal-conv1d", self.conv)):
+            parts.append(f"{name}: {dist} {_version(dist)} (varlen)" if fn else f"{name}: ft's PyTorch version")
+        return "; ".join(parts)
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+def find_varlen_kernels() -> VarlenKernels:
+    """Import what is installed; a package that fails to import (no triton, no CUDA build) counts
+    as absent, the same rule transformers applies to its own kernel fallbacks."""
+    conv = delta_rule = None
+    try:
+        from causal_conv1d import causal_conv1d_fn as conv
+    except Exception:
+        conv = None
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as delta_rule
+    except Exception:
+        delta_rule = None
+    return VarlenKernels(conv, delta_rule)
+
+
 def _segment_ids(cu_seqlens: torch.Tensor, batch: int, length: int) -> torch.Tensor:
-    """[batch, length] index of the sequence each position belongs to."""
+    """[batch, length] index of the sequence each position belongs to (no host sync)."""
     marks = torch.zeros(batch * length, dtype=torch.long, device=cu_seqlens.device)
     marks[cu_seqlens[1:-1].long()] = 1
     return marks.cumsum(0).view(batch, length)
 
 
-def segment_causal_conv1d(original):
+def segment_causal_conv1d(original, kernels: VarlenKernels = VarlenKernels()):
     """causal_conv1d_fn whose window stops at each sequence start (as zero padding would)."""
 
     def conv(hidden_states, weight, bias=None, activation=None, cu_seq_lens_q=None, **kwargs):
         if cu_seq_lens_q is None:
             return original(hidden_states, weight, bias, activation=activation, **kwargs)
-        from transformers.activations import ACT2FN
-
         batch, _, length = hidden_states.shape  # [batch, channels, length]
         segment = _segment_ids(cu_seq_lens_q, batch, length)
+        if kernels.serve(kernels.conv, hidden_states):
+            return varlen_conv1d(kernels.conv, hidden_states, weight, bias, activation, segment)
+        from transformers.activations import ACT2FN
+
         x = hidden_states.to(weight.dtype)
         kernel = weight.shape[-1]
         out = x * weight[:, kernel - 1, None]
@@ -123,7 +179,17 @@ def segment_causal_conv1d(original):
     return conv
 
 
-def segment_delta_rule(original):
+def varlen_conv1d(kernel, x, weight, bias, activation, segment):
+    """causal-conv1d with `seq_idx`: its kernel checks for an int32, contiguous [batch, length]
+    index and a channel-last x (stride 1 over channels); transformers' layer already hands it
+    channel-last (a transposed projection), anything else is laid out so."""
+    if x.stride(1) != 1:
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    seq_idx = segment.to(torch.int32).contiguous()
+    return kernel(x, weight, bias, seq_idx=seq_idx, activation=activation)
+
+
+def segment_delta_rule(original, kernels: VarlenKernels = VarlenKernels()):
     """chunk_gated_delta_rule that restarts from a zero state at every sequence start."""
 
     def rule(query, key, value, g, beta, cu_seqlens=None, initial_state=None, output_final_state=False,
@@ -132,11 +198,24 @@ def segment_delta_rule(original):
             return original(query, key, value, g=g, beta=beta, cu_seqlens=cu_seqlens, initial_state=initial_state,
                             output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
                             chunk_size=chunk_size, **kwargs)
+        if kernels.serve(kernels.delta_rule, query):
+            return varlen_delta_rule(kernels.delta_rule, query, key, value, g, beta, cu_seqlens,
+                                     use_qk_l2norm_in_kernel), None
         segment = _segment_ids(cu_seqlens, *query.shape[:2])
         return chunk_gated_delta_rule_segments(query, key, value, g, beta, segment, chunk_size,
                                                use_qk_l2norm_in_kernel), None
 
     return rule
+
+
+def varlen_delta_rule(kernel, query, key, value, g, beta, cu_seqlens, l2norm: bool) -> torch.Tensor:
+    """fla's chunked delta rule over the packed batch flattened to one row: fla accepts
+    cu_seqlens only with batch 1, and every packed row starts a sequence (the collator marks each
+    row start), so the flattened row has the same sequences. Back to [batch, length, ...]."""
+    batch, length = query.shape[:2]
+    flat = [x.reshape(1, batch * length, *x.shape[2:]) for x in (query, key, value, g, beta)]
+    out, _ = kernel(*flat, cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=l2norm)
+    return out.reshape(batch, length, *out.shape[2:])
 
 
 def chunk_gated_delta_rule_segments(query, key, value, g, beta, segment, chunk_size=64, l2norm=True):
@@ -170,7 +249,8 @@ def chunk_gated_delta_rule_segments(query, key, value, g, beta, segment, chunk_s
     pad = (chunk_size - length % chunk_size) % chunk_size
     query, key, value = (F.pad(x, (0, 0, 0, pad)) for x in (query, key, value))
     beta, decay = (F.pad(x, (0, pad)) for x in (beta, decay))
-    segment = F.pad(segment, (0, pad), value=int(segment.max()) + 1)  # trailing pad: a sequence of its own
+    # trailing pad: a sequence of its own (an id above any real one, known without a host sync)
+    segment = F.pad(segment, (0, pad), value=batch * length)
     chunks = (length + pad) // chunk_size
 
     v_beta = value * beta.unsqueeze(-1)
@@ -207,15 +287,16 @@ def chunk_gated_delta_rule_segments(query, key, value, g, beta, segment, chunk_s
     return out.transpose(1, 2).to(dtype, memory_format=torch.contiguous_format)
 
 
-def segment_aware_linear_attention() -> None:
-    """Install the boundary-aware functions in transformers' Qwen3.5 module (idempotent).
-
-    Without cu_seq_lens_q (generation, unpacked batches) they call the originals unchanged.
-    """
+def segment_aware_linear_attention(kernels: VarlenKernels | None = None) -> VarlenKernels:
+    """Install the boundary-aware functions in transformers' Qwen3.5 module; returns the kernels
+    packed rows will use. Called again, it re-wraps transformers' originals (a test can switch
+    paths). Without cu_seq_lens_q (generation, unpacked batches) the originals run unchanged."""
     from transformers.models.qwen3_5 import modeling_qwen3_5 as qwen
 
-    if getattr(qwen, "_ft_segment_aware", False):
-        return
-    qwen.causal_conv1d_fn = segment_causal_conv1d(qwen.causal_conv1d_fn)
-    qwen.torch_chunk_gated_delta_rule = segment_delta_rule(qwen.torch_chunk_gated_delta_rule)
-    qwen._ft_segment_aware = True
+    kernels = find_varlen_kernels() if kernels is None else kernels
+    originals = getattr(qwen, "_ft_originals", None)
+    if originals is None:
+        originals = qwen._ft_originals = (qwen.causal_conv1d_fn, qwen.torch_chunk_gated_delta_rule)
+    qwen.causal_conv1d_fn = segment_causal_conv1d(originals[0], kernels)
+    qwen.torch_chunk_gated_delta_rule = segment_delta_rule(originals[1], kernels)
+    return kernels

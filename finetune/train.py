@@ -2,7 +2,8 @@
 
 The hf backend is transformers + bitsandbytes + peft + TRL, on CPU or GPU. The unsloth backend
 (CUDA only, `pip install '.[unsloth]'`) swaps in unsloth's loader and LoRA wrapper and keeps
-everything else (data, masks, trainer, run folder) identical.
+everything else (data, masks, trainer, run folder) identical; finetune/backends.py holds what
+each backend is handed and checks what it loaded.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from pathlib import Path
 
 from finetune import data as data_mod
 from finetune import logs
+from finetune.backends import check_loaded, load_unsloth, loaded_facts, pick_backend
 from finetune.distributed import (BatchPlan, barrier, batch_plan, check_resume, check_strategy, start,
                                   trainer_arguments, world)
 from finetune.errors import Interrupted, UserError
 from finetune.bases import ResolvedBase, resolve_base
 from finetune.models import Family
+from finetune.packing import segment_aware_linear_attention
 from finetune.recipe import Recipe
 from finetune.run import RunDir, atomic_write_text, git_commit, hardware, now, package_versions, write_json
 
@@ -40,21 +43,6 @@ def on_gpu() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def pick_backend(requested: str) -> str:
-    if requested == "hf":
-        return "hf"
-    try:
-        import unsloth  # noqa: F401  (imports torch and patches transformers: only when asked)
-
-        available = on_gpu()
-    except Exception:  # not installed, or no CUDA: unsloth raises on import without a GPU
-        available = False
-    if requested == "unsloth" and not available:
-        raise UserError("train.backend is 'unsloth' but unsloth cannot run here", "train.backend",
-                        "unsloth needs a CUDA GPU and `pip install '.[unsloth]'`; or set backend: hf")
-    return "unsloth" if available else "hf"
 
 
 def training_template(recipe: Recipe, family: Family) -> tuple[str, str]:
@@ -108,28 +96,49 @@ def prepare(recipe: Recipe) -> Prepared:
 
 # --- model ------------------------------------------------------------------------------------
 
-def load_base_model(recipe: Recipe, base: ResolvedBase):
+def compute_dtype():
+    """bf16 on GPU, fp32 on CPU (no fast bf16 matmul on most CPUs)."""
+    import torch
+
+    return torch.bfloat16 if on_gpu() else torch.float32
+
+
+def sharded_qlora(recipe: Recipe) -> bool:
+    """FSDP or DeepSpeed shard the 4-bit weights: every stored tensor must have one dtype."""
+    return world().size > 1 and recipe.distributed.strategy != "ddp" and recipe.quantization.load_in_4bit
+
+
+def quantization_config(recipe: Recipe, family: Family, dtype):
+    """ft's 4-bit settings, handed to both backends. The storage dtype is the compute dtype (not
+    uint8) so FSDP / DeepSpeed can shard 4-bit weights next to 16-bit ones (peft's FSDP-QLoRA
+    guide); on a single device it changes nothing but the container's element type."""
+    from transformers import BitsAndBytesConfig
+
+    q = recipe.quantization
+    if not q.load_in_4bit:
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype,
+        llm_int8_skip_modules=list(family.skip_4bit if q.skip_modules == "auto" else q.skip_modules),
+    )
+
+
+def load_base_model(recipe: Recipe, base: ResolvedBase, dtype=None):
     """The base model as training sees it: 4-bit (unless the recipe says not), compute dtype
     bf16 on GPU and fp32 on CPU. `ft eval` loads it the same way, so base and fine-tuned are
-    compared at the precision the adapters were trained against."""
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    compared at the precision the adapters were trained against. (`dtype`: a test's override.)"""
+    from transformers import AutoModelForCausalLM
 
     gpu, w = on_gpu(), world()
-    compute_dtype = torch.bfloat16 if gpu else torch.float32  # no fast bf16 matmul on most CPUs
+    dtype = dtype or compute_dtype()
     sharded = w.size > 1 and recipe.distributed.strategy != "ddp"  # FSDP / DeepSpeed place the weights
     # allow_pickle permits .bin weights; it must not forbid safetensors (None = prefer them when present)
-    kwargs = dict(dtype=compute_dtype, revision=recipe.model.revision,
+    kwargs = dict(dtype=dtype, revision=recipe.model.revision,
                   use_safetensors=None if recipe.model.allow_pickle else True,
                   trust_remote_code=recipe.model.trust_remote_code,
-                  device_map=None if sharded else {"": w.local_rank if gpu else "cpu"})
-    q = recipe.quantization
-    if q.load_in_4bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
-            bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=compute_dtype,
-            llm_int8_skip_modules=list(base.family.skip_4bit if q.skip_modules == "auto" else q.skip_modules),
-        )
+                  device_map=None if sharded else {"": w.local_rank if gpu else "cpu"},
+                  quantization_config=quantization_config(recipe, base.family, dtype))
     model = AutoModelForCausalLM.from_pretrained(base.path, **kwargs)
     keep_4bit_layers_differentiable(model)
     return model
@@ -162,29 +171,46 @@ def keep_4bit_layers_differentiable(model) -> int:
     return count
 
 
-def load_model(recipe: Recipe, prep: Prepared, backend: str, checkpointing: bool | None = None):
+def load_model(recipe: Recipe, prep: Prepared, backend: str, checkpointing: bool | None = None, dtype=None):
     """The base in 4-bit with fresh LoRA adapters attached; only the adapters are trainable.
     `checkpointing` is preflight's decision; left out, "auto" counts as on."""
     if checkpointing is None:
         checkpointing = recipe.train.gradient_checkpointing is not False
+    targets = lora_targets(recipe, prep.base.family)
     if backend == "unsloth":
-        return _load_unsloth(recipe, prep, checkpointing)
-    from peft import get_peft_model, prepare_model_for_kbit_training
+        dtype = dtype or compute_dtype()
+        return load_unsloth(recipe, prep.base.path, targets, quantization_config(recipe, prep.base.family, dtype),
+                            dtype, world().local_rank, checkpointing)
+    from peft import get_peft_model
 
-    model = load_base_model(recipe, prep.base)
-    if recipe.quantization.load_in_4bit:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    check_lora_targets(model, lora_targets(recipe, prep.base.family), explicit=recipe.lora.targets != "auto")
+    model = load_base_model(recipe, prep.base, dtype)
+    prepare_for_training(model, recipe.quantization.load_in_4bit and not sharded_qlora(recipe), checkpointing,
+                         reentrant=sharded_qlora(recipe))
+    check_lora_targets(model, targets, explicit=recipe.lora.targets != "auto")
     from transformers import set_seed
 
     set_seed(recipe.train.seed)  # the adapters' A matrices are drawn now: seeded, or two runs differ
     return get_peft_model(model, lora_config(recipe, prep.base.family))
+
+
+def prepare_for_training(model, upcast_for_kbit: bool, checkpointing: bool, reentrant: bool = False) -> None:
+    """peft's k-bit preparation (freeze, fp32 norms and embeddings, input grads, checkpointing),
+    except under FSDP / DeepSpeed: there the fp32 upcast would give flat parameters two dtypes,
+    so (as TRL does for sharded QLoRA) only the input grads and checkpointing are set up, with
+    reentrant checkpointing as peft's FSDP-QLoRA guide runs it. Checkpointing is set up here
+    once, never again by FSDP (`finetune.distributed` leaves its activation_checkpointing off)."""
+    kwargs = {"use_reentrant": reentrant}
+    if upcast_for_kbit:
+        from peft import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                        gradient_checkpointing_kwargs=kwargs)
+        return
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.enable_input_require_grads()
 
 
 def check_lora_targets(model, targets: list[str], explicit: bool) -> None:
@@ -212,23 +238,6 @@ def lora_config(recipe: Recipe, family: Family):
     return LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora_targets(recipe, family),
         use_rslora=lora.rslora, use_dora=lora.dora, bias="none", task_type="CAUSAL_LM",
-    )
-
-
-def _load_unsloth(recipe: Recipe, prep: Prepared, checkpointing: bool):
-    from unsloth import FastLanguageModel
-
-    model, _ = FastLanguageModel.from_pretrained(
-        model_name=prep.base.path, max_seq_length=recipe.data.max_length, dtype=None,
-        load_in_4bit=recipe.quantization.load_in_4bit, trust_remote_code=recipe.model.trust_remote_code,
-        revision=recipe.model.revision,
-    )
-    lora = recipe.lora
-    return FastLanguageModel.get_peft_model(
-        model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=lora_targets(recipe, prep.base.family), use_rslora=lora.rslora,
-        use_gradient_checkpointing="unsloth" if checkpointing else False,
-        random_state=recipe.train.seed, bias="none",
     )
 
 
@@ -291,20 +300,18 @@ def sft_config(recipe: Recipe, run: RunDir, plan: BatchPlan, extra: dict):
 
 
 def make_trainer(recipe: Recipe, run: RunDir, model, prep: Prepared, train_ds, heldout_ds, callbacks,
-                 batches: BatchPlan, backend: str = "hf", checkpointing: bool = False):
+                 batches: BatchPlan, backend: str = "hf"):
     from transformers.trainer_callback import PrinterCallback
 
     from finetune.guard import SafeTrainer
-    from finetune.packing import PackingCollator, segment_aware_linear_attention
+    from finetune.packing import PackingCollator
 
     collator = None  # TRL's padding collator
-    if recipe.train.packing and backend == "hf":  # unsloth brings its own padding-free path
-        segment_aware_linear_attention()
+    if recipe.train.packing and backend == "hf":  # rows packed; train() installed the boundary-aware layers
         collator = PackingCollator(prep.tokenizer.pad_token_id)
     extra = {}
     if batches.world_size > 1:
-        layers = sorted(getattr(model.get_base_model(), "_no_split_modules", None) or [""])
-        extra = trainer_arguments(recipe, layers[0], checkpointing)
+        extra = trainer_arguments(recipe, decoder_layer_class(model))
     trainer = SafeTrainer(
         model=model, args=sft_config(recipe, run, batches, extra), train_dataset=train_ds,
         eval_dataset=heldout_ds,
@@ -312,6 +319,13 @@ def make_trainer(recipe: Recipe, run: RunDir, model, prep: Prepared, train_ds, h
     )
     trainer.remove_callback(PrinterCallback)  # logs go to metrics.jsonl and the progress bar
     return trainer
+
+
+def decoder_layer_class(model) -> str:
+    """The class FSDP wraps one unit per instance of: the decoder layer (read off the model; a
+    vision-language class also lists its vision blocks in `_no_split_modules`)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return type(base.model.layers[0]).__name__
 
 
 def last_complete_checkpoint(run: RunDir) -> Path | None:
@@ -401,6 +415,7 @@ def save_adapter(model, prep: Prepared, recipe: Recipe, run: RunDir, backend: st
         "gguf_arch": family.gguf_arch, "end_of_turn": list(family.end_of_turn),
         "template_kwargs": prep.template_kwargs, "lora_targets": lora_targets(recipe, family),
         "quantization": recipe.quantization.model_dump(), "backend": backend, "license": prep.base.license,
+        "loaded": loaded_facts(model),  # what the backend really trained against
     })
     old = run.root / ".adapter.old"
     shutil.rmtree(old, ignore_errors=True)
@@ -414,16 +429,16 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
     """Train the recipe into `run`. In a multi-process launch every rank calls this; rank 0 alone
     writes the run folder (the others pass console=None and write nothing but their share of
     each checkpoint's RNG state)."""
+    backend = pick_backend(recipe)  # first: unsloth must be imported before transformers
+    logs.quiet_hf_libraries()
     from finetune.guard import NonFiniteLoss, NonFiniteWeights, StopOnNonFiniteLoss, StopOnSignal
-    from finetune.progress import MetricsCallback, RichProgress, plot_loss
-
     from finetune.preflight import preflight_train
+    from finetune.progress import MetricsCallback, RichProgress, plot_loss
 
     w = world()
     start(w)
     prep = prepare(recipe)
     check_trackers(recipe, run)
-    backend = pick_backend(recipe.train.backend)
     check_strategy(recipe, w.size, on_gpu())
     batches = batch_plan(recipe, w.size)
     preflight = preflight_train(recipe, prep.base, run.root, lora_targets(recipe, prep.base.family))
@@ -478,11 +493,19 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
         atomic_write_text(run.metrics, "".join(json.dumps(r) + "\n" for r in kept))
 
     model = load_model(recipe, prep, backend, preflight.gradient_checkpointing)
+    loaded = loaded_facts(model)
+    check_loaded(loaded, recipe, prep.base.path, backend)
+    linear_attention = None
+    if recipe.train.packing and backend == "hf":  # unsloth brings its own padding-free path
+        kernels = segment_aware_linear_attention()
+        linear_attention = kernels.describe() if on_gpu() else "ft's PyTorch version (CPU)"
+    if w.main:
+        run.update_manifest(loaded=loaded, packing={"enabled": recipe.train.packing and backend == "hf",
+                                                    "linear_attention": linear_attention})
     nonfinite = StopOnNonFiniteLoss()
     progress = RichProgress(console) if w.main else None
     callbacks = [MetricsCallback(run), nonfinite] + ([progress] if progress else [])
-    trainer = make_trainer(recipe, run, model, prep, train_ds, heldout_ds, callbacks, batches, backend,
-                           preflight.gradient_checkpointing)
+    trainer = make_trainer(recipe, run, model, prep, train_ds, heldout_ds, callbacks, batches, backend)
     summary = {}
     if checkpoint is None:
         summary["heldout_loss_start"] = trainer.evaluate()["eval_loss"]  # logged at step 0
@@ -519,6 +542,10 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
     summary["heldout_loss_end"] = trainer.evaluate()["eval_loss"]
     summary.update(train_loss=result.training_loss, steps=trainer.state.global_step,
                    train_runtime_s=result.metrics.get("train_runtime"))
+    if on_gpu():  # what the README's GPU sizes are measured by
+        import torch
+
+        summary["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     gathered = None
     if w.size > 1 and recipe.distributed.strategy != "ddp":
         # FSDP / DeepSpeed hold the adapter in shards: save_model gathers it (every rank takes part)

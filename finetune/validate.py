@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from finetune import data as data_mod
+from finetune.backends import check_unsloth_supports
 from finetune.bases import resolve_base
 from finetune.recipe import load_recipe
 from finetune.train import check_weights_format, load_tokenizer, training_template
@@ -14,6 +15,9 @@ def validate_recipe(path: str, overrides: list[str] = ()) -> list[str]:
     """Raises UserError on the first class of problem found; returns what was checked."""
     recipe = load_recipe(path, overrides)
     report = [f"recipe {path}: every key known and typed (run name '{recipe.name}')"]
+    if recipe.train.backend == "unsloth":
+        check_unsloth_supports(recipe)
+        report.append("train.backend unsloth: the recipe's 4-bit and LoRA settings are ones unsloth honours")
     splits = data_mod.load_splits(recipe)
     s = splits.stats
     report.append(f"data: {s['train']} training / {s['heldout']} held-out examples, format {splits.format}, "

@@ -3,6 +3,13 @@
 For both families the same examples are run padded (one per row, attention mask) and packed
 (several per row, position ids and cu_seq_lens), through the real 4-bit base with LoRA adapters
 whose B is non-zero: the losses and every adapter gradient must agree to fp32 tolerance.
+
+Qwen3.5's linear-attention layers take one of two paths for packed rows: ft's PyTorch versions
+(CPU, or a GPU without the kernels) and the fast kernels' varlen entry points (flash-linear-
+attention, causal-conv1d; CUDA only). The whole-model test runs on each path the machine has and
+says which it skipped. On a CPU the kernels' path is still checked piece by piece: ft's calls into
+them (flattening, cu_seqlens, seq_idx layout) against reference functions that implement and
+assert the kernels' documented contracts.
 """
 
 from __future__ import annotations
@@ -12,7 +19,8 @@ import torch
 
 from finetune import data as data_mod
 from finetune import train as train_mod
-from finetune.packing import PackingCollator, best_fit_decreasing, segment_aware_linear_attention
+from finetune.packing import (PackingCollator, VarlenKernels, best_fit_decreasing, find_varlen_kernels,
+                              segment_aware_linear_attention)
 from finetune.recipe import load_recipe
 from tests.conftest import ROOT
 
@@ -65,8 +73,32 @@ def loss_and_grads(model, batch):
     return loss.detach(), grads
 
 
+def close(got, want, dtype, what):
+    """fp32: to rounding. bf16 (a GPU run): same direction and size within bf16's precision."""
+    if dtype == torch.float32:
+        rtol, atol = (1e-5, 1e-6) if got.dim() == 0 else (1e-4, 1e-6)
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=what)
+        return
+    got, want = got.float().flatten(), want.float().flatten()
+    cosine = torch.nn.functional.cosine_similarity(got, want, dim=0) if got.numel() > 1 else torch.tensor(1.0)
+    assert cosine > 0.99 and (got - want).norm() <= 0.05 * want.norm() + 1e-6, (what, float(cosine))
+
+
+def kernel_paths():
+    """The linear-attention paths this machine can run packed rows through."""
+    import torch
+
+    found = find_varlen_kernels()
+    have = torch.cuda.is_available() and found.conv is not None and found.delta_rule is not None
+    reason = ("no CUDA GPU here" if not torch.cuda.is_available()
+              else "flash-linear-attention and causal-conv1d are not both installed")
+    return [pytest.param(VarlenKernels(), id="pytorch"),
+            pytest.param(found, id="kernels", marks=pytest.mark.skipif(not have, reason=f"varlen kernels: {reason}"))]
+
+
+@pytest.mark.parametrize("kernels", kernel_paths())
 @pytest.mark.parametrize("base", ["tiny-qwen3.5", "tiny-olmo3"])
-def test_packed_loss_equals_unpacked(base, qwen_twin, olmo_twin):
+def test_packed_loss_equals_unpacked(base, kernels, qwen_twin, olmo_twin):
     recipe = load_recipe(ROOT / "recipes" / "tiny-support.yaml", [f"model.base={base}", "train.gradient_checkpointing=false"])
     prep = train_mod.prepare(recipe)
     torch.manual_seed(0)
@@ -75,18 +107,83 @@ def test_packed_loss_equals_unpacked(base, qwen_twin, olmo_twin):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.02)
-    segment_aware_linear_attention()
+    segment_aware_linear_attention(kernels)
     rows = examples(recipe, prep)
     packed = PackingCollator(prep.tokenizer.pad_token_id)(rows)
     assert packed.pop("ft_real_tokens") == sum(len(r["input_ids"]) for r in rows)
     assert packed["input_ids"].shape[0] < len(rows)  # several examples really share rows
 
-    want_loss, want_grads = loss_and_grads(model, padded(rows, prep.tokenizer.pad_token_id))
-    got_loss, got_grads = loss_and_grads(model, packed)
-    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
-    for name, want in want_grads.items():
-        torch.testing.assert_close(got_grads[name], want, rtol=1e-4, atol=1e-6, msg=name)
+    def on_device(batch):
+        return {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
+    dtype = next(p.dtype for n, p in model.named_parameters() if "lora_A" in n)
+    try:
+        want_loss, want_grads = loss_and_grads(model, on_device(padded(rows, prep.tokenizer.pad_token_id)))
+        got_loss, got_grads = loss_and_grads(model, on_device(packed))
+    finally:
+        segment_aware_linear_attention()  # what training would install on this machine
+    close(got_loss, want_loss, dtype, "loss")
+    for name, want in want_grads.items():
+        close(got_grads[name], want, dtype, name)
+
+
+def fla_contract(query, key, value, g, beta, cu_seqlens=None, use_qk_l2norm_in_kernel=False, **kwargs):
+    """What fla's chunk_gated_delta_rule computes with cu_seqlens, asserting what it demands:
+    one row, and each sequence run on its own from a zero state."""
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as qwen
+
+    assert query.shape[0] == 1, "fla takes cu_seqlens only for a batch of one"
+    segment_aware_linear_attention()
+    original = qwen._ft_originals[1]  # transformers' own PyTorch delta rule, unwrapped
+    assert not kwargs.get("initial_state") and not kwargs.get("output_final_state")
+    bounds = cu_seqlens.tolist()
+    parts = [original(
+        *(x[:, a:b] for x in (query, key, value)), g=g[:, a:b], beta=beta[:, a:b],
+        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)[0] for a, b in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(parts, dim=1), None
+
+
+def conv_contract(x, weight, bias=None, seq_idx=None, activation=None, **kwargs):
+    """What causal_conv1d_fn computes with seq_idx, asserting what its CUDA kernel checks:
+    int32, contiguous, [batch, length], and x channel-last."""
+    import torch.nn.functional as F
+
+    batch, channels, length = x.shape
+    assert seq_idx.dtype == torch.int32 and seq_idx.is_contiguous() and seq_idx.shape == (batch, length)
+    assert x.stride(1) == 1, "seq_idx is only supported for channel-last x"
+    out = torch.empty_like(x)
+    for b in range(batch):
+        change = [0] + [t for t in range(1, length) if seq_idx[b, t] != seq_idx[b, t - 1]] + [length]
+        for a, e in zip(change[:-1], change[1:]):
+            piece = F.conv1d(x[b:b + 1, :, a:e], weight.unsqueeze(1), bias, padding=weight.shape[1] - 1,
+                             groups=channels)[:, :, :e - a]
+            out[b:b + 1, :, a:e] = F.silu(piece) if activation in ("silu", "swish") else piece
+    return out
+
+
+def test_calls_into_the_varlen_kernels_keep_sequences_apart():
+    """ft's packed path through the fast kernels, with reference functions standing in for the
+    CUDA kernels: the same result as ft's PyTorch path, sequence by sequence."""
+    from finetune.packing import segment_causal_conv1d, segment_delta_rule
+
+    torch.manual_seed(0)
+    starts = torch.tensor([0, 150, 187, 200, 251, 320, 400], dtype=torch.int32)  # 2 rows of 200
+    q, k = torch.randn(2, 200, 2, 32), torch.randn(2, 200, 2, 32)
+    v, g, beta = torch.randn(2, 200, 4, 32), -torch.rand(2, 200, 4) * 0.3, torch.rand(2, 200, 4)
+    via_kernel = segment_delta_rule(None, VarlenKernels(delta_rule=fla_contract, device_types=("cpu",)))
+    via_torch = segment_delta_rule(None, VarlenKernels())
+    kwargs = dict(g=g, beta=beta, cu_seqlens=starts, use_qk_l2norm_in_kernel=True)
+    torch.testing.assert_close(via_kernel(q, k, v, **kwargs)[0], via_torch(q, k, v, **kwargs)[0], rtol=1e-4, atol=1e-5)
+
+    x = torch.randn(2, 200, 96).transpose(1, 2)  # channel-last, as the layer hands it over
+    weight = torch.randn(96, 4)
+    conv_kernel = segment_causal_conv1d(None, VarlenKernels(conv=conv_contract, device_types=("cpu",)))
+    conv_torch = segment_causal_conv1d(None, VarlenKernels())
+    for layout in (x, x.contiguous()):  # a contiguous [b, c, l] input is laid out channel-last first
+        torch.testing.assert_close(conv_kernel(layout, weight, None, activation="silu", cu_seq_lens_q=starts),
+                                   conv_torch(layout, weight, None, activation="silu", cu_seq_lens_q=starts),
+                                   rtol=1e-5, atol=1e-5)
+    assert "ft's PyTorch version" in VarlenKernels().describe()
 
 
 def test_gated_deltanet_pieces_restart_at_every_sequence():

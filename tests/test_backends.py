@@ -1,0 +1,163 @@
+"""What each backend is handed, what it really loaded, and the sharded-QLoRA settings.
+
+Not exercised here (no CUDA GPU, no unsloth, a single device): a run with the unsloth backend,
+an FSDP or DeepSpeed run on two GPUs. What is checked instead: ft's own arguments for unsloth
+(against the loader's documented parameters), the refusals, the import order `ft train` keeps,
+the facts read off a really loaded model, and what TrainingArguments makes of ft's FSDP settings.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from finetune import train as train_mod
+from finetune.backends import (check_loaded, check_unsloth_supports, loaded_facts, unsloth_load_arguments,
+                               unsloth_lora_arguments)
+from finetune.errors import UserError
+from finetune.recipe import load_recipe
+from tests.conftest import ROOT, run_ft
+
+RECIPE = ROOT / "recipes" / "tiny-support.yaml"
+
+
+def test_unsloth_is_handed_the_recipes_base_and_settings():
+    recipe = load_recipe(RECIPE, ["model.revision=abc123", "train.seed=7", "lora.rslora=true"])
+    family = train_mod.resolve_base(recipe.model.base).family
+    quant = train_mod.quantization_config(recipe, family, torch.bfloat16)
+    args = unsloth_load_arguments(recipe, "org/model", quant, torch.bfloat16, 0, checkpointing=True)
+    assert args["model_name"] == "org/model" and args["revision"] == "abc123"
+    assert args["use_exact_model_name"] is True  # never unsloth's pre-quantized copy
+    assert args["text_only"] is True  # the text decoder of a vision-language checkpoint
+    assert args["quantization_config"] is quant and args["load_in_4bit"] and not args["full_finetuning"]
+    assert (quant.bnb_4bit_quant_type, quant.bnb_4bit_use_double_quant, quant.bnb_4bit_quant_storage) == \
+        ("nf4", True, torch.bfloat16)
+    assert quant.llm_int8_skip_modules == list(family.skip_4bit)
+    assert args["device_map"] == {"": 0} and args["random_state"] == 7 and args["dtype"] == torch.bfloat16
+    lora = unsloth_lora_arguments(recipe, train_mod.lora_targets(recipe, family), checkpointing=False)
+    assert lora["target_modules"] == list(family.lora_targets) and lora["use_rslora"] is True
+    assert lora["use_gradient_checkpointing"] is False and lora["r"] == recipe.lora.r
+
+
+@pytest.mark.parametrize("setting,key", [("quantization.quant_type=fp4", "quantization.quant_type"),
+                                         ("quantization.double_quant=false", "quantization.double_quant"),
+                                         ("lora.dora=true", "lora.dora")])
+def test_unsloth_refuses_what_it_cannot_honour(setting, key):
+    recipe = load_recipe(RECIPE, ["train.backend=unsloth", setting])
+    with pytest.raises(UserError) as caught:
+        check_unsloth_supports(recipe)
+    problem = caught.value.problems[0]
+    assert problem.where == key and "train.backend: hf" in problem.fix
+    check_unsloth_supports(load_recipe(RECIPE, ["train.backend=unsloth"]))  # the defaults are fine
+
+
+def test_unsloth_refusal_comes_before_anything_loads(tmp_path):
+    """On any machine, GPU or not: the recipe problem first, exit 2, nothing written."""
+    result = run_ft("train", str(RECIPE), "--set", "train.backend=unsloth", "--set", "lora.dora=true",
+                    "--output", str(tmp_path / "run"))
+    assert result.returncode == 2, result.stderr
+    assert "lora.dora true cannot be honoured by the unsloth backend" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+    validated = run_ft("validate", str(RECIPE), "--set", "train.backend=unsloth", "--set", "quantization.quant_type=fp4")
+    assert validated.returncode == 2 and "quantization.quant_type" in validated.stderr
+
+
+SPY = """
+import json, sys
+import finetune.backends as backends
+seen = {}
+real = backends.pick_backend
+def spy(recipe):
+    seen['loaded_before'] = sorted(m for m in ('transformers', 'trl', 'peft', 'datasets') if m in sys.modules)
+    return real(recipe)
+backends.pick_backend = spy
+from finetune.cli import main
+sys.argv = ['ft', 'train', sys.argv[1], '--set', 'train.backend=unsloth', '--output', sys.argv[2]]
+try:
+    main()
+finally:
+    print(json.dumps(seen))
+"""
+
+
+def test_train_chooses_its_backend_before_importing_the_libraries_unsloth_patches(tmp_path):
+    """unsloth must be imported before transformers, TRL and peft: `ft train` decides (and would
+    import unsloth) while none of them is loaded. Here unsloth cannot run, so it then exits 2."""
+    result = subprocess.run([sys.executable, "-c", SPY, str(RECIPE), str(tmp_path / "run")], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"loaded_before": []}, result.stderr[-2000:]
+    assert result.returncode == 2 and "unsloth cannot run here" in result.stderr
+
+
+def test_loaded_facts_are_read_off_the_model():
+    """The hub-layout Qwen3.5 (a vision-language checkpoint) loads as its text decoder, in NF4
+    with double quantization, the family's skip list kept in 16-bit; a vision tower or other
+    quantization settings than the recipe's are caught."""
+    recipe = load_recipe(RECIPE, ["model.base=tiny-qwen3.5-hub"])
+    prep = train_mod.prepare(recipe)
+    model = train_mod.load_model(recipe, prep, "hf", checkpointing=False)
+    facts = loaded_facts(model)
+    assert facts["class"] == "Qwen3_5ForCausalLM" and not facts["vision_tower"]
+    assert facts["name_or_path"] == prep.base.path
+    assert facts["quant_type"] == ["nf4"] and facts["double_quant"] == [True] and facts["linear_4bit"] > 0
+    assert {"in_proj_a", "in_proj_b", "lm_head"} <= set(facts["kept_16bit"])
+    assert not any(k.startswith("lora") for k in facts["kept_16bit"])
+    check_loaded(facts, recipe, prep.base.path, "hf")
+    with pytest.raises(RuntimeError, match="the recipe asks fp4"):
+        check_loaded(facts, load_recipe(RECIPE, ["model.base=tiny-qwen3.5-hub", "quantization.quant_type=fp4"]),
+                     prep.base.path, "unsloth")
+    with pytest.raises(RuntimeError, match="not elsewhere/model"):
+        check_loaded(facts, recipe, "elsewhere/model", "unsloth")
+
+    from transformers import Qwen3_5ForConditionalGeneration
+
+    whole = Qwen3_5ForConditionalGeneration.from_pretrained(prep.base.path)
+    with pytest.raises(RuntimeError, match="vision tower"):
+        check_loaded(loaded_facts(whole), load_recipe(RECIPE, ["model.base=tiny-qwen3.5-hub",
+                                                               "quantization.load_in_4bit=false"]),
+                     prep.base.path, "unsloth")
+
+
+@pytest.mark.parametrize("base,layer", [("tiny-qwen3.5-hub", "Qwen3_5DecoderLayer"),
+                                        ("tiny-olmo3-yarn", "Olmo3DecoderLayer")])
+def test_sharded_qlora_keeps_one_dtype(base, layer):
+    """Under FSDP every stored tensor of a flat parameter needs one dtype. Loaded as on a GPU
+    (bf16 compute and 4-bit storage), peft's k-bit preparation upcasts norms and embeddings to
+    fp32; ft's sharded preparation leaves every base tensor in bf16 (4-bit storage included)."""
+    recipe = load_recipe(RECIPE, [f"model.base={base}"])
+    prep = train_mod.prepare(recipe)
+    peft_way = train_mod.load_base_model(recipe, prep.base, torch.bfloat16)
+    train_mod.prepare_for_training(peft_way, upcast_for_kbit=True, checkpointing=True)
+    assert {p.dtype for p in peft_way.parameters()} == {torch.bfloat16, torch.float32}
+
+    model = train_mod.load_base_model(recipe, prep.base, torch.bfloat16)
+    train_mod.prepare_for_training(model, upcast_for_kbit=False, checkpointing=True, reentrant=True)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert any(type(p).__name__ == "Params4bit" for p in model.parameters())
+    assert model.is_gradient_checkpointing and not any(p.requires_grad for p in model.parameters())
+    assert train_mod.decoder_layer_class(model) == layer
+
+
+def test_fsdp_settings_are_fsdp1_qlora_without_double_checkpointing():
+    from transformers import TrainingArguments
+
+    from finetune.distributed import trainer_arguments
+
+    recipe = load_recipe(RECIPE, ["distributed.strategy=fsdp"])
+    args = TrainingArguments(output_dir="/tmp/ft-fsdp-args", use_cpu=True, report_to="none",
+                             **trainer_arguments(recipe, "Qwen3_5DecoderLayer"))
+    plugin = args.fsdp_plugin_args
+    assert plugin["fsdp_version"] == 1 and plugin["use_orig_params"] is False
+    assert plugin["activation_checkpointing"] is False  # checkpointing is the model's, set up once
+    assert plugin["cpu_ram_efficient_loading"] and plugin["sync_module_states"]
+    assert plugin["transformer_cls_names_to_wrap"] == "Qwen3_5DecoderLayer"
+    assert not args.activation_checkpointing
+
+    zero3 = trainer_arguments(load_recipe(RECIPE, ["distributed.strategy=deepspeed", "distributed.zero_stage=3"]),
+                              "Qwen3_5DecoderLayer")["deepspeed"]
+    assert zero3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert zero3["bf16"] == {"enabled": "auto"}  # follows TrainingArguments.bf16 (on for GPUs)
