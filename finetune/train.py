@@ -395,7 +395,7 @@ def start_run(recipe: Recipe, run: RunDir, resume: bool, overwrite: bool) -> Pat
     return checkpoint
 
 
-def save_adapter(model, prep: Prepared, recipe: Recipe, run: RunDir, backend: str,
+def save_adapter(model, prep: Prepared, recipe: Recipe, run: RunDir, backend: str, loaded: dict,
                  gathered: Path | None = None) -> None:
     """Write adapter/ under a temporary name and rename it into place when complete.
     `gathered`: a folder Trainer.save_model already wrote (a sharded adapter, gathered)."""
@@ -415,7 +415,7 @@ def save_adapter(model, prep: Prepared, recipe: Recipe, run: RunDir, backend: st
         "gguf_arch": family.gguf_arch, "end_of_turn": list(family.end_of_turn),
         "template_kwargs": prep.template_kwargs, "lora_targets": lora_targets(recipe, family),
         "quantization": recipe.quantization.model_dump(), "backend": backend, "license": prep.base.license,
-        "loaded": loaded_facts(model),  # what the backend really trained against
+        "loaded": loaded,  # what the backend really trained against (read before any sharding)
     })
     old = run.root / ".adapter.old"
     shutil.rmtree(old, ignore_errors=True)
@@ -553,7 +553,7 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
         trainer.save_model(str(gathered))
         barrier()
     if w.main:
-        save_adapter(trainer.model, prep, recipe, run, backend, gathered)
+        save_adapter(trainer.model, prep, recipe, run, backend, loaded, gathered)
         plot_loss(run)
         run.update_manifest(status="complete", ended=now(), summary=summary)
     barrier()

@@ -110,8 +110,9 @@ def test_loaded_facts_are_read_off_the_model():
     with pytest.raises(RuntimeError, match="the recipe asks fp4"):
         check_loaded(facts, load_recipe(RECIPE, ["model.base=tiny-qwen3.5-hub", "quantization.quant_type=fp4"]),
                      prep.base.path, "unsloth")
-    with pytest.raises(RuntimeError, match="not elsewhere/model"):
-        check_loaded(facts, recipe, "elsewhere/model", "unsloth")
+    swapped = dict(facts, name_or_path="unsloth/Qwen3.5-9B-unsloth-bnb-4bit")
+    with pytest.raises(RuntimeError, match="not Qwen/Qwen3.5-9B"):
+        check_loaded(swapped, recipe, "Qwen/Qwen3.5-9B", "unsloth")
 
     from transformers import Qwen3_5ForConditionalGeneration
 

@@ -125,6 +125,7 @@ TINY = ROOT / "recipes" / "tiny-support.yaml"
 @pytest.fixture(scope="module")
 def untrained_run(tmp_path_factory):
     """A run whose adapter is freshly initialised (LoRA B = 0): the fine-tuned model *is* the base."""
+    from finetune.backends import loaded_facts
     from finetune.train import load_model, prepare, save_adapter
 
     root = tmp_path_factory.mktemp("untrained") / "run"
@@ -133,7 +134,8 @@ def untrained_run(tmp_path_factory):
     run = RunDir(root)
     root.mkdir(parents=True)
     run.recipe.write_text(recipe.to_yaml(), encoding="utf-8")
-    save_adapter(load_model(recipe, prep, "hf"), prep, recipe, run, "hf")
+    model = load_model(recipe, prep, "hf")
+    save_adapter(model, prep, recipe, run, "hf", loaded_facts(model))
     return run
 
 
