@@ -33,6 +33,7 @@ class Family:
     # Qwen3.5's in_proj_a / in_proj_b have out_features = linear_num_value_heads (32 in the 9B),
     # tiny enough that 4-bit saves nothing, and bitsandbytes' CPU kernel needs out % 32 == 0.
     skip_4bit: tuple[str, ...]
+    decoder_layer: str  # transformers' decoder-layer class: one FSDP unit per instance
     gguf_arch: str  # llama.cpp architecture name
     gguf_pre: str  # llama.cpp's name for the family's pre-tokenizer (split regex)
     ollama_renderer: str | None  # Ollama's built-in RENDERER/PARSER name for the family
@@ -62,6 +63,7 @@ QWEN3_5 = Family(
         "gate_proj", "up_proj", "down_proj",
     ),
     skip_4bit=("lm_head", "in_proj_a", "in_proj_b"),
+    decoder_layer="Qwen3_5DecoderLayer",
     gguf_arch="qwen35",
     gguf_pre="qwen35",
     ollama_renderer="qwen3.5",
@@ -82,6 +84,7 @@ OLMO3 = Family(
     pad_token="<|pad|>",
     lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     skip_4bit=("lm_head",),
+    decoder_layer="Olmo3DecoderLayer",
     gguf_arch="olmo2",  # llama.cpp runs OLMo 3 as olmo2 with a sliding-window layer pattern
     gguf_pre="dbrx",  # Dolma2 is cl100k-style; llama.cpp files that regex under dbrx
     ollama_renderer="olmo3",

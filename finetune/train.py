@@ -259,10 +259,14 @@ def check_trackers(recipe: Recipe, run: RunDir) -> None:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.root / "tensorboard")  # transformers reads it here
 
 
-def sft_config(recipe: Recipe, run: RunDir, plan: BatchPlan, extra: dict):
+def sft_config(recipe: Recipe, run: RunDir, plan: BatchPlan, family: Family):
+    """TRL's arguments. Built before the model loads: under FSDP or ZeRO-3 they tell transformers
+    how to load it (FSDP's low-RAM loading reads an environment variable they set, ZeRO-3 a
+    global they register), as peft's sharded-QLoRA scripts parse them first."""
     from trl import SFTConfig
 
     t, gpu = recipe.train, on_gpu()
+    extra = trainer_arguments(recipe, family.decoder_layer) if plan.world_size > 1 else {}
     return SFTConfig(
         output_dir=str(run.checkpoints),
         per_device_train_batch_size=plan.micro_batch,
@@ -299,33 +303,18 @@ def sft_config(recipe: Recipe, run: RunDir, plan: BatchPlan, extra: dict):
     )
 
 
-def make_trainer(recipe: Recipe, run: RunDir, model, prep: Prepared, train_ds, heldout_ds, callbacks,
-                 batches: BatchPlan, backend: str = "hf"):
+def make_trainer(model, args, prep: Prepared, train_ds, heldout_ds, callbacks, packed: bool):
     from transformers.trainer_callback import PrinterCallback
 
     from finetune.guard import SafeTrainer
     from finetune.packing import PackingCollator
 
-    collator = None  # TRL's padding collator
-    if recipe.train.packing and backend == "hf":  # rows packed; train() installed the boundary-aware layers
-        collator = PackingCollator(prep.tokenizer.pad_token_id)
-    extra = {}
-    if batches.world_size > 1:
-        extra = trainer_arguments(recipe, decoder_layer_class(model))
-    trainer = SafeTrainer(
-        model=model, args=sft_config(recipe, run, batches, extra), train_dataset=train_ds,
-        eval_dataset=heldout_ds,
-        processing_class=prep.tokenizer, callbacks=callbacks, data_collator=collator,
-    )
+    # packed: rows share examples (train() installed the boundary-aware layers); else TRL pads
+    collator = PackingCollator(prep.tokenizer.pad_token_id) if packed else None
+    trainer = SafeTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=heldout_ds,
+                          processing_class=prep.tokenizer, callbacks=callbacks, data_collator=collator)
     trainer.remove_callback(PrinterCallback)  # logs go to metrics.jsonl and the progress bar
     return trainer
-
-
-def decoder_layer_class(model) -> str:
-    """The class FSDP wraps one unit per instance of: the decoder layer (read off the model; a
-    vision-language class also lists its vision blocks in `_no_split_modules`)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return type(base.model.layers[0]).__name__
 
 
 def last_complete_checkpoint(run: RunDir) -> Path | None:
@@ -492,20 +481,21 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
         kept = [r for r in run.read_metrics() if r.get("step", 0) <= resumed_step] if checkpoint else []
         atomic_write_text(run.metrics, "".join(json.dumps(r) + "\n" for r in kept))
 
+    args = sft_config(recipe, run, batches, prep.base.family)  # before the model: see sft_config
     model = load_model(recipe, prep, backend, preflight.gradient_checkpointing)
     loaded = loaded_facts(model)
     check_loaded(loaded, recipe, prep.base.path, backend)
+    packed = recipe.train.packing and backend == "hf"  # unsloth brings its own padding-free path
     linear_attention = None
-    if recipe.train.packing and backend == "hf":  # unsloth brings its own padding-free path
+    if packed:
         kernels = segment_aware_linear_attention()
         linear_attention = kernels.describe() if on_gpu() else "ft's PyTorch version (CPU)"
     if w.main:
-        run.update_manifest(loaded=loaded, packing={"enabled": recipe.train.packing and backend == "hf",
-                                                    "linear_attention": linear_attention})
+        run.update_manifest(loaded=loaded, packing={"enabled": packed, "linear_attention": linear_attention})
     nonfinite = StopOnNonFiniteLoss()
     progress = RichProgress(console) if w.main else None
     callbacks = [MetricsCallback(run), nonfinite] + ([progress] if progress else [])
-    trainer = make_trainer(recipe, run, model, prep, train_ds, heldout_ds, callbacks, batches, backend)
+    trainer = make_trainer(model, args, prep, train_ds, heldout_ds, callbacks, packed)
     summary = {}
     if checkpoint is None:
         summary["heldout_loss_start"] = trainer.evaluate()["eval_loss"]  # logged at step 0

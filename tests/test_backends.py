@@ -9,6 +9,7 @@ the facts read off a really loaded model, and what TrainingArguments makes of ft
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -140,17 +141,20 @@ def test_sharded_qlora_keeps_one_dtype(base, layer):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert any(type(p).__name__ == "Params4bit" for p in model.parameters())
     assert model.is_gradient_checkpointing and not any(p.requires_grad for p in model.parameters())
-    assert train_mod.decoder_layer_class(model) == layer
+    assert type(model.model.layers[0]).__name__ == layer == prep.base.family.decoder_layer
 
 
-def test_fsdp_settings_are_fsdp1_qlora_without_double_checkpointing():
-    from transformers import TrainingArguments
+def test_fsdp_settings_are_fsdp1_qlora_without_double_checkpointing(tmp_path, monkeypatch):
+    """ft's real TRL arguments for a 2-process FSDP run (built as train() builds them, before the
+    model loads, which is when transformers reads FSDP's low-RAM loading switch from them)."""
+    from finetune.distributed import BatchPlan, trainer_arguments
+    from finetune.run import RunDir
 
-    from finetune.distributed import trainer_arguments
-
+    monkeypatch.delenv("FSDP_CPU_RAM_EFFICIENT_LOADING", raising=False)
     recipe = load_recipe(RECIPE, ["distributed.strategy=fsdp"])
-    args = TrainingArguments(output_dir="/tmp/ft-fsdp-args", use_cpu=True, report_to="none",
-                             **trainer_arguments(recipe, "Qwen3_5DecoderLayer"))
+    family = train_mod.resolve_base(recipe.model.base).family
+    args = train_mod.sft_config(recipe, RunDir(tmp_path / "run"), BatchPlan(4, 1, 2), family)
+    assert os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "true"
     plugin = args.fsdp_plugin_args
     assert plugin["fsdp_version"] == 1 and plugin["use_orig_params"] is False
     assert plugin["activation_checkpointing"] is False  # checkpointing is the model's, set up once
