@@ -150,22 +150,33 @@ def predicted_disk(output: str) -> int | None:
     return int(total) or None
 
 
-def rehearse(model: str, work: Path, layers: int | None) -> dict:
+def rehearse(model: str, work: Path, layers: int | None, start_at: str | None = None) -> dict:
+    """Every stage in order; `start_at` picks up a work folder a stopped rehearsal left (its
+    checkpoint and the stages before are reused, not measured again)."""
     twin_alias, config = MODELS[model]
     base = work / f"{model}-base"
     t0 = time.monotonic()
-    size = write_checkpoint(base, twin_alias, config, layers)
-    print(f"{model}: wrote {size / 2**30:.2f} GiB in {time.monotonic() - t0:.0f} s")
+    if start_at is None:
+        size = write_checkpoint(base, twin_alias, config, layers)
+        print(f"{model}: wrote {size / 2**30:.2f} GiB in {time.monotonic() - t0:.0f} s")
+    else:
+        size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     recipe = recipe_for(work, base, model)
     run = work / "runs" / model
     sets = [a for s in SETTINGS for a in ("--set", s)]
     stages = {}
+    started = start_at is None
     for stage, args, watch in (
         ("ft validate", ["validate", str(recipe), *sets], work / "runs"),
         ("ft train", ["train", str(recipe), "--output", str(run), *sets], work / "runs"),
         ("ft export --quant q4_k_m", ["export", str(run), "--quant", "q4_k_m", "--keep-f16"], work / "runs"),
         ("ft eval --gguf", ["eval", str(run), "--gguf", "--set", "eval.max_examples=2"], work / "runs"),
     ):
+        started = started or stage.startswith(start_at)
+        if not started:
+            continue
+        if stage.startswith("ft export"):
+            shutil.rmtree(run / "export", ignore_errors=True)
         with DiskWatch(watch) as disk:
             result = measured(python("-m", "finetune", *args), env={"FT_CACHE": os.environ.get("FT_CACHE", "")})
         stages[stage] = {"wall_s": round(result["wall_s"], 1), "peak_rss_mib": round(result["peak_rss_mib"]),
@@ -198,18 +209,23 @@ def main() -> None:
     ap.add_argument("--model", choices=[*MODELS, "both"], default="both")
     ap.add_argument("--layers", type=int, default=None, help="fewer layers than the real model (script check)")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--resume", nargs=2, metavar=("WORK", "STAGE"),
+                    help="continue a stopped rehearsal in WORK from STAGE (e.g. 'ft export'): one model")
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="ft-bench-full-", dir=os.environ.get("FT_BENCH_DIR")))
+    if args.resume:
+        work = Path(args.resume[0])
+    else:
+        work = Path(tempfile.mkdtemp(prefix="ft-bench-full-", dir=os.environ.get("FT_BENCH_DIR")))
     print(f"machine: {machine()}\nwork folder: {work}\n")
     results = {}
     for model in (MODELS if args.model == "both" else [args.model]):
-        results[model] = rehearse(model, work, args.layers)
+        results[model] = rehearse(model, work, args.layers, args.resume[1] if args.resume else None)
         shutil.rmtree(work / f"{model}-base", ignore_errors=True)
         if not args.keep:
             shutil.rmtree(work / "runs" / model, ignore_errors=True)
     rows = []
     for model, r in results.items():
-        train_disk = r["stages"]["ft train"]["predicted_disk_bytes"]
+        train_disk = r["stages"].get("ft train", {}).get("predicted_disk_bytes")
         actual = sum(s["disk_peak_bytes"] for name, s in r["stages"].items() if name != "ft validate")
         bound = (0.25 * r["checkpoint_bytes"] + 1.5 * 2**30) / 2**20
         for stage, s in r["stages"].items():

@@ -31,14 +31,18 @@ from export.llama import GGUFModel
 # barely trained model is almost all near-ties, and a deep random network amplifies the noise.
 # Measured on faithful Q4_K_M files: 4-layer twins (random weights to 200 steps) KL 0.002-0.004,
 # top-1 0.68-0.93 over all positions; a 24-layer, 3 GB random-weight Qwen3.5 (bench/export_memory)
-# KL 0.156, top-1 0.17. No all-positions bound separates those from a wrong file, so top-1 counts
-# only where the reference is decisive (its top token leads the runner-up by DECISIVE_MARGIN in
-# probability: a trained model's answer tokens); kl_max only catches garbage (a real 7-9B Q4_K_M
-# is about 0.01-0.05); and the stops check compares behaviour with the fine-tuned model's own.
+# KL 0.156, top-1 0.17; the 32-layer Qwen3.5-9B-shaped random-weight checkpoint (bench/full_size)
+# KL 0.394, top-1 0.19, while its 16-bit file matched to KL 8e-6. No all-positions bound separates
+# those from a wrong file (another twin's file scores KL 0.19 against a flat twin), so top-1
+# counts only where the reference is decisive (its top token leads the runner-up by
+# DECISIVE_MARGIN in probability: a trained model's answer tokens); the stops check compares
+# behaviour with the fine-tuned model's own; and kl_max only catches garbage: 1 nat (each
+# next-token distribution e-fold off on average) is 2.5× the deepest faithful file measured and
+# 20× a real 7-9B Q4_K_M (about 0.01-0.05).
 DECISIVE_MARGIN = 0.2
 THRESHOLDS = {
     "sixteen_bit": {"top1_min": 0.99, "kl_max": 1e-3},
-    "quantized": {"top1_decisive_min": 0.9, "kl_max": 0.25},
+    "quantized": {"top1_decisive_min": 0.9, "kl_max": 1.0},
     "stop_rate_drop_max": 0.25,  # shipped file's clean stops vs the 16-bit file's, same prompts
 }
 
