@@ -115,7 +115,7 @@ def unsloth_lora_arguments(recipe: Recipe, targets: list[str], checkpointing: bo
 
 def load_unsloth(recipe: Recipe, base_path: str, targets: list[str], quantization_config, compute_dtype,
                  device, checkpointing: bool):
-    check_unsloth_supports(recipe)
+    """(pick_backend has already refused the settings unsloth cannot honour.)"""
     from unsloth import FastLanguageModel
 
     check_unsloth_version(FastLanguageModel.from_pretrained)
@@ -140,16 +140,16 @@ def loaded_facts(model) -> dict:
             double.add(bool(state.nested))
         elif isinstance(module, torch.nn.Linear) and ".lora_" not in f".{name}":  # adapters are not the base
             kept.add(name.rsplit(".", 1)[-1])
-    parents = {name.split(".")[-2] for name, _ in base.named_modules() if name.count(".") >= 1}
+    parts = {part for name, _ in base.named_modules() for part in name.split(".")}
     return {
         "class": type(base).__name__,
         "name_or_path": getattr(config, "_name_or_path", None),
-        "dtype": str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", "")).replace("torch.", ""),
+        "dtype": str(config.dtype).removeprefix("torch."),
         "linear_4bit": four_bit,
         "quant_type": sorted(quant_types),
         "double_quant": sorted(double),
         "kept_16bit": sorted(kept),
-        "vision_tower": any(p in ("visual", "vision_tower", "vision_model") for p in parents),
+        "vision_tower": bool(parts & {"visual", "vision_tower", "vision_model"}),
     }
 
 

@@ -103,9 +103,10 @@ def compute_dtype():
     return torch.bfloat16 if on_gpu() else torch.float32
 
 
-def sharded_qlora(recipe: Recipe) -> bool:
-    """FSDP or DeepSpeed shard the 4-bit weights: every stored tensor must have one dtype."""
-    return world().size > 1 and recipe.distributed.strategy != "ddp" and recipe.quantization.load_in_4bit
+def sharded(recipe: Recipe) -> bool:
+    """FSDP or DeepSpeed place (and shard) the weights, not from_pretrained. Sharded 4-bit
+    weights need every stored tensor in one dtype."""
+    return world().size > 1 and recipe.distributed.strategy != "ddp"
 
 
 def quantization_config(recipe: Recipe, family: Family, dtype):
@@ -132,12 +133,11 @@ def load_base_model(recipe: Recipe, base: ResolvedBase, dtype=None):
 
     gpu, w = on_gpu(), world()
     dtype = dtype or compute_dtype()
-    sharded = w.size > 1 and recipe.distributed.strategy != "ddp"  # FSDP / DeepSpeed place the weights
     # allow_pickle permits .bin weights; it must not forbid safetensors (None = prefer them when present)
     kwargs = dict(dtype=dtype, revision=recipe.model.revision,
                   use_safetensors=None if recipe.model.allow_pickle else True,
                   trust_remote_code=recipe.model.trust_remote_code,
-                  device_map=None if sharded else {"": w.local_rank if gpu else "cpu"},
+                  device_map=None if sharded(recipe) else {"": w.local_rank if gpu else "cpu"},
                   quantization_config=quantization_config(recipe, base.family, dtype))
     model = AutoModelForCausalLM.from_pretrained(base.path, **kwargs)
     keep_4bit_layers_differentiable(model)
@@ -184,8 +184,8 @@ def load_model(recipe: Recipe, prep: Prepared, backend: str, checkpointing: bool
     from peft import get_peft_model
 
     model = load_base_model(recipe, prep.base, dtype)
-    prepare_for_training(model, recipe.quantization.load_in_4bit and not sharded_qlora(recipe), checkpointing,
-                         reentrant=sharded_qlora(recipe))
+    prepare_for_training(model, upcast_for_kbit=recipe.quantization.load_in_4bit and not sharded(recipe),
+                         checkpointing=checkpointing, reentrant=sharded(recipe))
     check_lora_targets(model, targets, explicit=recipe.lora.targets != "auto")
     from transformers import set_seed
 
@@ -537,7 +537,7 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
 
         summary["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     gathered = None
-    if w.size > 1 and recipe.distributed.strategy != "ddp":
+    if sharded(recipe):
         # FSDP / DeepSpeed hold the adapter in shards: save_model gathers it (every rank takes part)
         gathered = run.root / ".adapter.gathered"
         trainer.save_model(str(gathered))

@@ -86,8 +86,6 @@ def close(got, want, dtype, what):
 
 def kernel_paths():
     """The linear-attention paths this machine can run packed rows through."""
-    import torch
-
     found = find_varlen_kernels()
     have = torch.cuda.is_available() and found.conv is not None and found.delta_rule is not None
     reason = ("no CUDA GPU here" if not torch.cuda.is_available()
