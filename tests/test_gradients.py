@@ -6,13 +6,18 @@ after one eval-mode pass, and a loss-falls test stayed green. Here every LoRA gr
 4-bit twin, after the eval pass `ft train` makes before training, is compared with the same model
 whose 4-bit weights are dequantized to fp32 nn.Linear layers (same LoRA weights, same batch).
 
-What this cannot exercise everywhere: bitsandbytes' packed inference layout exists only on CPUs
-with AVX512-BF16 (its kernel is registered at import time only there). Elsewhere the comparison
-still runs, and test_packed_layout_is_undone says the packed path was not available.
+The repacking is driven on every CPU: bitsandbytes decides it once, when a Linear4bit is built
+(`support_avx512bf16_for_cpu = has_avx512bf16()`), and the repacking itself is plain tensor code.
+On a CPU without AVX512-BF16 the layers are built as bitsandbytes builds them on one that has it
+(`as_on_an_avx512bf16_cpu`), so the eval pass really repacks them unless ft prevents it, and
+these tests fail on code that does not. What this cannot exercise there: bitsandbytes' fused
+AVX512-BF16 inference kernel itself (registered at import time only on such CPUs); the tests say
+so when they run without it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -33,13 +38,31 @@ def packed_path_available() -> bool:
     return bool(has_avx512bf16())
 
 
+@contextlib.contextmanager
+def as_on_an_avx512bf16_cpu():
+    """Linear4bit layers built inside this block carry the flag bitsandbytes gives them on an
+    AVX512-BF16 CPU, so their first no-grad eval forward repacks them, as it does there."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    if packed_path_available():
+        yield
+        return
+    real = bnb_modules.has_avx512bf16
+    bnb_modules.has_avx512bf16 = lambda: True
+    try:
+        yield
+    finally:
+        bnb_modules.has_avx512bf16 = real
+
+
 def twin_model(recipe_name: str, overrides: list[str]):
     from finetune import data as data_mod
     from finetune.train import load_model, prepare
 
     recipe = load_recipe(ROOT / "recipes" / recipe_name, ["lora.dropout=0", "data.limit=16", *overrides])
     prep = prepare(recipe)
-    model = load_model(recipe, prep, "hf", checkpointing=False)
+    with as_on_an_avx512bf16_cpu():
+        model = load_model(recipe, prep, "hf", checkpointing=False)
     ds, _ = data_mod.tokenize_all(prep.renderer, prep.splits.train[:4], recipe.data.max_length, "error")
     width = max(len(x) for x in ds["input_ids"])
     pad = prep.tokenizer.pad_token_id
@@ -114,16 +137,16 @@ def test_lora_gradients_equal_a_dequantized_reference_after_an_eval_pass(recipe_
 def test_packed_layout_is_undone_and_gradients_flow():
     """A layer bitsandbytes already repacked (as an eval pass does on AVX512-BF16 CPUs) is
     restored by ft: same outputs as before, and the input gradient equals the reference's."""
-    if not packed_path_available():
-        pytest.skip("bitsandbytes' packed CPU inference path is not available on this CPU (no AVX512-BF16): "
-                    "the gradient comparisons above ran on the default path only")
     import bitsandbytes as bnb
     from bitsandbytes.functional import dequantize_4bit
 
     from finetune.train import keep_4bit_layers_differentiable
 
+    if not packed_path_available():
+        print("no AVX512-BF16 here: the repacking is bitsandbytes' own, its fused inference kernel did not run")
     torch.manual_seed(0)
-    layer = bnb.nn.Linear4bit(256, 256, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    with as_on_an_avx512bf16_cpu():
+        layer = bnb.nn.Linear4bit(256, 256, bias=False, compute_dtype=torch.float32, quant_type="nf4")
     layer.load_state_dict({"weight": torch.randn(256, 256) * 0.05})
     layer = layer.to("cpu")  # quantizes
     before = dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
