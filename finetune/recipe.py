@@ -342,10 +342,28 @@ def recipe_keys() -> list[tuple[str, str, Any, str]]:
 
 
 def _type_name(annotation) -> str:
-    text = re.sub(r"typing\.|pathlib\.|<class '|'>|Union\[|Literal\[", "", str(annotation))
-    text = re.sub(r"\]+$", "", text).replace("]", "").replace("'", "")
-    text = text.replace("list[str", "list of str")
-    return text.replace(" | None", " or null").replace(", ", " / ").replace("dict[", "map of ")
+    """A key's type as the README's table says it: `a / b` for choices, `list of T`, `map of K to V`,
+    `{field, ...}` for a nested entry, `or null` for an optional key."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return " / ".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        kinds = [_type_name(a) for a in args if a is not type(None)]
+        return " / ".join(kinds) + (" or null" if type(None) in args else "")
+    if origin is list:
+        return f"list of {_grouped(_type_name(args[0]))}"
+    if origin is dict:
+        return f"map of {_grouped(_type_name(args[0]))} to {_grouped(_type_name(args[1]))}"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "{" + ", ".join(annotation.model_fields) + "}"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _grouped(text: str) -> str:
+    return f"({text})" if " / " in text else text
 
 
 def keys_markdown() -> str:

@@ -16,6 +16,8 @@ def test_readme_documents_every_recipe_key():
     documented = re.findall(r"^\| `([a-z0-9_.]+)` \|", table, flags=re.M)
     assert documented == [row[0] for row in recipe_keys()]
     assert table.strip() == keys_markdown()
+    broken = [row for row in keys_markdown().splitlines() if row.count("|") != 5]
+    assert not broken, f"a type or meaning holds a '|', which splits the markdown row: {broken}"
 
 
 def test_readme_test_command_is_what_ci_runs():
