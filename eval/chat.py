@@ -61,19 +61,23 @@ class Chat:
     def reply(self, text: str, stream: Stream) -> str:
         """Answer `text`, streaming the answer's text as it is decoded; returns the answer."""
         self.messages.append({"role": "user", "content": text})
-        prompt = self.tokenizer(self.renderer.served_prompt(self.messages), add_special_tokens=False)["input_ids"]
-        answer: list[int] = []
-        shown = ""
-        for token in self.engine.tokens(prompt, self.max_new_tokens, self.stop_ids):
-            if token in self.stop_ids:
-                break
-            answer.append(token)
-            decoded = self.tokenizer.decode(answer)
-            if not decoded.endswith("\ufffd"):  # a character split across tokens: wait for the rest
-                stream(decoded[len(shown):])
-                shown = decoded
-        text_out = self.tokenizer.decode(answer)
-        stream(text_out[len(shown):])
+        try:
+            prompt = self.tokenizer(self.renderer.served_prompt(self.messages), add_special_tokens=False)["input_ids"]
+            answer: list[int] = []
+            shown = ""
+            for token in self.engine.tokens(prompt, self.max_new_tokens, self.stop_ids):
+                if token in self.stop_ids:
+                    break
+                answer.append(token)
+                decoded = self.tokenizer.decode(answer)
+                if not decoded.endswith("\ufffd"):  # a character split across tokens: wait for the rest
+                    stream(decoded[len(shown):])
+                    shown = decoded
+            text_out = self.tokenizer.decode(answer)
+            stream(text_out[len(shown):])
+        except KeyboardInterrupt:  # an unfinished turn is not kept: the conversation is as before it
+            self.messages.pop()
+            raise
         self.messages.append({"role": "assistant", "content": text_out})
         return text_out
 
@@ -106,17 +110,19 @@ def trained_system_prompt(recipe, splits) -> str | None:
 
 
 def interactive(chat: Chat, read: Callable[[str], str] = input, write: Stream | None = None) -> None:
-    """you> prompts until /exit or end of input; /reset starts a new conversation."""
+    """you> prompts until /exit, Ctrl-D or Ctrl-C at the prompt; /reset starts a new conversation.
+    Ctrl-C while the model answers stops that answer and returns to the prompt, as `ollama run`
+    does (a long or rambling answer should not cost the conversation)."""
     def out(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
     write = write or out
-    write("chat with the fine-tune: /reset starts over, /exit quits\n")
+    write("chat with the fine-tune: /reset starts over, /exit quits, Ctrl-C stops an answer\n")
     while True:
         try:
             line = read("you> ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
             write("\n")
             return
         command = line.strip()
@@ -129,5 +135,8 @@ def interactive(chat: Chat, read: Callable[[str], str] = input, write: Stream | 
         if not command:
             continue
         write("model> ")
-        chat.reply(line, write)
+        try:
+            chat.reply(line, write)
+        except KeyboardInterrupt:
+            write("\n(answer stopped; it is not kept in the conversation)")
         write("\n")

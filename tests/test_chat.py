@@ -63,3 +63,49 @@ def test_interactive_session_streams_resets_and_exits(evaluated):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_ctrl_c_stops_an_answer_not_the_chat(evaluated):
+    """Ctrl-C while the model answers ends that answer and the chat goes on as if the question was
+    never asked; Ctrl-C at the prompt quits (exit 0). The interrupt during an answer is raised where
+    a terminal's would land, while a token is printed: on these twins an answer takes milliseconds,
+    so a real SIGINT could not be timed into it reliably. At the prompt it is a real one (pty)."""
+    from eval.chat import interactive, open_chat
+
+    question = "My invoice is wrong, I was charged twice."
+    chat = open_chat(evaluated, gguf=False, max_new_tokens=16)
+    expected = chat.reply(question, lambda text: None)
+    chat.reset()
+
+    inputs = [question, question]
+    printed: list[str] = []
+    answers = 0
+
+    def read(prompt: str) -> str:
+        printed.append(prompt)
+        if not inputs:
+            raise KeyboardInterrupt  # Ctrl-C at the prompt
+        return inputs.pop(0)
+
+    def write(text: str) -> None:
+        nonlocal answers
+        printed.append(text)
+        if text == "model> ":
+            answers += 1
+        elif answers == 1 and text.strip() and "(answer stopped" not in "".join(printed):
+            raise KeyboardInterrupt  # the first answer's first token
+
+    interactive(chat, read, write)
+    transcript = "".join(printed)
+    assert "(answer stopped; it is not kept in the conversation)" in transcript
+    assert transcript.split("model> ")[2].split("you> ")[0].strip() == expected.strip()
+    assert [m["role"] for m in chat.messages if m["role"] != "system"] == ["user", "assistant"]
+
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(sys.executable, ["-m", "finetune", "chat", str(evaluated.root), "--max-new-tokens", "8"],
+                          cwd=str(ROOT), encoding="utf-8", timeout=120)
+    child.expect_exact("you> ")
+    child.sendintr()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0 and "Traceback" not in child.before
