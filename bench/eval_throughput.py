@@ -30,7 +30,6 @@ def main() -> None:
 
     from eval.columns import TransformersColumn
     from eval.heldout import build_items
-    from finetune import data as data_mod
     from finetune import train as train_mod
     from finetune.recipe import load_recipe
 

@@ -75,13 +75,13 @@ def heldout_losses(recipe_path: Path, adapters: dict[str, Path]) -> dict[str, fl
     import torch
     from peft import PeftModel
 
-    from finetune import data as data_mod
+    from finetune import render
     from finetune import train as train_mod
     from finetune.recipe import load_recipe
 
     r = load_recipe(recipe_path)
     prep = train_mod.prepare(r)
-    ds, _ = data_mod.tokenize_all(prep.renderer, prep.splits.heldout, r.data.max_length, "truncate")
+    ds, _ = render.tokenize_all(prep.renderer, prep.splits.heldout, r.data.max_length, "truncate")
     pad = prep.tokenizer.pad_token_id
     out = {}
     for name, adapter in adapters.items():

@@ -45,7 +45,7 @@ class Chat:
     """One conversation: the messages so far, rendered with the served template on every turn."""
 
     engine: object
-    renderer: object  # finetune.data.Renderer: the served template with the trained switches
+    renderer: object  # finetune.render.Renderer: the served template with the trained switches
     tokenizer: object
     stop_ids: set[int]
     max_new_tokens: int

@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from finetune import data as data_mod
+from finetune import render
 
 
 @dataclass
@@ -25,7 +25,7 @@ class Item:
     labels: list[int]  # the final answer only
 
 
-def build_items(examples, renderer: data_mod.Renderer) -> list[Item]:
+def build_items(examples, renderer: render.Renderer) -> list[Item]:
     items = []
     for e in examples:
         prompt_ids, row = renderer.final_turn(e)

@@ -169,7 +169,8 @@ def export_run(run: RunDir, quant: str, keep_f16: bool = False, verify: bool = T
 
 def run_verification(run, recipe, family, tokenizer, base_dir, sixteen_path, shipped, kwargs, log):
     from export.reference import reference_logits
-    from finetune.data import Renderer, load_splits
+    from finetune.data import load_splits
+    from finetune.render import Renderer
     from finetune.train import training_template
 
     heldout = load_splits(recipe).heldout[:VERIFY_PROMPTS]

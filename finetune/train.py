@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune import data as data_mod
+from finetune import render
 from finetune import logs
 from finetune.backends import check_loaded, load_unsloth, loaded_facts, pick_backend
 from finetune.distributed import (BatchPlan, barrier, batch_plan, check_resume, check_strategy, start,
@@ -36,7 +37,7 @@ class Prepared:
     template: str
     template_kwargs: dict
     splits: data_mod.Splits
-    renderer: data_mod.Renderer
+    renderer: render.Renderer
 
 
 def on_gpu() -> bool:
@@ -87,10 +88,10 @@ def prepare(recipe: Recipe) -> Prepared:
     check_weights_format(base, recipe)
     tokenizer = load_tokenizer(base, recipe)
     template, where = training_template(recipe, base.family)
-    kwargs = data_mod.template_kwargs(base.family, recipe)
-    data_mod.check_template(template, base.family, kwargs, where, tokenizer)
+    kwargs = render.template_kwargs(base.family, recipe)
+    render.check_template(template, base.family, kwargs, where, tokenizer)
     splits = data_mod.load_splits(recipe)
-    renderer = data_mod.Renderer(tokenizer, template, base.family.read_template(), kwargs, where)
+    renderer = render.Renderer(tokenizer, template, base.family.read_template(), kwargs, where)
     return Prepared(base, tokenizer, template, kwargs, splits, renderer)
 
 
@@ -438,9 +439,9 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
     if console is not None:
         for line in estimate:
             console.print(f"  preflight: {line}", markup=False, highlight=False)
-    train_ds, train_report = data_mod.tokenize_all(prep.renderer, prep.splits.train, recipe.data.max_length,
+    train_ds, train_report = render.tokenize_all(prep.renderer, prep.splits.train, recipe.data.max_length,
                                                    recipe.data.too_long)
-    heldout_ds, heldout_report = data_mod.tokenize_all(prep.renderer, prep.splits.heldout, recipe.data.max_length,
+    heldout_ds, heldout_report = render.tokenize_all(prep.renderer, prep.splits.heldout, recipe.data.max_length,
                                                        recipe.data.too_long)
     if console is not None:
         st = prep.splits.stats

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from finetune import data as data_mod
+from finetune import render
 from finetune.backends import check_unsloth_supports
 from finetune.bases import resolve_base
 from finetune.recipe import load_recipe
@@ -28,7 +29,7 @@ def validate_recipe(path: str, overrides: list[str] = ()) -> list[str]:
     report.append(f"model: {recipe.model.base} → {base.path} (family {base.family.name})")
     template, where = training_template(recipe, base.family)
     tokenizer = load_tokenizer(base, recipe) if local else None
-    data_mod.check_template(template, base.family, data_mod.template_kwargs(base.family, recipe), where, tokenizer)
+    render.check_template(template, base.family, render.template_kwargs(base.family, recipe), where, tokenizer)
     report.append(f"chat template {where}: every assistant turn trains its end-of-turn token "
                   f"({' / '.join(base.family.end_of_turn)})" + ("" if local else " (tokenizer checked at train time)"))
     if local:  # a hub model's size is known once its config is here: checked at train time

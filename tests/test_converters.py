@@ -181,4 +181,4 @@ def test_unconvertible_configs_are_refused_naming_the_key(arch_name, cfg, key):
 
     with pytest.raises(UserError) as info:
         arch_for(arch_name).check(cfg)
-    assert f"config.json" in info.value.render() and key in info.value.render()
+    assert "config.json" in info.value.render() and key in info.value.render()

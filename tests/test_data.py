@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from finetune import data
+from finetune import data, render
 from finetune.errors import UserError
 from finetune.models import OLMO3, QWEN3_5
 from finetune.recipe import DataSection, Recipe
@@ -119,8 +119,8 @@ CONVERSATION = [
 ]
 
 
-def renderer_for(family, tokenizer, kwargs) -> data.Renderer:
-    return data.Renderer(tokenizer, family.read_template(training=True), family.read_template(), kwargs)
+def renderer_for(family, tokenizer, kwargs) -> render.Renderer:
+    return render.Renderer(tokenizer, family.read_template(training=True), family.read_template(), kwargs)
 
 
 def label_spans(labels: list[int]) -> list[tuple[int, int]]:
@@ -223,7 +223,7 @@ def test_a_custom_template_that_trains_another_prefix_is_refused(qwen_twin):
     wrong = QWEN3_5.read_template(training=True).replace(
         "'\\n<think>\\n\\n</think>\\n\\n' }}", "'\\n' }}", 1)
     assert wrong != QWEN3_5.read_template(training=True)
-    renderer = data.Renderer(tokenizer, wrong, QWEN3_5.read_template(), {"enable_thinking": False}, "my.jinja")
+    renderer = render.Renderer(tokenizer, wrong, QWEN3_5.read_template(), {"enable_thinking": False}, "my.jinja")
     with pytest.raises(UserError, match="different prefix than the served generation prompt") as info:
         renderer.rows(data.Example(CONVERSATION[1:3], "d.jsonl:3"))
     assert "d.jsonl:3" in info.value.render()
@@ -258,9 +258,9 @@ def test_too_long_examples_error_truncate_or_drop(qwen_twin):
     long_answer = data.Example([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes " * 200}], "f:2")
     short = data.Example([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}], "f:3")
     with pytest.raises(UserError, match="longer than data.max_length") as info:
-        data.tokenize_all(renderer, [short, long_prompt], 64, "error")
+        render.tokenize_all(renderer, [short, long_prompt], 64, "error")
     assert "f:1" in info.value.render()
-    ds, report = data.tokenize_all(renderer, [long_prompt, long_answer, short], 64, "truncate")
+    ds, report = render.tokenize_all(renderer, [long_prompt, long_answer, short], 64, "truncate")
     # the long prompt loses its start and keeps its whole answer; the long answer cannot fit
     assert report["truncated"] == 1 and report["truncated_where"] == ["f:1"]
     assert report["dropped"] == 1 and report["dropped_where"] == ["f:2"]
@@ -269,17 +269,17 @@ def test_too_long_examples_error_truncate_or_drop(qwen_twin):
     assert len(ids) == 64 and tokenizer.decode([i for i, lab in zip(ids, labels) if lab != -100]) == "ok then<|im_end|>"
     full = renderer.rows(long_prompt)[0]
     assert ids == full.input_ids[-64:]  # the end is kept as it was: the cut is at the prompt's start
-    ds, report = data.tokenize_all(renderer, [long_prompt, long_answer, short], 64, "drop")
+    ds, report = render.tokenize_all(renderer, [long_prompt, long_answer, short], 64, "drop")
     assert len(ds) == 1 and report["dropped"] == 2
 
 
 def test_truncation_keeps_bos_and_unlearns_a_cut_answer():
-    row = data.Row([1, 5, 6, 7, 8, 9, 10, 11], [-100, -100, 6, 7, -100, -100, 10, 11], "x")
-    cut = data.fit(row, 5, keep_first=1)
+    row = render.Row([1, 5, 6, 7, 8, 9, 10, 11], [-100, -100, 6, 7, -100, -100, 10, 11], "x")
+    cut = render.fit(row, 5, keep_first=1)
     assert cut.input_ids == [1, 8, 9, 10, 11] and cut.labels == [-100, -100, -100, 10, 11]
-    cut = data.fit(row, 6, keep_first=None)  # the first answer loses its start: not learned
+    cut = render.fit(row, 6, keep_first=None)  # the first answer loses its start: not learned
     assert cut.input_ids == [6, 7, 8, 9, 10, 11] and cut.labels == [-100, -100, -100, -100, 10, 11]
-    assert data.fit(row, 1) is None  # the last answer alone is 2 tokens
+    assert render.fit(row, 1) is None  # the last answer alone is 2 tokens
 
 
 def test_many_class_split_keeps_the_fraction(tmp_path):

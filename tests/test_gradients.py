@@ -56,14 +56,14 @@ def as_on_an_avx512bf16_cpu():
 
 
 def twin_model(recipe_name: str, overrides: list[str]):
-    from finetune import data as data_mod
+    from finetune import render
     from finetune.train import load_model, prepare
 
     recipe = load_recipe(ROOT / "recipes" / recipe_name, ["lora.dropout=0", "data.limit=16", *overrides])
     prep = prepare(recipe)
     with as_on_an_avx512bf16_cpu():
         model = load_model(recipe, prep, "hf", checkpointing=False)
-    ds, _ = data_mod.tokenize_all(prep.renderer, prep.splits.train[:4], recipe.data.max_length, "error")
+    ds, _ = render.tokenize_all(prep.renderer, prep.splits.train[:4], recipe.data.max_length, "error")
     width = max(len(x) for x in ds["input_ids"])
     pad = prep.tokenizer.pad_token_id
     batch = {

@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finetune import data as data_mod
+from finetune import render
 from finetune import train as train_mod
 from finetune.packing import (PackingCollator, VarlenKernels, best_fit_decreasing, find_varlen_kernels,
                               segment_aware_linear_attention)
@@ -50,7 +50,7 @@ def test_collator_marks_every_example_start():
 
 def examples(recipe, prep, n: int = 10) -> list[dict]:
     """Real support conversations, some cut short so lengths vary across GDN chunk counts."""
-    ds, _ = data_mod.tokenize_all(prep.renderer, prep.splits.train[:n], recipe.data.max_length, "error")
+    ds, _ = render.tokenize_all(prep.renderer, prep.splits.train[:n], recipe.data.max_length, "error")
     rows = [{"input_ids": ds[i]["input_ids"], "labels": ds[i]["labels"]} for i in range(n)]
     for i, cut in zip(range(0, n, 3), (40, 70, 130, 65)):
         rows[i] = {k: v[:cut] for k, v in rows[i].items()}

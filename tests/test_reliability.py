@@ -135,14 +135,14 @@ def test_non_finite_loss_stops_at_the_step_it_happens(tmp_path, qwen_twin):
 
     from safetensors.torch import load_file, save_file
 
-    from finetune import data as data_mod
+    from finetune import render
     from finetune.recipe import load_recipe
     from finetune.train import prepare
 
     recipe = load_recipe(TINY, SMALL)
     prep = prepare(recipe)
-    train_rows, _ = data_mod.tokenize_all(prep.renderer, prep.splits.train, recipe.data.max_length, "error")
-    heldout_rows, _ = data_mod.tokenize_all(prep.renderer, prep.splits.heldout, recipe.data.max_length, "error")
+    train_rows, _ = render.tokenize_all(prep.renderer, prep.splits.train, recipe.data.max_length, "error")
+    heldout_rows, _ = render.tokenize_all(prep.renderer, prep.splits.heldout, recipe.data.max_length, "error")
     in_rows = Counter(t for ids in train_rows["input_ids"] for t in set(ids))
     in_heldout = {t for ids in heldout_rows["input_ids"] for t in ids}
     token = min(t for t, n in in_rows.items() if n == 1 and t not in in_heldout)
