@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import difflib
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -344,9 +346,6 @@ def recipe_keys() -> list[tuple[str, str, Any, str]]:
 def _type_name(annotation) -> str:
     """A key's type as the README's table says it: `a / b` for choices, `list of T`, `map of K to V`,
     `{field, ...}` for a nested entry, `or null` for an optional key."""
-    import types
-    import typing
-
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is Literal:
         return " / ".join(str(a) for a in args)

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune import data as data_mod
-from finetune import render
-from finetune import logs
+from finetune import logs, render
 from finetune.backends import check_loaded, load_unsloth, loaded_facts, pick_backend
 from finetune.distributed import (BatchPlan, barrier, batch_plan, check_resume, check_strategy, start,
                                   trainer_arguments, world)
@@ -440,9 +439,9 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
         for line in estimate:
             console.print(f"  preflight: {line}", markup=False, highlight=False)
     train_ds, train_report = render.tokenize_all(prep.renderer, prep.splits.train, recipe.data.max_length,
-                                                   recipe.data.too_long)
+                                                 recipe.data.too_long)
     heldout_ds, heldout_report = render.tokenize_all(prep.renderer, prep.splits.heldout, recipe.data.max_length,
-                                                       recipe.data.too_long)
+                                                     recipe.data.too_long)
     if console is not None:
         st = prep.splits.stats
         rows = f" in {train_report['rows']} rows" if train_report["rows"] != st["train"] else ""

@@ -87,12 +87,15 @@ def test_ctrl_c_stops_an_answer_not_the_chat(evaluated):
             raise KeyboardInterrupt  # Ctrl-C at the prompt
         return inputs.pop(0)
 
+    interrupted = False
+
     def write(text: str) -> None:
-        nonlocal answers
+        nonlocal answers, interrupted
         printed.append(text)
         if text == "model> ":
             answers += 1
-        elif answers == 1 and text.strip() and "(answer stopped" not in "".join(printed):
+        elif answers == 1 and text.strip() and not interrupted:
+            interrupted = True
             raise KeyboardInterrupt  # the first answer's first token
 
     interactive(chat, read, write)
