@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
+from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,3 +137,31 @@ def write_result(name: str, result: dict) -> Path:
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
+
+
+def cache_dir() -> Path:
+    from finetune.twins import cache_root
+
+    path = cache_root() / "bench"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def llama_cpp_converter() -> Path:
+    """llama.cpp's own converter (vendor/llama.cpp in the llama-cpp-python source release of the installed
+    version, with its gguf-py), fetched from PyPI once into $FT_CACHE/bench: the reference ft's converter
+    is compared with (bench/export_memory.py, tests/test_real_model.py). Never committed."""
+    version = metadata.version("llama_cpp_python")
+    root = cache_dir() / f"llama_cpp_python-{version}"
+    script = root / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
+    if script.is_file():
+        return script
+    download = Path(tempfile.mkdtemp())
+    subprocess.run([sys.executable, "-m", "pip", "download", f"llama-cpp-python=={version}", "--no-deps",
+                    "--no-binary", ":all:", "-d", str(download)], check=True, capture_output=True)
+    with tarfile.open(next(download.glob("*.tar.gz"))) as tar:
+        wanted = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name and (
+            m.name.endswith("convert_hf_to_gguf.py") or "/conversion/" in m.name or "/gguf-py/" in m.name)]
+        tar.extractall(cache_dir(), members=wanted, filter="data")
+    shutil.rmtree(download)
+    return script

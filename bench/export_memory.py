@@ -23,41 +23,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
-import tarfile
 import tempfile
-from importlib import metadata
 from pathlib import Path
 
-from bench.common import ROOT, machine, measured, python, table, write_random_checkpoint, write_result
+from bench.common import (ROOT, llama_cpp_converter, machine, measured, python, table,
+                          write_random_checkpoint, write_result)
 
 SHARD_BYTES = 1 << 30
-
-
-def cache_dir() -> Path:
-    from finetune.twins import cache_root
-
-    path = cache_root() / "bench"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def llama_cpp_converter() -> Path:
-    """vendor/llama.cpp from the llama-cpp-python sdist of the installed version."""
-    version = metadata.version("llama_cpp_python")
-    root = cache_dir() / f"llama_cpp_python-{version}"
-    script = root / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
-    if script.is_file():
-        return script
-    download = Path(tempfile.mkdtemp())
-    subprocess.run([sys.executable, "-m", "pip", "download", f"llama-cpp-python=={version}", "--no-deps",
-                    "--no-binary", ":all:", "-d", str(download)], check=True, capture_output=True)
-    with tarfile.open(next(download.glob("*.tar.gz"))) as tar:
-        wanted = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name and (
-            m.name.endswith("convert_hf_to_gguf.py") or "/conversion/" in m.name or "/gguf-py/" in m.name)]
-        tar.extractall(cache_dir(), members=wanted, filter="data")
-    shutil.rmtree(download)
-    return script
 
 
 def synthetic_base(folder: Path, layers: int, hidden: int) -> int:

@@ -84,10 +84,10 @@ class Chat:
 
 def open_chat(run, gguf: bool, max_new_tokens: int | None) -> Chat:
     from finetune.recipe import load_recipe
-    from finetune.train import prepare
+    from finetune.train import base_of_run, prepare
 
     recipe = load_recipe(run.recipe)
-    prep = prepare(recipe)
+    prep = prepare(recipe, base_of_run(run))
     budget = max_new_tokens or recipe.eval.max_new_tokens
     if gguf:
         from eval.runner import shipped_gguf

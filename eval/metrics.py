@@ -52,11 +52,62 @@ def normalize(text: str) -> str:
 
 
 def parse_json_object(text: str) -> dict | None:
+    """The answer as a JSON object, or None. The whole answer must be the object: a job that asks
+    for one line of JSON is failed by a preamble or a Markdown fence around it, because the client
+    parsing the answer fails on them (`json_shape` says which, for the report)."""
     try:
         value = json.loads(text.strip())
     except (json.JSONDecodeError, ValueError):
         return None
     return value if isinstance(value, dict) else None
+
+
+FENCE = re.compile(r"```[A-Za-z]*\s*\n?(.*?)```", re.DOTALL)
+JSON_SHAPES = ("valid", "fenced", "with_text", "cut_off", "no_object")
+
+
+def contains_json_object(text: str) -> bool:
+    """Whether some `{...}` inside the text parses as a JSON object."""
+    decoder = json.JSONDecoder()
+    for start in (i for i, ch in enumerate(text) if ch == "{"):
+        try:
+            value, _ = decoder.raw_decode(text, start)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return True
+    return False
+
+
+def json_shape(output: str, stopped: bool) -> str:
+    """What an answer is, when a JSON object was asked for: `valid` (the answer is the object),
+    `fenced` (an object inside a ``` fence), `with_text` (an object with a preamble or text after
+    it), `cut_off` (an object begun but the token budget ran out), `no_object`. Only `valid`
+    counts as valid JSON; the others are reported so a user sees *how* a model misses the format
+    (real bases fence and chat; an under-trained fine-tune runs out of budget)."""
+    if parse_json_object(output) is not None:
+        return "valid"
+    fenced = FENCE.search(output)
+    if fenced and parse_json_object(fenced.group(1)) is not None:
+        return "fenced"
+    if contains_json_object(output):
+        return "with_text"
+    if not stopped and open_braces(output) > 0:
+        return "cut_off"
+    return "no_object"
+
+
+def open_braces(text: str) -> int:
+    """How many `{` are still open at the end of the text (braces inside JSON strings ignored)."""
+    depth, in_string, escaped = 0, False, False
+    for ch in text:
+        if in_string:
+            escaped, in_string = (False, in_string) if escaped else (ch == "\\", ch != '"')
+        elif ch == '"':
+            in_string = True
+        elif ch in "{}":
+            depth = max(0, depth + (1 if ch == "{" else -1))
+    return depth
 
 
 _rouge = None

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from rich.table import Table
 
 from eval.heldout import Item
-from eval.metrics import Metric, Outcome
+from eval.metrics import JSON_SHAPES, Metric, Outcome, json_shape
 from eval.stats import paired_bootstrap
 from finetune.run import RunDir, atomic_write_text, write_json
 
@@ -69,6 +69,7 @@ class Report:
     gates: list[Gate] = field(default_factory=list)
     regressed: list[dict] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
+    json_shapes: dict[str, dict[str, int]] = field(default_factory=dict)  # column → shape → answers
 
     def row(self, name: str) -> MetricRow | None:
         return next((r for r in self.rows if r.name == name), None)
@@ -82,6 +83,10 @@ def compare(metrics: list[Metric], outcomes: dict[str, list[Outcome]], require: 
         rows.append(MetricRow(m.name, m.higher_is_better, {c: m.compute(o) for c, o in outcomes.items()},
                               delta, low, high))
     report = Report(rows, list(outcomes), len(outcomes[BASE]))
+    if any(m.name == "json_valid" for m in metrics):
+        for column, answers in outcomes.items():
+            shapes = [json_shape(o.output, o.stopped) for o in answers]
+            report.json_shapes[column] = {shape: shapes.count(shape) for shape in JSON_SHAPES}
     for name, required in require.items():
         r = report.row(name)
         report.gates.append(Gate(name, required, r.improvement if r else None,
@@ -110,11 +115,27 @@ def markdown(report: Report, title: str, confidence: float) -> str:
                  *[fmt(r.values[c]) for c in extra], f"{r.delta:+.4f}", f"[{r.low:+.4f}, {r.high:+.4f}]", mark]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "↓ lower is better."]
+    if report.json_shapes:
+        lines += ["", json_shapes_note(report)]
     if report.gates:
         lines += ["", "## Gates", ""] + [f"- {g.message()}" for g in report.gates]
     lines += ["", f"Examples where the fine-tune scored lower than the base on a task metric: "
               f"{len(report.regressed)} (listed in report.json and predictions.jsonl)."]
     return "\n".join(lines) + "\n"
+
+
+SHAPE_WORDS = {"fenced": "inside a ``` fence", "with_text": "with text around the object",
+               "cut_off": "cut off by the token budget", "no_object": "without a JSON object"}
+
+
+def json_shapes_note(report: Report) -> str:
+    """How the answers that are not one JSON object miss it, per column."""
+    parts = []
+    for column, shapes in report.json_shapes.items():
+        misses = [f"{shapes[s]} {SHAPE_WORDS[s]}" for s in SHAPE_WORDS if shapes[s]]
+        parts.append(f"{column}: " + (", ".join(misses) if misses else "none"))
+    return ("Answers that are not one JSON object, counted as invalid (the job asks for JSON, and a "
+            "client parsing the answer fails on a fence or a preamble): " + "; ".join(parts) + ".")
 
 
 def table(report: Report, title: str) -> Table:
@@ -181,6 +202,8 @@ def write(run: RunDir, report: Report, metrics: list[Metric], items: list[Item],
             "where": item.where, "prompt": item.messages, "reference": item.reference,
             "outputs": {c: {"text": o[i].output, "stopped": o[i].stopped} for c, o in outcomes.items()},
             "scores": {c: {m.name: m.per_example(o[i]) for m in per_example} for c, o in outcomes.items()},
+            **({"json_shape": {c: json_shape(o[i].output, o[i].stopped) for c, o in outcomes.items()}}
+               if report.json_shapes else {}),
             "regressed": i in regressed,
         }, ensure_ascii=False))
     atomic_write_text(out / "predictions.jsonl", "\n".join(lines) + "\n")
@@ -192,6 +215,7 @@ def write(run: RunDir, report: Report, metrics: list[Metric], items: list[Item],
         "gates": [{"metric": g.metric, "required": g.required, "improvement": g.improvement,
                    "passed": g.passed} for g in report.gates],
         "regressed": report.regressed,
+        "json_shapes": report.json_shapes,
     })
     atomic_write_text(out / "report.md", markdown(report, title, report.settings.get("confidence", 0.95)))
     plot(report, out / "comparison.png", title)

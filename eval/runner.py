@@ -86,14 +86,14 @@ def shipped_gguf(run: RunDir, recipe: Recipe) -> Path:
 def evaluate(run: RunDir, overrides: list[str] = (), use_cache: bool = True, gguf: bool = False) -> report_mod.Report:
     from peft import PeftModel
 
-    from finetune.train import load_base_model, prepare
+    from finetune.train import base_of_run, load_base_model, prepare
 
     if not (run.adapter / "adapter_model.safetensors").is_file():
         raise UserError(f"the run has no trained adapter: {run.adapter}", str(run.root),
                         "finish training first (ft train RECIPE, or --resume)")
     recipe = load_recipe(run.recipe, overrides)
     gguf_path = shipped_gguf(run, recipe) if gguf else None  # fail before any model work
-    prep = prepare(recipe)
+    prep = prepare(recipe, base_of_run(run))
     heldout = prep.splits.heldout[: recipe.eval.max_examples] if recipe.eval.max_examples else prep.splits.heldout
     items = build_items(heldout, prep.renderer)
     metrics = choose_metrics(recipe, items, all(e.label is not None for e in heldout))

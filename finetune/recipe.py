@@ -11,6 +11,7 @@ import difflib
 import re
 import types
 import typing
+import unicodedata
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +21,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from finetune.errors import Problem, UserError
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def dropped_by_ollama(text: str) -> list[tuple[int, str]]:
+    """(position, character) of every character Ollama's Modelfile parser silently drops from a
+    value: it keeps only runes Go's strconv.IsPrint accepts (letters, marks, numbers, punctuation,
+    symbols and the ASCII space), plus tabs and line breaks (ollama parser/parser.go). A system
+    prompt holding one (a BEL, a form feed, a no-break or zero-width space) would be served
+    otherwise than it was trained; tests/test_modelfile.py checks this against Go itself."""
+    return [(i, ch) for i, ch in enumerate(text)
+            if ch not in "\t\n\r " and unicodedata.category(ch)[0] not in "LMNPS"]
+
+
+def describe_character(ch: str) -> str:
+    return f"U+{ord(ch):04X} ({unicodedata.name(ch, 'a control character')})"
 
 
 class Section(BaseModel):
@@ -65,7 +80,8 @@ class DataSection(Section):
         default_factory=dict, description="ft field → column in the file, e.g. {prompt: text}; for ShareGPT "
         "the list and its keys, e.g. {conversations: dialog, role: speaker, content: text}"
     )
-    system_prompt: str | None = Field(None, description="system message added to every example")
+    system_prompt: str | None = Field(None, description="system message added to every example (and the "
+                                      "Modelfile's SYSTEM)")
     label_column: str | None = Field(
         None, description="column whose values are classes: stratifies the split (auto: a short "
         "completion with few distinct values)"
@@ -75,6 +91,18 @@ class DataSection(Section):
         "error", description="an example over max_length: error (names it), truncate, or drop")
     hub_split: str = Field("train", description="split to read from a hub dataset")
     limit: int | None = Field(None, gt=0, description="use N examples of each training file: a seeded random sample")
+
+    @field_validator("system_prompt")
+    @classmethod
+    def _servable(cls, v: str | None) -> str | None:
+        dropped = dropped_by_ollama(v or "")
+        if dropped:
+            at, ch = dropped[0]
+            raise ValueError(f"holds {describe_character(ch)} at character {at + 1}"
+                             + (f" (and {len(dropped) - 1} more)" if len(dropped) > 1 else "")
+                             + ", which Ollama's Modelfile parser drops: the model would be served another system "
+                             "prompt than it was trained with; remove it (tabs and line breaks are fine)")
+        return v
 
     @property
     def sources(self) -> list[DataSource]:

@@ -81,9 +81,10 @@ def check_weights_format(base: ResolvedBase, recipe: Recipe) -> None:
                         "convert them to safetensors, or set model.allow_pickle: true if you trust their source")
 
 
-def prepare(recipe: Recipe) -> Prepared:
-    """Resolve the model, check the template, load and split the data. Fast: no weights."""
-    base = resolve_base(recipe.model.base)
+def prepare(recipe: Recipe, base: ResolvedBase | None = None) -> Prepared:
+    """Resolve the model, check the template, load and split the data. Fast: no weights.
+    `base`: the one a run was trained on (base_of_run), so eval and chat never load another."""
+    base = base or resolve_base(recipe.model.base)
     check_weights_format(base, recipe)
     tokenizer = load_tokenizer(base, recipe)
     template, where = training_template(recipe, base.family)
@@ -92,6 +93,32 @@ def prepare(recipe: Recipe) -> Prepared:
     splits = data_mod.load_splits(recipe)
     renderer = render.Renderer(tokenizer, template, base.family.read_template(), kwargs, where)
     return Prepared(base, tokenizer, template, kwargs, splits, renderer)
+
+
+def base_of_run(run: RunDir) -> ResolvedBase | None:
+    """The base a run was trained on, as its adapter records it. An alias can resolve to other
+    weights later (the hub checkpoint once online, the packaged file offline): a run's eval, chat
+    and export must use the weights its adapter was trained against."""
+    path = run.adapter / "ft_adapter.json"
+    if not path.is_file():
+        return None
+    from finetune.models import FAMILIES
+
+    info = json.loads(path.read_text(encoding="utf-8"))
+    family = next(f for f in FAMILIES if f.name == info["family"])
+    return ResolvedBase(info["base_model"], info["base_path"], family, info.get("license", ""),
+                        info.get("base_weights", "the hub checkpoint"))
+
+
+def base_record(base: ResolvedBase) -> dict:
+    """What the manifest says of the base: where, which family, and what the weights are."""
+    from finetune.packaged import source_of
+
+    record = {"name": base.name, "path": base.path, "family": base.family.name, "weights": base.weights}
+    source = source_of(Path(base.path)) if Path(base.path).is_dir() else None
+    if source:
+        record["source"] = source
+    return record
 
 
 # --- model ------------------------------------------------------------------------------------
@@ -303,6 +330,29 @@ def sft_config(recipe: Recipe, run: RunDir, plan: BatchPlan, family: Family):
     )
 
 
+def score_only_trained_positions() -> bool:
+    """TRL (1.16) projects hidden states through the LM head in tiles and, on devices without
+    Triton, for every position, labelled or not: its reason is Neuron, where a changing number of
+    positions recompiles the graph. An eager CPU has nothing to recompile, and in a chat SFT most
+    positions are prompt (two thirds of a support ticket), each costing a vocabulary-wide
+    projection forward and backward: 31% of a SmolLM2 step on 2 cores (49,152 rows). TRL's own
+    compact path (only positions whose label is not -100, scattered back as zeros) gives the same
+    loss and gradients; this turns it on for the CPU. Returns whether TRL has the switch."""
+    import torch
+    from trl.trainer import utils as trl_utils
+
+    decide = getattr(trl_utils, "_use_triton", None)
+    if decide is None or getattr(decide, "ft_cpu_compact", False):
+        return decide is not None
+
+    def compact_on_cpu(device: torch.device) -> bool:
+        return device.type == "cpu" or decide(device)
+
+    compact_on_cpu.ft_cpu_compact = True
+    trl_utils._use_triton = compact_on_cpu  # the name TRL's fused LM head reads; its kernels keep theirs
+    return True
+
+
 def make_trainer(model, args, prep: Prepared, train_ds, heldout_ds, callbacks, packed: bool):
     from transformers.trainer_callback import PrinterCallback
 
@@ -311,6 +361,7 @@ def make_trainer(model, args, prep: Prepared, train_ds, heldout_ds, callbacks, p
 
     # packed: rows share examples (train() installed the boundary-aware layers); else TRL pads
     collator = PackingCollator(prep.tokenizer.pad_token_id) if packed else None
+    score_only_trained_positions()
     trainer = SafeTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=heldout_ds,
                           processing_class=prep.tokenizer, callbacks=callbacks, data_collator=collator)
     trainer.remove_callback(PrinterCallback)  # logs go to metrics.jsonl and the progress bar
@@ -400,7 +451,8 @@ def save_adapter(model, prep: Prepared, recipe: Recipe, run: RunDir, backend: st
     (tmp / "chat_template.train.jinja").write_text(prep.template, encoding="utf-8")
     family = prep.base.family
     write_json(tmp / "ft_adapter.json", {
-        "base_model": prep.base.name, "base_path": prep.base.path, "family": family.name,
+        "base_model": prep.base.name, "base_path": prep.base.path, "base_weights": prep.base.weights,
+        "family": family.name,
         "gguf_arch": family.gguf_arch, "end_of_turn": list(family.end_of_turn),
         "template_kwargs": prep.template_kwargs, "lora_targets": lora_targets(recipe, family),
         "quantization": recipe.quantization.model_dump(), "backend": backend, "license": prep.base.license,
@@ -468,7 +520,7 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
             name=recipe.name, status="running", started=started or now(), ended=None,
             recipe_sha256=recipe_sha256(recipe),
             data_sha256=data_hashes(recipe),
-            base={"name": prep.base.name, "path": prep.base.path, "family": prep.base.family.name},
+            base=base_record(prep.base),
             data={**prep.splits.stats, "train_tokens": train_report, "heldout_tokens": heldout_report},
             backend=backend, seed=recipe.train.seed, versions=package_versions(),
             git_commit=git_commit(Path(__file__).parent), hardware=hardware(),

