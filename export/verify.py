@@ -9,7 +9,14 @@
    TEMPLATE reproduces), the shipped file ends its answers with an end-of-turn token as often as
    the fine-tuned model does. The fine-tuned model's own rate is the 16-bit file's, which step 2
    has just shown to compute the same logits; an under-trained model that never stops yet is
-   therefore not held against its export.
+   therefore not held against its export;
+4. structure: the shipped file is llama.cpp's quantization of the verified 16-bit file: the same
+   metadata (but the file type), the same tensors, each reconstructing its 16-bit original within
+   quantization error on sampled rows. On a real model, output checks alone cannot tell a coarse
+   faithful file from a subtly broken one (bench/verify_calibration.py: SmolLM2-135M's faithful
+   q5_k_m has KL 0.31 and decisive top-1 0.906, the same file with two layers swapped 0.33 and
+   0.875, with a tenth of the rope base 0.19 and 0.917); tensor by tensor the two sides are 20×
+   apart (faithful ≤ 0.065 relative error, a misplaced tensor ≈ 1.4) and the rope base is metadata.
 
 The reference is export/reference.py: transformers + peft, streamed one layer at a time.
 """
@@ -32,19 +39,29 @@ from export.llama import GGUFModel
 # Measured on faithful Q4_K_M files: 4-layer twins (random weights to 200 steps) KL 0.002-0.004,
 # top-1 0.68-0.93 over all positions; a 24-layer, 3 GB random-weight Qwen3.5 (bench/export_memory)
 # KL 0.156, top-1 0.17; the 32-layer Qwen3.5-9B-shaped random-weight checkpoint (bench/full_size)
-# KL 0.394, top-1 0.19, while its 16-bit file matched to KL 8e-6. No all-positions bound separates
-# those from a wrong file (another twin's file scores KL 0.19 against a flat twin), so top-1
-# counts only where the reference is decisive (its top token leads the runner-up by
-# DECISIVE_MARGIN in probability: a trained model's answer tokens); the stops check compares
-# behaviour with the fine-tuned model's own; and kl_max only catches garbage: 1 nat (each
-# next-token distribution e-fold off on average) is 2.5× the deepest faithful file measured and
-# 20× a real 7-9B Q4_K_M (about 0.01-0.05).
+# KL 0.394, top-1 0.19, while its 16-bit file matched to KL 8e-6. On a real model
+# (bench/verify_calibration.py, SmolLM2-135M fine-tuned, 32 held-out conversations): q8_0 KL 0.005,
+# q6_k 0.016, q4_k_m 0.098 with decisive top-1 0.949, q5_k_m 0.311 with 0.906 (llama.cpp's Q5_1
+# kernel, which q5_k_m falls back to on 576-wide rows); the base model's q4_k_m shipped in place of
+# the fine-tune's: KL 1.94, decisive top-1 0.53, stops 0.09 against 1.00. So top-1 counts only where
+# the reference is decisive (its top token leads the runner-up by DECISIVE_MARGIN in probability: a
+# trained model's answer tokens), at a bound 0.1 under the least faithful file measured; kl_max
+# only catches garbage (1 nat: 2.5× the deepest faithful file, half the wrong model's); the stops
+# check compares behaviour with the fine-tuned model's own; and the structure check (4. above)
+# catches what behaviour cannot.
 DECISIVE_MARGIN = 0.2
 THRESHOLDS = {
     "sixteen_bit": {"top1_min": 0.99, "kl_max": 1e-3},
-    "quantized": {"top1_decisive_min": 0.9, "kl_max": 1.0},
+    "quantized": {"top1_decisive_min": 0.8, "kl_max": 1.0},
     "stop_rate_drop_max": 0.25,  # shipped file's clean stops vs the 16-bit file's, same prompts
+    # ‖dequantized − 16-bit‖ / ‖16-bit‖ per tensor, on sampled rows: faithful files measured ≤ 0.065
+    # on a real model (Q5_0/Q5_1 0.052, Q4_K 0.020, Q8_0 0.0065) and ~0.1 on random weights; a
+    # tensor from another layer or model ≈ 1.4
+    "structure_rel_error_max": 0.25,
 }
+STRUCTURE_ROWS = 64  # rows sampled per tensor: a misplaced tensor is wrong in every row
+# keys the quantizer itself writes or changes; anything else must be the 16-bit file's
+QUANTIZER_KEYS = ("general.file_type", "general.quantization_version")
 
 CORPUS = [
     "Hello world! How are you today?",
@@ -141,6 +158,66 @@ def check_logits(v: Verification, name: str, result: dict, bounds: dict) -> None
         v.failures.append(f"{name}: {top1}{shown}, mean KL {result['kl_mean']:.2e} (max {bounds['kl_max']:g})")
 
 
+def field_bytes(reader, key: str) -> bytes | None:
+    field = reader.fields.get(key)
+    return None if field is None else b"".join(part.tobytes() for part in field.parts)
+
+
+def rows_of(tensor, rows) -> np.ndarray:
+    data = tensor.data
+    return np.asarray(data[rows] if data.ndim > 1 else data)
+
+
+def structure(sixteen_bit: Path, shipped: Path) -> dict:
+    """Is `shipped` a quantization of `sixteen_bit`? Metadata compared key by key (as bytes); every
+    tensor's sampled rows dequantized by gguf-py and compared with the 16-bit rows. Memory-mapped,
+    a few rows at a time: cheap at any model size."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    ours, theirs = GGUFReader(sixteen_bit), GGUFReader(shipped)
+    keys = sorted(set(ours.fields) | set(theirs.fields))
+    metadata = [k for k in keys if k not in QUANTIZER_KEYS and not k.startswith(("quantize.", "GGUF."))
+                and field_bytes(ours, k) != field_bytes(theirs, k)]  # GGUF.*: the reader's view of the header
+    reference = {t.name: t for t in ours.tensors}
+    shipped_names = {t.name for t in theirs.tensors}
+    worst: dict[str, float] = {}
+    over, shapes = [], []
+    for t in theirs.tensors:
+        r = reference.get(t.name)
+        if r is None or list(r.shape) != list(t.shape):
+            shapes.append(t.name)
+            continue
+        n = r.data.shape[0] if r.data.ndim > 1 else 1
+        rows = np.unique(np.linspace(0, n - 1, min(n, STRUCTURE_ROWS)).astype(np.int64))
+        want = rows_of(r, rows).astype(np.float32)
+        got = dequantize(rows_of(t, rows), t.tensor_type).reshape(want.shape)
+        error = float(np.linalg.norm(got - want) / max(float(np.linalg.norm(want)), 1e-30))
+        worst[t.tensor_type.name] = max(worst.get(t.tensor_type.name, 0.0), error)
+        if error > THRESHOLDS["structure_rel_error_max"]:
+            over.append({"tensor": t.name, "type": t.tensor_type.name, "relative_error": round(error, 4)})
+    missing = sorted(set(reference) - shipped_names)
+    return {"metadata_differs": metadata, "tensors": len(theirs.tensors), "missing": missing[:5],
+            "shape_or_name_differs": shapes[:5], "worst_relative_error_by_type": worst,
+            "tensors_over_bound": over[:5], "tensors_over_bound_count": len(over),
+            "bound": THRESHOLDS["structure_rel_error_max"]}
+
+
+def check_structure(v: Verification, result: dict) -> None:
+    v.checks["structure"] = result
+    if result["metadata_differs"]:
+        v.failures.append(f"structure: the shipped file's metadata differs from the verified 16-bit file's in "
+                          f"{', '.join(result['metadata_differs'][:5])}")
+    if result["missing"] or result["shape_or_name_differs"]:
+        v.failures.append(f"structure: tensors missing or reshaped in the shipped file: "
+                          f"{', '.join(result['missing'] + result['shape_or_name_differs'])}")
+    if result["tensors_over_bound"]:
+        first = result["tensors_over_bound"][0]
+        v.failures.append(f"structure: {result['tensors_over_bound_count']} tensors are not a quantization of the "
+                          f"verified 16-bit file's, e.g. {first['tensor']} ({first['type']}) is "
+                          f"{first['relative_error']:.2f} off (max {result['bound']})")
+
+
 def verify(*, tokenizer, reference: np.ndarray, sequences: list[list[int]], prompts: list[list[int]],
            prompt_texts: list[str], stop_ids: set[int], specials: list[str], sixteen_bit: Path,
            quantized: Path, max_new_tokens: int, log: Path | None) -> Verification:
@@ -157,6 +234,7 @@ def verify(*, tokenizer, reference: np.ndarray, sequences: list[list[int]], prom
     if quantized == sixteen_bit:
         shipped = fine_tuned
     else:
+        check_structure(v, structure(sixteen_bit, quantized))
         with GGUFModel(quantized, n_ctx, log) as gguf:
             check_logits(v, "logits_shipped", logit_parity(reference, gguf, sequences), THRESHOLDS["quantized"])
             shipped = stops(gguf, tokenizer, prompts, stop_ids, max_new_tokens)

@@ -25,7 +25,7 @@ def test_every_shipped_recipe_validates(path: Path):
 
 def test_shipped_recipes_cover_both_real_models():
     bases = {load_recipe(p).model.base for p in RECIPES}
-    assert {"qwen3.5-9b", "olmo3-7b", "tiny-qwen3.5"} <= bases
+    assert {"qwen3.5-9b", "olmo3-7b", "smollm2-135m", "tiny-qwen3.5"} <= bases
 
 
 def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
