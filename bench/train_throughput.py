@@ -72,7 +72,6 @@ def recipe(folder: Path, steps: int, batch: int, max_length: int) -> Path:
 
 def heldout_losses(recipe_path: Path, adapters: dict[str, Path]) -> dict[str, float]:
     """Mean loss per trained held-out token, one evaluator for every adapter (ft's masks)."""
-    import torch
     from peft import PeftModel
 
     from finetune import render
@@ -82,25 +81,34 @@ def heldout_losses(recipe_path: Path, adapters: dict[str, Path]) -> dict[str, fl
     r = load_recipe(recipe_path)
     prep = train_mod.prepare(r)
     ds, _ = render.tokenize_all(prep.renderer, prep.splits.heldout, r.data.max_length, "truncate")
-    pad = prep.tokenizer.pad_token_id
+    rows = list(zip(ds["input_ids"], ds["labels"]))
     out = {}
     for name, adapter in adapters.items():
         model = PeftModel.from_pretrained(train_mod.load_base_model(r, prep.base), str(adapter)).eval()
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for start in range(0, len(ds), 8):
-                rows = ds[start:start + 8]
-                width = max(map(len, rows["input_ids"]))
-                ids = torch.tensor([x + [pad] * (width - len(x)) for x in rows["input_ids"]])
-                labels = torch.tensor([x + [-100] * (width - len(x)) for x in rows["labels"]])
-                mask = (torch.arange(width)[None] < torch.tensor([len(x) for x in rows["input_ids"]])[:, None])
-                logits = model(input_ids=ids, attention_mask=mask.long()).logits[:, :-1].float()
-                target = labels[:, 1:]
-                total += torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100,
-                                                           reduction="sum").item()
-                count += int((target != -100).sum())
-        out[name] = total / count
+        out[name] = mean_token_loss(model, rows, prep.tokenizer.pad_token_id)
     return out
+
+
+def mean_token_loss(model, rows: list[tuple[list[int], list[int]]], pad: int, batch: int = 8) -> float:
+    """Teacher-forced loss over the labelled tokens of (input_ids, labels) rows. The batches go to
+    the model's device: loaded with device_map={"": 0} a model gets no hooks that move its inputs."""
+    import torch
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(rows), batch):
+            chunk = rows[start:start + batch]
+            width = max(len(ids) for ids, _ in chunk)
+            ids = torch.tensor([x + [pad] * (width - len(x)) for x, _ in chunk], device=model.device)
+            labels = torch.tensor([y + [-100] * (width - len(y)) for _, y in chunk], device=model.device)
+            mask = (torch.arange(width, device=model.device)[None]
+                    < torch.tensor([len(x) for x, _ in chunk], device=model.device)[:, None])
+            logits = model(input_ids=ids, attention_mask=mask.long()).logits[:, :-1].float()
+            target = labels[:, 1:]
+            total += torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100,
+                                                       reduction="sum").item()
+            count += int((target != -100).sum())
+    return total / count
 
 
 def main() -> None:

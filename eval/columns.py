@@ -28,6 +28,9 @@ class Column(Protocol):
     def generate(self, items: list[Item]) -> list[Generation]: ...
 
 
+SCORE_LOGITS_BYTES = 256 << 20  # fp32 logits one scoring pass may hold (twice that with log-softmax)
+
+
 def batches(order: list[int], size: int):
     for start in range(0, len(order), size):
         yield order[start:start + size]
@@ -55,8 +58,14 @@ class TransformersColumn:
         results: list[tuple[float, int]] = [(0.0, 0)] * len(items)
         order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))  # less padding
         pad = self.tokenizer.pad_token_id
+        # Teacher forcing holds [rows, width, vocabulary] logits and their log-softmax: with a large
+        # eval batch (one batch of 64 is fastest for generation on a CPU) and a 49k-250k vocabulary
+        # that is gigabytes, so scoring passes take as many rows as fit SCORE_LOGITS_BYTES.
+        vocab = self.model.config.get_text_config().vocab_size
+        widest = max((len(i.input_ids) for i in items), default=1)
+        rows = max(1, min(self.batch_size, SCORE_LOGITS_BYTES // (widest * vocab * 4)))
         with torch.no_grad(), self._context():
-            for chunk in batches(order, self.batch_size):
+            for chunk in batches(order, rows):
                 width = max(len(items[i].input_ids) for i in chunk)
                 ids = torch.full((len(chunk), width), pad, dtype=torch.long)
                 labels = torch.full((len(chunk), width), -100, dtype=torch.long)

@@ -14,9 +14,9 @@
    metadata (but the file type), the same tensors, each reconstructing its 16-bit original within
    quantization error on sampled rows. On a real model, output checks alone cannot tell a coarse
    faithful file from a subtly broken one (bench/verify_calibration.py: SmolLM2-135M's faithful
-   q5_k_m has KL 0.31 and decisive top-1 0.906, the same file with two layers swapped 0.33 and
-   0.875, with a tenth of the rope base 0.19 and 0.917); tensor by tensor the two sides are 20×
-   apart (faithful ≤ 0.065 relative error, a misplaced tensor ≈ 1.4) and the rope base is metadata.
+   q5_k_m has KL 0.52 and decisive top-1 0.838, its q4_k_m with two layers swapped 0.29 and 0.894,
+   with a tenth of the rope base 0.16 and 0.915); tensor by tensor the two sides are 20× apart
+   (faithful ≤ 0.065 relative error, a misplaced tensor ≈ 1.4) and the rope base is metadata.
 
 The reference is export/reference.py: transformers + peft, streamed one layer at a time.
 """
@@ -40,19 +40,22 @@ from export.llama import GGUFModel
 # top-1 0.68-0.93 over all positions; a 24-layer, 3 GB random-weight Qwen3.5 (bench/export_memory)
 # KL 0.156, top-1 0.17; the 32-layer Qwen3.5-9B-shaped random-weight checkpoint (bench/full_size)
 # KL 0.394, top-1 0.19, while its 16-bit file matched to KL 8e-6. On a real model
-# (bench/verify_calibration.py, SmolLM2-135M fine-tuned, 32 held-out conversations): q8_0 KL 0.005,
-# q6_k 0.016, q4_k_m 0.098 with decisive top-1 0.949, q5_k_m 0.311 with 0.906 (llama.cpp's Q5_1
-# kernel, which q5_k_m falls back to on 576-wide rows); the base model's q4_k_m shipped in place of
-# the fine-tune's: KL 1.94, decisive top-1 0.53, stops 0.09 against 1.00. So top-1 counts only where
-# the reference is decisive (its top token leads the runner-up by DECISIVE_MARGIN in probability: a
-# trained model's answer tokens), at a bound 0.1 under the least faithful file measured; kl_max
-# only catches garbage (1 nat: 2.5× the deepest faithful file, half the wrong model's); the stops
-# check compares behaviour with the fine-tuned model's own; and the structure check (4. above)
-# catches what behaviour cannot.
+# (bench/verify_calibration.py: SmolLM2-135M fine-tuned 60 steps, the README's run, 32 held-out
+# conversations, 2,377 decisive positions): q8_0 KL 0.006, q6_k 0.014, q4_k_m 0.090 with decisive
+# top-1 0.946, q5_k_m 0.516 with 0.838 (its Q5_1 fallback for 576-wide rows: the same 5% tensor
+# error as q4_k_m's Q5_0, six times the KL, in transformers on the dequantized weights as in
+# llama.cpp); the base model's q4_k_m shipped in place of the fine-tune's: KL 1.72, decisive top-1
+# 0.54, stops 0.09 against 1.00. So top-1 counts only where the reference is decisive (its top
+# token leads the runner-up by DECISIVE_MARGIN in probability: a trained model's answer tokens),
+# at a bound 0.14 under the least faithful file measured; kl_max only catches garbage (1 nat:
+# twice that file, 2.5× the deepest random-weight one, 0.6× the wrong model); the stops check
+# compares behaviour with the fine-tuned model's own; and the structure check (4. above) catches
+# the corruptions behaviour cannot (two layers swapped: 0.894 and KL 0.29; a tenth of the rope
+# base: 0.915 and 0.16, both better than the faithful q5_k_m).
 DECISIVE_MARGIN = 0.2
 THRESHOLDS = {
     "sixteen_bit": {"top1_min": 0.99, "kl_max": 1e-3},
-    "quantized": {"top1_decisive_min": 0.8, "kl_max": 1.0},
+    "quantized": {"top1_decisive_min": 0.7, "kl_max": 1.0},
     "stop_rate_drop_max": 0.25,  # shipped file's clean stops vs the 16-bit file's, same prompts
     # ‖dequantized − 16-bit‖ / ‖16-bit‖ per tensor, on sampled rows: faithful files measured ≤ 0.065
     # on a real model (Q5_0/Q5_1 0.052, Q4_K 0.020, Q8_0 0.0065) and ~0.1 on random weights; a

@@ -40,3 +40,27 @@ def test_gpu_train_bench_runs_every_contender_it_can(tmp_path):
     if not torch.cuda.is_available():
         assert "cannot run here" in contenders["ft (unsloth backend)"]["skipped"]
         assert "not run (1)" in result.stdout and "ft (unsloth backend) not run:" in result.stdout
+
+
+def test_the_held_out_evaluator_feeds_the_model_on_its_own_device():
+    """bench/gpu_train.py loads each adapter's model with device_map={"": 0}, which attaches no
+    hook moving inputs to the GPU: the evaluator must put every batch on the model's device. Here
+    the model says it lives on the meta device and its forward checks where its inputs are (this
+    machine has no second device; the CUDA run itself needs a GPU)."""
+    import torch
+
+    from bench.train_throughput import mean_token_loss
+
+    class Reached(Exception):
+        pass
+
+    class OnAnotherDevice(torch.nn.Module):
+        device = torch.device("meta")
+
+        def forward(self, input_ids, attention_mask):
+            assert input_ids.device == attention_mask.device == self.device, (input_ids.device, self.device)
+            raise Reached
+
+    rows = [([1, 2, 3, 4], [-100, -100, 3, 4]), ([5, 6], [-100, 6])]
+    with pytest.raises(Reached):
+        mean_token_loss(OnAnotherDevice(), rows, pad=0)
