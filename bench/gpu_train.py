@@ -1,10 +1,12 @@
 """GPU training: ft (hf backend), ft (unsloth backend) and the TRL-docs QLoRA script, one run.
 
-    python -m bench.gpu_train [--size full|tiny] [--steps 30] [--batch-size 8] [--out FILE]
+    python -m bench.gpu_train [--size full|tiny] [--layers N] [--steps 30] [--batch-size 8] [--out FILE]
 
 `--size full` (the default, for a GPU): a Qwen3.5-9B-shaped checkpoint written here with the real
 config and vocabulary (248,320 rows), random bf16 weights, the hub layout (bench/full_size.py
-writes it; the twin's tokenizer padded to the real vocabulary). `--size tiny`: the tiny Qwen3.5
+writes it; the twin's tokenizer padded to the real vocabulary). `--layers N` keeps the real widths
+and vocabulary at N of the 32 layers (every 4th full attention, the last one too): the size that
+fits a short GPU window (bench/gpu_check/run.sh). `--size tiny`: the tiny Qwen3.5
 twin, which is how the test suite runs this script on a CPU (a check of the script, not a
 measurement). Batches as recipes/support.yaml trains them (its data, system prompt, max_length,
 LoRA rank, batch size and accumulation), the same optimizer steps for every contender.
@@ -32,7 +34,7 @@ from bench.train_throughput import heldout_losses
 SUPPORT = ROOT / "recipes" / "support.yaml"
 
 
-def checkpoint(size: str, work: Path) -> Path:
+def checkpoint(size: str, work: Path, layers: int | None = None) -> Path:
     if size == "tiny":
         from finetune.twins import ensure_twin
 
@@ -40,7 +42,7 @@ def checkpoint(size: str, work: Path) -> Path:
     from bench.full_size import QWEN35_9B, write_checkpoint
 
     folder = work / "qwen3.5-9b"
-    write_checkpoint(folder, "tiny-qwen3.5-hub", QWEN35_9B, None)
+    write_checkpoint(folder, "tiny-qwen3.5-hub", QWEN35_9B, layers)
     return folder
 
 
@@ -101,6 +103,7 @@ def run_trl(data: Path, base: Path, out: Path, recipe: dict, targets: list[str])
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=["full", "tiny"], default="full")
+    ap.add_argument("--layers", type=int, help="full size: this many of the 32 layers (real widths and vocabulary)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=1024)
@@ -112,10 +115,10 @@ def main() -> None:
     from finetune.train import lora_targets
 
     work = Path(tempfile.mkdtemp(prefix="ft-bench-gpu-"))
-    base = checkpoint(args.size, work)
+    base = checkpoint(args.size, work, args.layers)
     recipe_path, recipe = bench_recipe(work, base, args.steps, args.batch_size, args.max_length)
     targets = lora_targets(load_recipe(recipe_path), resolve_base(str(base)).family)
-    print(f"machine: {machine()}\nmodel: {base} ({args.size}); {args.steps} steps × {args.batch_size} × "
+    print(f"machine: {machine()}\nmodel: {base} ({args.size}{f', {args.layers} layers' if args.layers else ''}); {args.steps} steps × {args.batch_size} × "
           f"{recipe['train'].get('grad_accum', 1)} accumulation, max_length {args.max_length}\n")
 
     results = {"ft (hf backend)": run_ft(recipe_path, work / "ft-hf", "hf"),
@@ -124,8 +127,8 @@ def main() -> None:
     ran = {k: v for k, v in results.items() if "skipped" not in v}
     losses = heldout_losses(recipe_path, {k: v["adapter"] for k, v in ran.items()})
     ft_tps = ran["ft (hf backend)"]["tokens"] / ran["ft (hf backend)"]["runtime"]
-    rows, notes, record = [], [], {"machine": machine(), "size": args.size, "steps": args.steps, "batch_size": args.batch_size,
-                        "max_length": args.max_length, "contenders": {}}
+    rows, notes, record = [], [], {"machine": machine(), "size": args.size, "layers": args.layers, "steps": args.steps,
+                                   "batch_size": args.batch_size, "max_length": args.max_length, "contenders": {}}
     for name, r in results.items():
         if "skipped" in r:
             notes.append(f"({len(notes) + 1}) {name} not run: {r['skipped']}")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 
+from finetune.distributed import shards
 from finetune.errors import UserError
 from finetune.recipe import Recipe
 
@@ -39,7 +40,13 @@ def pick_backend(recipe: Recipe) -> str:
         return "hf"
     if requested == "unsloth":
         check_unsloth_supports(recipe)
-    elif unsloth_cannot_honour(recipe):
+        if shards(recipe):
+            raise UserError(f"train.backend 'unsloth' cannot train under distributed.strategy "
+                            f"'{recipe.distributed.strategy}': its LoRA kernels need whole 4-bit weights",
+                            "train.backend", "set backend: hf (or auto) for fsdp / deepspeed, or use strategy: ddp")
+    elif unsloth_cannot_honour(recipe) or shards(recipe):
+        # sharded: unsloth turns its fused LoRA kernels off under FSDP only when the launcher says
+        # FSDP (ACCELERATE_USE_FSDP, FSDP_VERSION), and its kernels read whole 4-bit weights
         return "hf"
     import torch
 

@@ -79,6 +79,12 @@ def batch_plan(recipe: Recipe, world_size: int) -> BatchPlan:
     return BatchPlan(micro, share // micro, world_size)
 
 
+def shards(recipe: Recipe) -> bool:
+    """FSDP or DeepSpeed place (and shard) the weights, not from_pretrained. Sharded 4-bit weights
+    need every stored tensor in one dtype, and unsloth's LoRA kernels stay out (backends.py)."""
+    return world().size > 1 and recipe.distributed.strategy != "ddp"
+
+
 def check_strategy(recipe: Recipe, world_size: int, gpu: bool) -> None:
     strategy = recipe.distributed.strategy
     if world_size == 1 or strategy == "ddp":

@@ -102,13 +102,19 @@ class SafeTrainer(SFTTrainer):
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # TRL counts a batch without attention_mask as one row of position_ids; a packed batch has
-        # several rows and padding, so the collator says how many real tokens it holds.
+        # ft counts the real tokens of every training batch itself. TRL counts them in its own
+        # compute_loss, but unsloth replaces that with transformers' (no count at all: no tokens/s,
+        # no num_tokens in metrics.jsonl); and TRL reads a batch without attention_mask as one row
+        # of position_ids, while a packed batch has several rows and padding (its collator says
+        # how many real tokens it holds).
         real = inputs.pop(REAL_TOKENS, None)
-        before = self._total_train_tokens
+        if real is None:
+            mask = inputs.get("attention_mask")
+            real = mask.sum() if mask is not None else inputs["input_ids"].numel()
+        before = getattr(self, "_total_train_tokens", 0)
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if real is not None and self.model.training:
-            real = self.accelerator.gather_for_metrics(torch.tensor(real, device=inputs["input_ids"].device))
+        if self.model.training:
+            real = self.accelerator.gather_for_metrics(torch.as_tensor(real, device=inputs["input_ids"].device))
             self._total_train_tokens = before + int(real.sum())
             self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
         return result

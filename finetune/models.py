@@ -41,6 +41,9 @@ class Family:
     # chat-template keyword arguments the family's template understands (others are not passed)
     template_switches: tuple[str, ...] = ()
     default_system: str | None = None  # the system text the template adds when a chat has none
+    # packages whose CUDA kernels the architecture's linear-attention layers use when installed
+    # (without them transformers runs a PyTorch loop: finetune.packing.missing_kernels_note)
+    linear_attention_kernels: tuple[str, ...] = ()
 
     def read_template(self, training: bool = False) -> str:
         name = self.training_template if training else self.chat_template
@@ -70,6 +73,7 @@ QWEN3_5 = Family(
     ollama_renderer="qwen3.5",
     ollama_min_version="0.17.5",
     template_switches=("enable_thinking",),
+    linear_attention_kernels=("flash-linear-attention", "causal-conv1d"),
 )
 
 OLMO3 = Family(

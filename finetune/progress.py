@@ -32,6 +32,21 @@ class MetricsCallback(TrainerCallback):
         self.run.log_metrics(record)
 
 
+class HeldoutLossAtStart(TrainerCallback):
+    """The first held-out evaluation (train's eval_on_start: see train.sft_config), written into
+    the manifest as soon as it is known."""
+
+    def __init__(self, run: RunDir | None):
+        self.run = run  # None on ranks other than 0: they write nothing
+        self.loss = None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.loss is None and metrics and "eval_loss" in metrics:
+            self.loss = metrics["eval_loss"]
+            if self.run is not None:
+                self.run.update_manifest(summary={"heldout_loss_start": self.loss})
+
+
 class RichProgress(TrainerCallback):
     """Progress bar with step, loss, tokens/s and ETA; replaces transformers' tqdm."""
 

@@ -137,7 +137,7 @@ class QuantizationSection(Section):
 class TrainSection(Section):
     backend: Literal["auto", "hf", "unsloth"] = Field(
         "auto", description="auto: unsloth when CUDA is present, it imports and it can honour the recipe "
-        "(nf4, double quantization, no DoRA), else hf; unsloth: that or exit 2"
+        "(nf4, double quantization, no DoRA, no sharding), else hf; unsloth: that or exit 2"
     )
     epochs: float = Field(1.0, gt=0, description="passes over the training set")
     max_steps: int | None = Field(None, gt=0, description="overrides epochs when set")

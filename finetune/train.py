@@ -17,12 +17,12 @@ from pathlib import Path
 from finetune import data as data_mod
 from finetune import logs, render
 from finetune.backends import check_loaded, load_unsloth, loaded_facts, pick_backend
-from finetune.distributed import (BatchPlan, barrier, batch_plan, check_resume, check_strategy, start,
+from finetune.distributed import (BatchPlan, barrier, batch_plan, check_resume, check_strategy, shards, start,
                                   trainer_arguments, world)
 from finetune.errors import Interrupted, UserError
 from finetune.bases import ResolvedBase, resolve_base
 from finetune.models import Family
-from finetune.packing import segment_aware_linear_attention
+from finetune.packing import missing_kernels_note, segment_aware_linear_attention
 from finetune.recipe import Recipe
 from finetune.run import RunDir, atomic_write_text, git_commit, hardware, now, package_versions, write_json
 
@@ -130,12 +130,6 @@ def compute_dtype():
     return torch.bfloat16 if on_gpu() else torch.float32
 
 
-def sharded(recipe: Recipe) -> bool:
-    """FSDP or DeepSpeed place (and shard) the weights, not from_pretrained. Sharded 4-bit
-    weights need every stored tensor in one dtype."""
-    return world().size > 1 and recipe.distributed.strategy != "ddp"
-
-
 def quantization_config(recipe: Recipe, family: Family, dtype):
     """ft's 4-bit settings, handed to both backends. The storage dtype is the compute dtype (not
     uint8) so FSDP / DeepSpeed can shard 4-bit weights next to 16-bit ones (peft's FSDP-QLoRA
@@ -164,7 +158,7 @@ def load_base_model(recipe: Recipe, base: ResolvedBase, dtype=None):
     kwargs = dict(dtype=dtype, revision=recipe.model.revision,
                   use_safetensors=None if recipe.model.allow_pickle else True,
                   trust_remote_code=recipe.model.trust_remote_code,
-                  device_map=None if sharded(recipe) else {"": w.local_rank if gpu else "cpu"},
+                  device_map=None if shards(recipe) else {"": w.local_rank if gpu else "cpu"},
                   quantization_config=quantization_config(recipe, base.family, dtype))
     model = AutoModelForCausalLM.from_pretrained(base.path, **kwargs)
     keep_4bit_layers_differentiable(model)
@@ -211,8 +205,8 @@ def load_model(recipe: Recipe, prep: Prepared, backend: str, checkpointing: bool
     from peft import get_peft_model
 
     model = load_base_model(recipe, prep.base, dtype)
-    prepare_for_training(model, upcast_for_kbit=recipe.quantization.load_in_4bit and not sharded(recipe),
-                         checkpointing=checkpointing, reentrant=sharded(recipe))
+    prepare_for_training(model, upcast_for_kbit=recipe.quantization.load_in_4bit and not shards(recipe),
+                         checkpointing=checkpointing, reentrant=shards(recipe))
     check_lora_targets(model, targets, explicit=recipe.lora.targets != "auto")
     from transformers import set_seed
 
@@ -286,14 +280,27 @@ def check_trackers(recipe: Recipe, run: RunDir) -> None:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.root / "tensorboard")  # transformers reads it here
 
 
-def sft_config(recipe: Recipe, run: RunDir, plan: BatchPlan, family: Family):
+def sft_config(recipe: Recipe, run: RunDir, plan: BatchPlan, family: Family, evaluate_first: bool = True):
     """TRL's arguments. Built before the model loads: under FSDP or ZeRO-3 they tell transformers
-    how to load it (FSDP's low-RAM loading reads an environment variable they set, ZeRO-3 a
-    global they register), as peft's sharded-QLoRA scripts parse them first."""
+    how to load it (FSDP's low-RAM loading reads environment variables, ZeRO-3 a global they
+    register), as peft's sharded-QLoRA scripts parse them first.
+
+    `evaluate_first`: the held-out loss before training is computed inside `train()`
+    (`eval_on_start`), after the model is prepared for its strategy. Evaluated before `train()`,
+    FSDP wraps the model before peft gives the LoRA layers their own units (torch: "Must flatten
+    tensors with uniform requires_grad"), and DeepSpeed builds an inference engine that refuses
+    ZeRO-2 ("ZeRO inference only makes sense with ZeRO Stage 3")."""
+    import os
+
     from trl import SFTConfig
 
     t, gpu = recipe.train, on_gpu()
     extra = trainer_arguments(recipe, family.decoder_layer) if plan.world_size > 1 else {}
+    if recipe.distributed.strategy == "fsdp" and plan.world_size > 1:
+        # transformers loads with FSDP's low-RAM path (rank 0 reads, the others get meta tensors)
+        # only when accelerate's launcher said FSDP; `accelerate launch --multi_gpu` does not
+        os.environ["ACCELERATE_USE_FSDP"] = "true"
+        os.environ["FSDP_VERSION"] = "1"
     return SFTConfig(
         output_dir=str(run.checkpoints),
         per_device_train_batch_size=plan.micro_batch,
@@ -314,6 +321,7 @@ def sft_config(recipe: Recipe, run: RunDir, plan: BatchPlan, family: Family):
         save_total_limit=t.save_total_limit,
         eval_strategy="steps" if t.eval_steps else "no",
         eval_steps=t.eval_steps,
+        eval_on_start=evaluate_first,
         seed=t.seed,
         data_seed=t.seed,
         bf16=gpu,
@@ -474,7 +482,7 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
     logs.quiet_hf_libraries()
     from finetune.guard import NonFiniteLoss, NonFiniteWeights, StopOnNonFiniteLoss, StopOnSignal
     from finetune.preflight import preflight_train
-    from finetune.progress import MetricsCallback, RichProgress, plot_loss
+    from finetune.progress import HeldoutLossAtStart, MetricsCallback, RichProgress, plot_loss
 
     w = world()
     start(w)
@@ -484,6 +492,9 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
     batches = batch_plan(recipe, w.size)
     preflight = preflight_train(recipe, prep.base, run.root, lora_targets(recipe, prep.base.family))
     estimate = preflight.lines
+    slow_kernels = missing_kernels_note(prep.base.family, on_gpu())
+    if slow_kernels:
+        estimate.append(slow_kernels)
     if w.size > 1:
         estimate.append(f"{w.size} processes ({recipe.distributed.strategy}): {batches.micro_batch} examples × "
                         f"{batches.grad_accum} accumulation per process = global batch {batches.global_batch}")
@@ -525,6 +536,7 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
             backend=backend, seed=recipe.train.seed, versions=package_versions(),
             git_commit=git_commit(Path(__file__).parent), hardware=hardware(),
             resumed_from=str(checkpoint) if checkpoint else None, preflight=estimate,
+            linear_attention_kernels_missing=slow_kernels,
             distributed={"world_size": w.size, "strategy": recipe.distributed.strategy,
                          "micro_batch": batches.micro_batch, "grad_accum": batches.grad_accum,
                          "global_batch": batches.global_batch},
@@ -533,7 +545,7 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
         kept = [r for r in run.read_metrics() if r.get("step", 0) <= resumed_step] if checkpoint else []
         atomic_write_text(run.metrics, "".join(json.dumps(r) + "\n" for r in kept))
 
-    args = sft_config(recipe, run, batches, prep.base.family)  # before the model: see sft_config
+    args = sft_config(recipe, run, batches, prep.base.family, evaluate_first=checkpoint is None)  # before the model
     model = load_model(recipe, prep, backend, preflight.gradient_checkpointing)
     loaded = loaded_facts(model)
     check_loaded(loaded, recipe, prep.base.path, backend)
@@ -547,14 +559,11 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
     nonfinite = StopOnNonFiniteLoss()
     progress = RichProgress(console) if w.main else None
     callbacks = [MetricsCallback(run), nonfinite] + ([progress] if progress else [])
-    trainer = make_trainer(model, args, prep, train_ds, heldout_ds, callbacks, packed)
+    start_loss = HeldoutLossAtStart(run if w.main else None)
+    trainer = make_trainer(model, args, prep, train_ds, heldout_ds, callbacks + [start_loss], packed)
     summary = {}
-    if checkpoint is None:
-        summary["heldout_loss_start"] = trainer.evaluate()["eval_loss"]  # logged at step 0
-    else:
+    if checkpoint is not None:
         summary["heldout_loss_start"] = run.read_manifest().get("summary", {}).get("heldout_loss_start")
-    if w.main:
-        run.update_manifest(summary=summary)
     stop = StopOnSignal()
     trainer.add_callback(stop)
     try:
@@ -581,6 +590,8 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
         if w.main:
             run.update_manifest(status="interrupted", ended=now())
         raise Interrupted(stop.received, trainer.state.global_step, last_complete_checkpoint(run))
+    if checkpoint is None:
+        summary["heldout_loss_start"] = start_loss.loss
     summary["heldout_loss_end"] = trainer.evaluate()["eval_loss"]
     summary.update(train_loss=result.training_loss, steps=trainer.state.global_step,
                    train_runtime_s=result.metrics.get("train_runtime"))
@@ -589,7 +600,7 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
 
         summary["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     gathered = None
-    if sharded(recipe):
+    if shards(recipe):
         # FSDP / DeepSpeed hold the adapter in shards: save_model gathers it (every rank takes part)
         gathered = run.root / ".adapter.gathered"
         trainer.save_model(str(gathered))

@@ -150,7 +150,8 @@ def test_fsdp_settings_are_fsdp1_qlora_without_double_checkpointing(tmp_path, mo
     from finetune.distributed import BatchPlan, trainer_arguments
     from finetune.run import RunDir
 
-    monkeypatch.delenv("FSDP_CPU_RAM_EFFICIENT_LOADING", raising=False)
+    for name in ("FSDP_CPU_RAM_EFFICIENT_LOADING", "ACCELERATE_USE_FSDP", "FSDP_VERSION"):
+        monkeypatch.delenv(name, raising=False)
     recipe = load_recipe(RECIPE, ["distributed.strategy=fsdp"])
     family = train_mod.resolve_base(recipe.model.base).family
     args = train_mod.sft_config(recipe, RunDir(tmp_path / "run"), BatchPlan(4, 1, 2), family)
@@ -162,7 +163,56 @@ def test_fsdp_settings_are_fsdp1_qlora_without_double_checkpointing(tmp_path, mo
     assert plugin["transformer_cls_names_to_wrap"] == "Qwen3_5DecoderLayer"
     assert not args.activation_checkpointing
 
+    # transformers' low-RAM FSDP loading also needs accelerate's launcher switch, which
+    # `accelerate launch --multi_gpu` does not set: ft does, before the model loads
+    assert os.environ["ACCELERATE_USE_FSDP"] == "true" and os.environ["FSDP_VERSION"] == "1"
+    import torch.distributed as dist
+    from transformers.modeling_utils import is_fsdp_enabled
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        assert is_fsdp_enabled()
+    finally:
+        dist.destroy_process_group()
+    assert args.eval_on_start  # the held-out loss before training is computed once the model is wrapped
+
     zero3 = trainer_arguments(load_recipe(RECIPE, ["distributed.strategy=deepspeed", "distributed.zero_stage=3"]),
                               "Qwen3_5DecoderLayer")["deepspeed"]
     assert zero3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     assert zero3["bf16"] == {"enabled": "auto"}  # follows TrainingArguments.bf16 (on for GPUs)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
+def test_sharded_runs_use_the_hf_backend(monkeypatch, strategy):
+    """`auto` never picks unsloth when the weights are sharded (unsloth keeps its fused LoRA
+    kernels on under FSDP unless the launcher says FSDP, and they read whole 4-bit weights);
+    `backend: unsloth` is refused there with the fix. Decided before unsloth is imported, so no
+    GPU is needed to check it."""
+    from finetune.backends import pick_backend
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    recipe = load_recipe(RECIPE, [f"distributed.strategy={strategy}"])
+    assert pick_backend(recipe) == "hf"
+    with pytest.raises(UserError, match="cannot train under distributed.strategy") as info:
+        pick_backend(load_recipe(RECIPE, [f"distributed.strategy={strategy}", "train.backend=unsloth"]))
+    assert info.value.problems[0].where == "train.backend"
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process shards nothing: unsloth may run (where it can)
+    assert pick_backend(load_recipe(RECIPE, [f"distributed.strategy={strategy}", "train.backend=hf"])) == "hf"
+
+
+def test_missing_linear_attention_kernels_are_said_before_training():
+    """On CUDA without flash-linear-attention / causal-conv1d, Qwen3.5's linear-attention layers run
+    transformers' PyTorch loop: train() prints this with the preflight lines and records it in the
+    manifest (linear_attention_kernels_missing). The kernels' presence is handed in: neither
+    package runs on this CPU."""
+    from finetune.models import OLMO3, QWEN3_5
+    from finetune.packing import VarlenKernels, missing_kernels_note
+
+    note = missing_kernels_note(QWEN3_5, gpu=True, kernels=VarlenKernels())
+    assert "flash-linear-attention and causal-conv1d" in note and "1.22 s against 0.70 s" in note
+    assert "pip install flash-linear-attention causal-conv1d" in note
+    only_conv = missing_kernels_note(QWEN3_5, gpu=True, kernels=VarlenKernels(delta_rule=print))
+    assert "without causal-conv1d," in only_conv
+    assert missing_kernels_note(QWEN3_5, gpu=True, kernels=VarlenKernels(conv=print, delta_rule=print)) is None
+    assert missing_kernels_note(QWEN3_5, gpu=False, kernels=VarlenKernels()) is None  # no kernels on a CPU
+    assert missing_kernels_note(OLMO3, gpu=True, kernels=VarlenKernels()) is None  # nothing to miss

@@ -190,3 +190,52 @@ def test_auto_targets_need_one_match_and_named_targets_each():
         check_lora_targets(model, ["q_proj", "in_proj_qkv"], explicit=True)
     with pytest.raises(UserError, match="down_proj, in_proj_qkv"):
         check_lora_targets(model, ["q_proj", "k_proj"], explicit=False)
+
+
+def test_tokens_are_counted_and_the_start_loss_is_evaluated_inside_train(tmp_path, monkeypatch):
+    """Two things the GPU path needs, checked where a CPU reaches them.
+
+    Tokens: unsloth replaces TRL's SFTTrainer.compute_loss with transformers' Trainer.compute_loss,
+    so TRL's token count never runs (and unsloth trains unpacked): ft counts every batch's real
+    tokens itself. One epoch of 12 tickets in 3 steps of 4: the count after the last step must be
+    the training set's token total (the data report's), in a plain run and in one whose trainer
+    computes the loss as unsloth's does, with tokens/s logged.
+
+    Start loss: computed inside train(), after the Trainer has built its optimizer and prepared
+    the model for its strategy. Evaluated before, FSDP1 wraps the model before peft gives the
+    LoRA layers their own units and DeepSpeed builds a ZeRO-2 inference engine, and both die. Not
+    exercised here: FSDP and DeepSpeed themselves (no CUDA GPU, no deepspeed)."""
+    import trl
+    from transformers import Trainer
+
+    optimizer_when_evaluated = []
+    evaluate = trl.SFTTrainer.evaluate
+
+    def spy(self, *args, **kwargs):
+        optimizer_when_evaluated.append(self.optimizer is not None)
+        return evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(trl.SFTTrainer, "evaluate", spy)
+    overrides = ("data.limit=12", "train.max_steps=3", "train.logging_steps=1", "train.packing=false",
+                 "train.save_steps=100")
+    runs = {}
+    for name in ("trl", "unsloth-like"):
+        if name == "unsloth-like":
+            monkeypatch.setattr(trl.SFTTrainer, "compute_loss", Trainer.compute_loss)
+        runs[name] = RunDir(tmp_path / name)
+        train(recipe_for("tiny-qwen3.5", *overrides), runs[name])
+    assert optimizer_when_evaluated[0] is True  # the first evaluation came after train() prepared the model
+
+    def counted(run):
+        rows = [r for r in run.read_metrics() if "loss" in r]
+        return [r.get("num_tokens") for r in rows], [r.get("tokens_per_s") for r in rows]
+
+    for run in runs.values():
+        tokens, speeds = counted(run)
+        total = json.loads(run.manifest.read_text())["data"]["train_tokens"]["tokens"]
+        assert tokens[-1] == total and all(t and t > 0 for t in tokens), (run.root.name, tokens, total)
+        assert all(s and s > 0 for s in speeds[1:]), speeds
+    assert counted(runs["trl"])[0] == counted(runs["unsloth-like"])[0]
+    manifest = json.loads(runs["unsloth-like"].manifest.read_text())
+    step0 = next(r for r in runs["unsloth-like"].read_metrics() if r["step"] == 0 and "eval_loss" in r)
+    assert manifest["summary"]["heldout_loss_start"] == step0["eval_loss"]
