@@ -151,7 +151,10 @@ def test_fsdp_settings_are_fsdp1_qlora_without_double_checkpointing(tmp_path, mo
     from finetune.run import RunDir
 
     for name in ("FSDP_CPU_RAM_EFFICIENT_LOADING", "ACCELERATE_USE_FSDP", "FSDP_VERSION"):
-        monkeypatch.delenv(name, raising=False)
+        # set, then removed, so that monkeypatch removes what sft_config sets when the test ends
+        # (left set, they would make every later accelerate process believe it runs FSDP)
+        monkeypatch.setenv(name, "false")
+        monkeypatch.delenv(name)
     recipe = load_recipe(RECIPE, ["distributed.strategy=fsdp"])
     family = train_mod.resolve_base(recipe.model.base).family
     args = train_mod.sft_config(recipe, RunDir(tmp_path / "run"), BatchPlan(4, 1, 2), family)
