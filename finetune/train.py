@@ -361,6 +361,21 @@ def score_only_trained_positions() -> bool:
     return True
 
 
+def check_trl_can_train_here(gpu: bool) -> None:
+    """TRL 1.15's SFTTrainer always scores through its Triton LM-head kernel (trl/kernels, which
+    imports triton); CPU torch has no Triton and the kernel no CPU path, so every step dies with
+    "'NoneType' object has no attribute 'apply'". TRL 1.16 added the non-Triton path. Said before
+    anything loads (the unsloth extra pins TRL 1.15, which is fine on a GPU)."""
+    import trl
+    from trl.trainer import utils as trl_utils
+
+    if hasattr(trl_utils, "_use_triton") or (gpu and getattr(trl_utils, "_ChunkedLogProbFunction", None)):
+        return
+    where = "a CPU" if not gpu else "a machine without Triton"
+    raise UserError(f"TRL {trl.__version__} cannot train on {where}: its SFT trainer needs Triton kernels "
+                    "(a CUDA GPU)", "installed packages", "pip install 'trl>=1.16' (it has a non-Triton path)")
+
+
 def make_trainer(model, args, prep: Prepared, train_ds, heldout_ds, callbacks, packed: bool):
     from transformers.trainer_callback import PrinterCallback
 
@@ -489,6 +504,7 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
     prep = prepare(recipe)
     check_trackers(recipe, run)
     check_strategy(recipe, w.size, on_gpu())
+    check_trl_can_train_here(on_gpu())
     batches = batch_plan(recipe, w.size)
     preflight = preflight_train(recipe, prep.base, run.root, lora_targets(recipe, prep.base.family))
     estimate = preflight.lines

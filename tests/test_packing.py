@@ -125,6 +125,13 @@ def test_packed_loss_equals_unpacked(base, kernels, qwen_twin, olmo_twin):
         close(got_grads[name], want, dtype, name)
 
 
+def at_value_heads(query, key, value):
+    """q and k repeated to the value heads' count: transformers 5.17's PyTorch delta rule expects them
+    repeated (its Qwen3.5 layer repeats before the call), newer ones repeat inside, fla takes either."""
+    ratio = value.shape[2] // key.shape[2]
+    return query.repeat_interleave(ratio, dim=2), key.repeat_interleave(ratio, dim=2)
+
+
 def fla_contract(query, key, value, g, beta, cu_seqlens=None, use_qk_l2norm_in_kernel=False, **kwargs):
     """What fla's chunk_gated_delta_rule computes with cu_seqlens, asserting what it demands:
     one row, and each sequence run on its own from a zero state."""
@@ -134,6 +141,7 @@ def fla_contract(query, key, value, g, beta, cu_seqlens=None, use_qk_l2norm_in_k
     segment_aware_linear_attention()
     original = qwen._ft_originals[1]  # transformers' own PyTorch delta rule, unwrapped
     assert not kwargs.get("initial_state") and not kwargs.get("output_final_state")
+    query, key = at_value_heads(query, key, value)
     bounds = cu_seqlens.tolist()
     parts = [original(
         *(x[:, a:b] for x in (query, key, value)), g=g[:, a:b], beta=beta[:, a:b],
@@ -207,7 +215,8 @@ def test_gated_deltanet_pieces_restart_at_every_sequence():
     packed = chunk_gated_delta_rule_segments(q, k, v, g, beta, segment)
     torch.testing.assert_close(packed, one_by_one, rtol=1e-4, atol=1e-5)
     # one sequence, no boundary: identical to transformers' own implementation
-    reference, _ = qwen.torch_chunk_gated_delta_rule(q, k, v, g=g, beta=beta, use_qk_l2norm_in_kernel=True)
+    reference, _ = qwen.torch_chunk_gated_delta_rule(*at_value_heads(q, k, v), v, g=g, beta=beta,
+                                                     use_qk_l2norm_in_kernel=True)
     torch.testing.assert_close(chunk_gated_delta_rule_segments(q, k, v, g, beta, torch.zeros_like(segment)),
                                reference, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(reference, one_by_one, atol=1e-3)  # without boundaries, state leaks

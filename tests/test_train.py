@@ -239,3 +239,24 @@ def test_tokens_are_counted_and_the_start_loss_is_evaluated_inside_train(tmp_pat
     manifest = json.loads(runs["unsloth-like"].manifest.read_text())
     step0 = next(r for r in runs["unsloth-like"].read_metrics() if r["step"] == 0 and "eval_loss" in r)
     assert manifest["summary"]["heldout_loss_start"] == step0["eval_loss"]
+
+
+def test_a_trl_that_cannot_train_on_this_machine_is_said_before_loading(monkeypatch):
+    """TRL 1.15 scores only through Triton kernels; on a CPU every step died with an AttributeError
+    deep in TRL. Checked against TRL 1.15 itself in the second venv (README, Tests); here the
+    installed TRL must pass and one without the non-Triton path must be refused on a CPU."""
+    from trl.trainer import utils as trl_utils
+
+    from finetune.errors import UserError
+    from finetune.train import check_trl_can_train_here
+
+    if not hasattr(trl_utils, "_use_triton"):  # running on TRL 1.15 itself
+        with pytest.raises(UserError, match="trl>=1.16"):
+            check_trl_can_train_here(gpu=False)
+        return
+    check_trl_can_train_here(gpu=False)
+    monkeypatch.delattr(trl_utils, "_use_triton")
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", None, raising=False)
+    with pytest.raises(UserError, match="cannot train on a CPU") as refused:
+        check_trl_can_train_here(gpu=False)
+    assert refused.value.problems[0].where == "installed packages"
