@@ -184,17 +184,21 @@ def rehearse(model: str, work: Path, layers: int | None, start_at: str | None = 
                          "predicted_disk_bytes": predicted_disk(result["output"])}
         print(f"  {stage}: {result['wall_s']:.0f} s, peak RSS {result['peak_rss_mib']:,.0f} MiB, "
               f"anonymous {result['peak_anon_mib']:,.0f} MiB", flush=True)
-    # Attribution: llama.cpp's quantizer alone on the 16-bit file the export kept. It converts each
-    # tensor to fp32 before quantizing it, so its peak follows the largest tensor (the embedding).
+    # Attribution: llama.cpp's quantizer alone on the 16-bit file the export kept, with its own
+    # default buffer (8 GiB: whole tensors, each converted to fp32 first, so its peak follows the
+    # largest tensor, the embedding) and with the slabs ft passes (export/quantize.py).
     f16 = next((run / "export").glob("*-f16.gguf"))
-    code = ("import sys; from export.quantize import quantize; from pathlib import Path; "
-            "quantize(Path(sys.argv[1]), Path(sys.argv[2]), 'q4_k_m')")
-    result = measured(python("-c", code, str(f16), str(work / "quantize-alone.gguf")))
-    stages["llama.cpp quantize alone (attribution)"] = {
-        "wall_s": round(result["wall_s"], 1), "peak_rss_mib": round(result["peak_rss_mib"]),
-        "peak_anon_mib": round(result["peak_anon_mib"]), "disk_peak_bytes": 0, "predicted_disk_bytes": None}
-    print(f"  llama.cpp quantize alone: {result['wall_s']:.0f} s, anonymous {result['peak_anon_mib']:,.0f} MiB",
-          flush=True)
+    from export.quantize import QUANTIZE_BUFFER_BYTES
+
+    for label, buffer in (("llama.cpp's default buffer", 8 << 30), ("ft's slabs", QUANTIZE_BUFFER_BYTES)):
+        code = ("import sys; from export.quantize import quantize; from pathlib import Path; "
+                "quantize(Path(sys.argv[1]), Path(sys.argv[2]), 'q4_k_m', buffer_bytes=int(sys.argv[3]))")
+        result = measured(python("-c", code, str(f16), str(work / "quantize-alone.gguf"), str(buffer)))
+        stages[f"llama.cpp quantize alone, {label} (attribution)"] = {
+            "wall_s": round(result["wall_s"], 1), "peak_rss_mib": round(result["peak_rss_mib"]),
+            "peak_anon_mib": round(result["peak_anon_mib"]), "disk_peak_bytes": 0, "predicted_disk_bytes": None}
+        print(f"  llama.cpp quantize alone, {label}: {result['wall_s']:.0f} s, anonymous "
+              f"{result['peak_anon_mib']:,.0f} MiB", flush=True)
     (work / "quantize-alone.gguf").unlink()
     f16.unlink()
     manifest = json.loads((run / "manifest.json").read_text())

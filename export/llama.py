@@ -31,27 +31,34 @@ def native_log(path: Path | None):
 
 
 @contextlib.contextmanager
-def plain_cpu_kernels():
-    """Load with llama.cpp's "extra buffer types" off (`use_extra_bufts`, which `Llama` does not
-    expose): the AMX and repacked-weight matmuls it picks by CPU. The llama.cpp in
-    llama-cpp-python 0.3.36, built natively on a CPU with AMX (Sapphire Rapids and later),
-    segfaults in ggml_backend_amx_mul_mat on the first decode of a Q4_K_M file. The plain CPU
-    kernels compute the same quantized dot products on every machine, which is what verification
-    and `ft eval --gguf` want; the shipped file is unchanged."""
+def default_params(getter: str, **fields):
+    """`Llama` built inside gets llama.cpp parameters it does not expose: the named defaults
+    function of llama-cpp-python (which `Llama` calls at construction) returns them set."""
     import llama_cpp.llama_cpp as capi
 
-    default = capi.llama_model_default_params
+    default = getattr(capi, getter)
 
     def params():
         p = default()
-        p.use_extra_bufts = False
+        for name, value in fields.items():
+            setattr(p, name, value)
         return p
 
-    capi.llama_model_default_params = params
+    setattr(capi, getter, params)
     try:
         yield
     finally:
-        capi.llama_model_default_params = default
+        setattr(capi, getter, default)
+
+
+def plain_cpu_kernels():
+    """Load with llama.cpp's "extra buffer types" off (`use_extra_bufts`): the AMX and
+    repacked-weight matmuls it picks by CPU. The llama.cpp in llama-cpp-python 0.3.36, built
+    natively on a CPU with AMX (Sapphire Rapids and later), segfaults in ggml_backend_amx_mul_mat
+    on the first decode of a Q4_K_M file. The plain CPU kernels compute the same quantized dot
+    products on every machine, which is what verification and `ft eval --gguf` want; the shipped
+    file is unchanged."""
+    return default_params("llama_model_default_params", use_extra_bufts=False)
 
 
 class GGUFModel:

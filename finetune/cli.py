@@ -131,7 +131,10 @@ def eval_(
 @app.command()
 def export(
     run: Optional[str] = typer.Argument(None, help="run folder (default: the newest under runs/)"),
-    quant: str = typer.Option(None, help="f16, bf16, q8_0, q4_k_m, q5_k_m, q6_k (default: the recipe's export.quant)"),
+    quant: str = typer.Option(None, help="q4_k_m, another llama.cpp type (README), f16, bf16, or auto: the smallest "
+                              "that keeps the held-out scores (default: the recipe's export.quant)"),
+    imatrix: bool = typer.Option(True, "--imatrix/--no-imatrix",
+                                 help="calibrate the quantization on the run's training conversations"),
     keep_f16: bool = typer.Option(False, "--keep-f16", help="keep the 16-bit intermediate GGUF"),
     no_verify: bool = typer.Option(False, "--no-verify", help="skip tokenizer/logit/stop verification"),
     format_: str = typer.Option("gguf", "--format", help="gguf, or hf to also write merged safetensors"),
@@ -148,13 +151,24 @@ def export(
     logs.attach(chosen.root / "logs" / "export.log")
     recipe = load_recipe(chosen.recipe)
     quant = quant or recipe.export.quant
-    if quant not in (*SIXTEEN_BIT, *FTYPES):
-        raise UserError(f"unknown --quant '{quant}'", "--quant", f"use one of: {', '.join((*SIXTEEN_BIT, *FTYPES))}")
+    if quant not in (*SIXTEEN_BIT, *FTYPES, "auto"):
+        raise UserError(f"unknown --quant '{quant}'", "--quant",
+                        f"use one of: {', '.join((*SIXTEEN_BIT, *FTYPES, 'auto'))}")
     if format_ not in ("gguf", "hf"):
         raise UserError(f"unknown --format '{format_}'", "--format", "use gguf or hf")
     err.print(f"[bold]ft export[/bold] {chosen.root} → {chosen.export_dir} ({quant})")
+    progress = lambda m: err.print(f"  {m}", markup=False, highlight=False)  # noqa: E731
+    choose_quant = None
+    if quant == "auto":
+        from eval.quant_choice import chooser
+        from finetune.train import base_of_run, prepare
+
+        choose_quant = chooser(recipe, prepare(recipe, base_of_run(chosen)), chosen.export_dir, progress)
     report = export_run(chosen, quant, keep_f16=keep_f16, verify=not no_verify, hf=format_ == "hf",
-                        renderer=renderer, progress=lambda m: err.print(f"  {m}"))
+                        renderer=renderer, progress=progress, calibrated=imatrix, choose_quant=choose_quant)
+    if report.get("auto"):
+        out.print(f"auto chose {report['quant']} (every candidate's size and scores: "
+                  f"{chosen.export_dir / 'quant_auto.json'})")
     verify_note = "verified" if "verify" in report else "not verified (--no-verify)"
     out.print(f"wrote {chosen.export_dir}")
     for name, size in report["files"].items():

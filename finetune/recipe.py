@@ -13,7 +13,7 @@ import types
 import typing
 import unicodedata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -187,9 +187,23 @@ class DistributedSection(Section):
     master_port: int = Field(29500, ge=1024, le=65535, description="rendezvous port of rank 0")
 
 
+# the quantized GGUF types, largest first (export/quantize.py maps each to llama.cpp's LLAMA_FTYPE_MOSTLY_*)
+QuantType = Literal["q8_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "iq4_xs", "q3_k_l", "q3_k_m", "q3_k_s",
+                    "iq3_m", "q2_k"]
+QUANT_TYPES: tuple[str, ...] = get_args(QuantType)
+
+
 class ExportSection(Section):
-    quant: Literal["f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"] = Field(
-        "q4_k_m", description="GGUF type of the shipped file")
+    quant: Literal["f16", "bf16", "auto", QuantType] = Field(
+        "q4_k_m", description="GGUF type of the shipped file; auto: the smallest of export.candidates whose "
+        "held-out task metrics stay within export.tolerance of the fine-tuned model's")
+    calibration_tokens: int = Field(
+        8192, ge=256, description="training-conversation tokens the importance matrix is computed on")
+    candidates: list[QuantType] = Field(
+        default_factory=lambda: list(QUANT_TYPES), description="--quant auto: the types tried")
+    tolerance: float = Field(
+        0.01, ge=0, description="--quant auto: largest drop of any task metric (1 point = 0.01) the lower end "
+        "of its paired bootstrap interval may show")
     num_ctx: int = Field(4096, ge=256, description="Modelfile context length")
     temperature: float = Field(0.0, ge=0, description="Modelfile sampling temperature")
     top_p: float = Field(1.0, gt=0, le=1, description="Modelfile nucleus sampling")

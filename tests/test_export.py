@@ -175,7 +175,7 @@ def test_a_shipped_file_of_another_model_fails_verification(qwen_run, tmp_path, 
     other = untrained(copy_run(qwen_run, tmp_path / "other"))
     export_run(other, "q4_k_m", verify=False, progress=lambda m: None)
     impostor = other.export_dir / "tiny-support-q4_k_m.gguf"
-    monkeypatch.setattr(export.runner, "quantize", lambda src, dst, quant: shutil.copy(impostor, dst))
+    monkeypatch.setattr(export.runner, "quantize", lambda src, dst, quant, **kwargs: shutil.copy(impostor, dst))
     run = copy_run(qwen_run, tmp_path)
     with pytest.raises(VerifyFailed) as info:
         export_run(run, "q4_k_m", progress=lambda m: None)

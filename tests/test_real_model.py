@@ -133,6 +133,42 @@ def test_the_export_is_verified_on_real_weights(exported):
     assert valid["gguf"] >= valid["fine-tuned"] - 0.25, valid  # the shipped file keeps the format
 
 
+def test_calibration_ships_only_when_it_brings_the_file_closer(exported, tmp_path, monkeypatch):
+    """On real weights, `ft export` quantized q4_k_m with and without ft's importance matrix and
+    shipped the one closer to the 16-bit file. A matrix with every vector's channels reversed
+    (names and widths right, so the coverage check passes) moves the file away from the model:
+    the export catches it and ships the uncalibrated file, byte for byte."""
+    import export.imatrix
+    from export.llama import native_log
+    from export.quantize import quantize
+    from export.runner import export_run
+
+    run, report = exported
+    calibration = report["imatrix"]
+    kl = calibration["kl_vs_16bit"]
+    assert calibration["tokens"] >= 4096 and calibration["used"] == (kl["calibrated"] <= kl["uncalibrated"])
+    assert (run.export_dir / "imatrix.gguf").is_file() == calibration["used"]
+
+    copy = RunDir(tmp_path / "run")
+    shutil.copytree(run.root, copy.root, ignore=shutil.ignore_patterns("checkpoints", "hf", "eval"))
+    collect = export.imatrix.collect
+
+    def reversed_channels(*args, **kwargs):
+        found = collect(*args, **kwargs)
+        return export.imatrix.Importance({n: s[::-1].copy() for n, s in found.sums.items()}, found.tokens,
+                                         found.sequences)
+
+    monkeypatch.setattr(export.imatrix, "collect", reversed_channels)
+    wrong = export_run(copy, "q4_k_m", progress=lambda m: None)["imatrix"]
+    assert not wrong["used"] and wrong["kl_vs_16bit"]["calibrated"] > wrong["kl_vs_16bit"]["uncalibrated"], wrong
+    assert wrong["kl_vs_16bit"]["calibrated"] > kl["calibrated"]  # and it is further than ft's own
+    assert not (copy.export_dir / "imatrix.gguf").exists()
+    plain = tmp_path / "plain.gguf"
+    with native_log(tmp_path / "llama.log"):
+        quantize(run.export_dir / "smollm2-support-f16.gguf", plain, "q4_k_m")
+    assert (copy.export_dir / "smollm2-support-q4_k_m.gguf").read_bytes() == plain.read_bytes()
+
+
 # llama.cpp's convert_hf_to_gguf.py, run as its users run it (its own gguf-py first on the path).
 # Nothing is patched: it picks the pre-tokenizer by hashing the tokenizer's output, so it checks
 # ft's choice of `smollm` independently.
@@ -229,7 +265,7 @@ def test_verification_catches_a_shipped_file_with_two_layers_swapped(trained, tm
     shipped = corrupted_shipped_file(trained, tmp_path, "swapped layers")
     run = RunDir(tmp_path / "run")
     shutil.copytree(trained.root, run.root, ignore=shutil.ignore_patterns("export", "checkpoints"))
-    monkeypatch.setattr(export.runner, "quantize", lambda src, dst, quant: shutil.copy(shipped, dst))
+    monkeypatch.setattr(export.runner, "quantize", lambda src, dst, quant, **kwargs: shutil.copy(shipped, dst))
     with pytest.raises(VerifyFailed) as info:
         export.runner.export_run(run, "q4_k_m", progress=lambda m: None)
     assert any(f.startswith("structure") and "are not a quantization of the verified" in f
