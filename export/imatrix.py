@@ -193,12 +193,31 @@ def check_covers(importance: Importance, weights: dict[str, int]) -> None:
                            f"wrong width {wrong[:3]}, not finite or negative {bad[:3]}")
 
 
+# A channel no calibration token drove still counts this much (a fraction of its vector's mean):
+# llama.cpp's k-quants give a zero-weighted channel whatever value fits the others, and a whole
+# zero vector makes them write zero blocks (a 9B-shaped checkpoint whose gated norm was zero got
+# an ssm_out of zeros, caught by verification's structure check: relative error 1.00).
+SILENT_CHANNEL_FLOOR = 1e-3
+
+
+def quantizer_vectors(importance: Importance) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The vectors the quantizer gets, and the matrices quantized without one because nothing in
+    the calibration drove any of their inputs (better llama.cpp's plain rounding than zeros)."""
+    vectors, silent = {}, []
+    for name, mean in importance.means().items():
+        if not mean.max() > 0:
+            silent.append(name)
+            continue
+        vectors[name] = np.maximum(mean, np.float32(SILENT_CHANNEL_FLOOR * mean.mean()))
+    return vectors, sorted(silent)
+
+
 def quantize_param(importance: Importance):
     """The NULL-terminated `llama_model_imatrix_data` array `llama_model_quantize` reads, and the
     buffers it points into (keep them alive until quantization returns)."""
     import llama_cpp
 
-    means = importance.means()
+    means, _ = quantizer_vectors(importance)
     entries = (llama_cpp.llama_model_imatrix_data * (len(means) + 1))()
     keep = []
     for entry, (name, vector) in zip(entries, sorted(means.items())):

@@ -129,8 +129,10 @@ def calibrate(run: RunDir, recipe, family: Family, tokenizer, kwargs: dict, sixt
     t0 = time.monotonic()
     importance = imatrix.collect(sixteen, sequences, log)
     imatrix.check_covers(importance, imatrix.quantizable_weights(sixteen))
+    _, silent = imatrix.quantizer_vectors(importance)
     return importance, {"tokens": importance.tokens, "conversations": importance.sequences,
-                        "tensors": len(importance.sums), "seconds": round(time.monotonic() - t0, 2)}
+                        "tensors": len(importance.sums), "silent_uncalibrated": silent,
+                        "seconds": round(time.monotonic() - t0, 2)}
 
 
 def heldout_sequences(recipe, renderer) -> list[list[int]]:

@@ -238,3 +238,25 @@ def test_quant_auto_ships_the_smallest_candidate_within_tolerance(qwen_run, tmp_
     assert not list(run.export_dir.glob(".*partial")) and f"auto chose {auto['chosen']}" in result.stdout
     modelfile = (run.export_dir / "Modelfile").read_text()
     assert f"FROM ./{shipped.name}" in modelfile
+
+
+def test_inputs_no_calibration_token_drove_do_not_zero_the_weights(calibrated_qwen, tmp_path):
+    """A matrix whose inputs were all zero in calibration (a 9B-shaped random checkpoint's ssm_out,
+    behind a zero gated norm) and channels that were never driven: quantized as faithfully as
+    without calibration, not to zeros (verification's structure check is the judge)."""
+    from export.verify import THRESHOLDS, structure
+
+    sixteen, _, importance = calibrated_qwen
+    silent = next(n for n in importance.sums if ".ssm_out." in n)
+    partly = next(n for n in importance.sums if ".ffn_down." in n)
+    sums = {**importance.sums, silent: np.zeros_like(importance.sums[silent]),
+            partly: np.where(np.arange(importance.sums[partly].size) % 2 == 0, 0.0, importance.sums[partly])}
+    dead = imatrix.Importance(sums, importance.tokens, importance.sequences)
+    vectors, uncalibrated = imatrix.quantizer_vectors(dead)
+    assert uncalibrated == [silent] and silent not in vectors and vectors[partly].min() > 0
+    shipped = tmp_path / "q4_k_m.gguf"
+    with native_log(tmp_path / "llama.log"):
+        quantize(sixteen, shipped, "q4_k_m", importance=dead)
+    built = structure(sixteen, shipped)
+    assert not built["tensors_over_bound"], built["tensors_over_bound"]
+    assert max(built["worst_relative_error_by_type"].values()) < THRESHOLDS["structure_rel_error_max"]
