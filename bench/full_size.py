@@ -231,13 +231,13 @@ def main() -> None:
     for model, r in results.items():
         train_disk = r["stages"].get("ft train", {}).get("predicted_disk_bytes")
         actual = sum(s["disk_peak_bytes"] for name, s in r["stages"].items() if name != "ft validate")
-        bound = (0.25 * r["checkpoint_bytes"] + 1.5 * 2**30) / 2**20
+        bound = (0.15 * r["checkpoint_bytes"] + 1.5 * 2**30) / 2**20
         for stage, s in r["stages"].items():
             rows.append([model, stage, s["wall_s"], s["peak_rss_mib"], s["peak_anon_mib"],
                          f"{s['disk_peak_bytes'] / 2**30:.2f}"])
         rows.append([model, "disk: preflight predicted / used", "", "", "",
                      f"{(train_disk or 0) / 2**30:.2f} / {actual / 2**30:.2f}"])
-        rows.append([model, "export anonymous-memory bound (25% of checkpoint + 1.5 GiB)", "", "", round(bound), ""])
+        rows.append([model, "export anonymous-memory bound (15% of checkpoint + 1.5 GiB)", "", "", round(bound), ""])
     print(table(["model", "stage", "wall s", "peak RSS MiB", "peak anon MiB", "disk GiB"], rows))
     name = "full_size" if args.layers is None else f"full_size_{args.layers}_layers"
     print(f"written: {write_result(name, {'machine': machine(), **results})}")
