@@ -86,6 +86,7 @@ def chooser(recipe: Recipe, prep, out: Path, progress=print) -> Callable:
                 best = (quant, path)
             else:
                 path.unlink()
+        report["chosen"] = best[0] if best else None
         write_json(out / "quant_auto.json", report)
         if best is None:
             raise UserError(f"no candidate of {', '.join(recipe.export.candidates)} stays within "
@@ -93,8 +94,6 @@ def chooser(recipe: Recipe, prep, out: Path, progress=print) -> Callable:
                             f"(scores in {out / 'quant_auto.json'})", "export.tolerance",
                             "raise export.tolerance, add larger types to export.candidates, or name a type "
                             "with --quant (f16 ships the fine-tuned model unquantized)")
-        report["chosen"] = best[0]
-        write_json(out / "quant_auto.json", report)
         return best[0], best[1], report
 
     return choose

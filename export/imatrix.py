@@ -75,13 +75,14 @@ def weight_name(raw: bytes) -> str:
 
 
 def rows_of(t: GGMLTensor) -> np.ndarray:
-    """The [rows, ne0] float32 view of an activation tensor in host memory, any strides."""
+    """The [rows, ne0] view of an F32 activation tensor in host memory, any row strides (its
+    elements are contiguous: llama-imatrix asserts the same)."""
     ne0, ne1, ne2, ne3 = t.ne
     nb0, nb1, nb2, nb3 = t.nb
+    assert t.type == GGML_TYPE_F32 and nb0 == 4, "imatrix reads F32 activations with contiguous rows"
     extent = (ne3 - 1) * nb3 + (ne2 - 1) * nb2 + (ne1 - 1) * nb1 + ne0 * nb0
-    base = np.frombuffer((ctypes.c_char * extent).from_address(t.data), dtype=np.uint8)
-    view = np.lib.stride_tricks.as_strided(base.view(np.float32) if nb0 == 4 else base, shape=(ne3, ne2, ne1, ne0),
-                                           strides=(nb3, nb2, nb1, nb0))
+    base = np.frombuffer((ctypes.c_char * extent).from_address(t.data), dtype=np.float32)
+    view = np.lib.stride_tricks.as_strided(base, shape=(ne3, ne2, ne1, ne0), strides=(nb3, nb2, nb1, nb0))
     return view.reshape(-1, ne0)
 
 

@@ -122,8 +122,8 @@ def calibrate(run: RunDir, recipe, family: Family, tokenizer, kwargs: dict, sixt
     """The importance matrix of the verified 16-bit file on the training conversations."""
     from export import imatrix
 
-    renderer = renderer_of(recipe, family, tokenizer, kwargs)
-    sequences = calibration_sequences(recipe, renderer, recipe.export.calibration_tokens)
+    sequences = calibration_sequences(recipe, renderer_of(recipe, family, tokenizer, kwargs),
+                                      recipe.export.calibration_tokens)
     progress(f"calibrating: importance of every weight on {sum(map(len, sequences)):,} tokens of "
              f"{len(sequences)} training conversations")
     t0 = time.monotonic()
@@ -151,17 +151,13 @@ def closer_to_16bit(sixteen: Path, files: dict[str, Path], sequences: list[list[
 
     n_ctx = max(map(len, sequences)) + 16
     scratch = sixteen.parent / ".closer-16bit-logits.npy.partial"
+    starts = np.cumsum([0, *map(len, sequences)])
     try:
         with GGUFModel(sixteen, n_ctx, log) as model:
-            reference = None
-            at = 0
-            for ids in sequences:
-                logits = model.logits(ids)
-                if reference is None:
-                    reference = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.float32,
-                                                          shape=(sum(map(len, sequences)), logits.shape[1]))
-                reference[at:at + len(ids)] = logits
-                at += len(ids)
+            reference = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.float32,
+                                                  shape=(int(starts[-1]), model.llm.n_vocab()))
+            for ids, at in zip(sequences, starts):
+                reference[at:at + len(ids)] = model.logits(ids)
         kl = {}
         for label, path in files.items():
             with GGUFModel(path, n_ctx, log) as model:
