@@ -30,13 +30,13 @@ def main() -> None:
 
     from eval.columns import TransformersColumn
     from eval.heldout import build_items
-    from finetune import train as train_mod
+    from finetune import loading
     from finetune.recipe import load_recipe
 
     recipe_path = args.run / "recipe.yaml" if args.run else ROOT / "recipes" / "tiny-support.yaml"
     recipe = load_recipe(recipe_path)
-    prep = train_mod.prepare(recipe)
-    model = train_mod.load_base_model(recipe, prep.base)
+    prep = loading.prepare(recipe)
+    model = loading.load_base_model(recipe, prep.base)
     if args.run:
         model = PeftModel.from_pretrained(model, str(args.run / "adapter"))
     model.eval()

@@ -112,7 +112,7 @@ def main() -> None:
 
     from finetune.bases import resolve_base
     from finetune.recipe import load_recipe
-    from finetune.train import lora_targets
+    from finetune.loading import lora_targets
 
     work = Path(tempfile.mkdtemp(prefix="ft-bench-gpu-"))
     base = checkpoint(args.size, work, args.layers)

@@ -45,7 +45,7 @@ def main() -> None:
     from export.quantize import quantize
     from export.runner import calibrate
     from export.verify import logit_parity
-    from finetune.train import base_of_run, prepare
+    from finetune.loading import base_of_run, prepare
 
     work = Path(tempfile.mkdtemp(prefix="ft-bench-imatrix-"))
     run_root = args.run or train_default_run(work)

@@ -49,7 +49,7 @@ def heldout_loss(recipe_path: Path, adapter: Path, four_bit: bool) -> float:
     from eval.columns import TransformersColumn
     from eval.heldout import build_items
     from finetune.recipe import load_recipe
-    from finetune.train import load_base_model, prepare
+    from finetune.loading import load_base_model, prepare
 
     recipe = load_recipe(recipe_path, [f"quantization.load_in_4bit={str(four_bit).lower()}"])
     prep = prepare(recipe)
@@ -66,7 +66,7 @@ def main() -> None:
 
     from finetune.bases import resolve_base
     from finetune.recipe import load_recipe
-    from finetune.train import lora_targets
+    from finetune.loading import lora_targets
 
     work = Path(tempfile.mkdtemp(prefix="ft-bench-real-"))
     shipped = load_recipe(RECIPE)

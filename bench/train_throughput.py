@@ -75,16 +75,16 @@ def heldout_losses(recipe_path: Path, adapters: dict[str, Path]) -> dict[str, fl
     from peft import PeftModel
 
     from finetune import render
-    from finetune import train as train_mod
+    from finetune import loading
     from finetune.recipe import load_recipe
 
     r = load_recipe(recipe_path)
-    prep = train_mod.prepare(r)
+    prep = loading.prepare(r)
     ds, _ = render.tokenize_all(prep.renderer, prep.splits.heldout, r.data.max_length, "truncate")
     rows = list(zip(ds["input_ids"], ds["labels"]))
     out = {}
     for name, adapter in adapters.items():
-        model = PeftModel.from_pretrained(train_mod.load_base_model(r, prep.base), str(adapter)).eval()
+        model = PeftModel.from_pretrained(loading.load_base_model(r, prep.base), str(adapter)).eval()
         out[name] = mean_token_loss(model, rows, prep.tokenizer.pad_token_id)
     return out
 
@@ -119,7 +119,7 @@ def main() -> None:
     ap.add_argument("--data", choices=["bitext", "support"], default="bitext" if BITEXT.exists() else "support")
     args = ap.parse_args()
 
-    from finetune.train import lora_targets
+    from finetune.loading import lora_targets
     from finetune.bases import resolve_base
     from finetune.recipe import load_recipe
     from finetune.twins import ensure_twin

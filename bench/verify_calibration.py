@@ -56,7 +56,7 @@ class Subject:
         from finetune.recipe import load_recipe
         from finetune.render import Renderer
         from finetune.run import RunDir
-        from finetune.train import training_template
+        from finetune.loading import training_template
 
         self.run = RunDir(run_root)
         self.info = read_adapter_info(self.run)

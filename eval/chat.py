@@ -19,7 +19,7 @@ class TransformersEngine:
     def __init__(self, run, recipe, prep):
         from peft import PeftModel
 
-        from finetune.train import load_base_model
+        from finetune.loading import load_base_model
 
         self.tokenizer = prep.tokenizer
         self.model = PeftModel.from_pretrained(load_base_model(recipe, prep.base), str(run.adapter)).eval()
@@ -84,7 +84,7 @@ class Chat:
 
 def open_chat(run, gguf: bool, max_new_tokens: int | None) -> Chat:
     from finetune.recipe import load_recipe
-    from finetune.train import base_of_run, prepare
+    from finetune.loading import base_of_run, prepare
 
     recipe = load_recipe(run.recipe)
     prep = prepare(recipe, base_of_run(run))

@@ -86,7 +86,7 @@ def shipped_gguf(run: RunDir, recipe: Recipe) -> Path:
 def evaluate(run: RunDir, overrides: list[str] = (), use_cache: bool = True, gguf: bool = False) -> report_mod.Report:
     from peft import PeftModel
 
-    from finetune.train import base_of_run, load_base_model, prepare
+    from finetune.loading import base_of_run, load_base_model, prepare
 
     if not (run.adapter / "adapter_model.safetensors").is_file():
         raise UserError(f"the run has no trained adapter: {run.adapter}", str(run.root),

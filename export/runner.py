@@ -111,7 +111,7 @@ def calibration_sequences(recipe, renderer, budget: int) -> list[list[int]]:
 
 def renderer_of(recipe, family: Family, tokenizer, kwargs: dict):
     from finetune.render import Renderer
-    from finetune.train import training_template
+    from finetune.loading import training_template
 
     template, where = training_template(recipe, family)
     return Renderer(tokenizer, template, family.read_template(), kwargs, where)

@@ -79,7 +79,7 @@ def _launch(recipe, args: list[str], nproc: int, nnodes: int, node_rank: int, ad
     import subprocess
 
     from finetune.distributed import batch_plan, check_strategy, launch_command
-    from finetune.train import on_gpu, prepare
+    from finetune.loading import on_gpu, prepare
 
     if node_rank >= nnodes:
         raise UserError(f"--node-rank {node_rank} with --nnodes {nnodes}", "--node-rank", f"use 0 to {nnodes - 1}")
@@ -161,7 +161,7 @@ def export(
     choose_quant = None
     if quant == "auto":
         from eval.quant_choice import chooser
-        from finetune.train import base_of_run, prepare
+        from finetune.loading import base_of_run, prepare
 
         choose_quant = chooser(recipe, prepare(recipe, base_of_run(chosen)), chosen.export_dir, progress)
     report = export_run(chosen, quant, keep_f16=keep_f16, verify=not no_verify, hf=format_ == "hf",

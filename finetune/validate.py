@@ -9,7 +9,7 @@ from finetune import render
 from finetune.backends import check_unsloth_supports
 from finetune.bases import resolve_base
 from finetune.recipe import load_recipe
-from finetune.train import check_weights_format, load_tokenizer, training_template
+from finetune.loading import check_weights_format, load_tokenizer, training_template
 
 
 def validate_recipe(path: str, overrides: list[str] = ()) -> list[str]:
@@ -35,7 +35,7 @@ def validate_recipe(path: str, overrides: list[str] = ()) -> list[str]:
     if local:  # a hub model's size is known once its config is here: checked at train time
         from finetune.preflight import preflight_train
         from finetune.run import run_for
-        from finetune.train import lora_targets
+        from finetune.loading import lora_targets
 
         report += [f"preflight {line}" for line in preflight_train(
             recipe, base, run_for(recipe.name, None).root, lora_targets(recipe, base.family)).lines]

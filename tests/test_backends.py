@@ -16,7 +16,9 @@ import sys
 import pytest
 import torch
 
+from finetune import loading
 from finetune import train as train_mod
+from finetune.bases import resolve_base
 from finetune.backends import (check_loaded, check_unsloth_supports, loaded_facts, unsloth_load_arguments,
                                unsloth_lora_arguments)
 from finetune.errors import UserError
@@ -28,8 +30,8 @@ RECIPE = ROOT / "recipes" / "tiny-support.yaml"
 
 def test_unsloth_is_handed_the_recipes_base_and_settings():
     recipe = load_recipe(RECIPE, ["model.revision=abc123", "train.seed=7", "lora.rslora=true"])
-    family = train_mod.resolve_base(recipe.model.base).family
-    quant = train_mod.quantization_config(recipe, family, torch.bfloat16)
+    family = resolve_base(recipe.model.base).family
+    quant = loading.quantization_config(recipe, family, torch.bfloat16)
     args = unsloth_load_arguments(recipe, "org/model", quant, torch.bfloat16, 0, checkpointing=True)
     assert args["model_name"] == "org/model" and args["revision"] == "abc123"
     assert args["use_exact_model_name"] is True  # never unsloth's pre-quantized copy
@@ -39,7 +41,7 @@ def test_unsloth_is_handed_the_recipes_base_and_settings():
         ("nf4", True, torch.bfloat16)
     assert quant.llm_int8_skip_modules == list(family.skip_4bit)
     assert args["device_map"] == {"": 0} and args["random_state"] == 7 and args["dtype"] == torch.bfloat16
-    lora = unsloth_lora_arguments(recipe, train_mod.lora_targets(recipe, family), checkpointing=False)
+    lora = unsloth_lora_arguments(recipe, loading.lora_targets(recipe, family), checkpointing=False)
     assert lora["target_modules"] == list(family.lora_targets) and lora["use_rslora"] is True
     assert lora["use_gradient_checkpointing"] is False and lora["r"] == recipe.lora.r
 
@@ -99,8 +101,8 @@ def test_loaded_facts_are_read_off_the_model():
     with double quantization, the family's skip list kept in 16-bit; a vision tower or other
     quantization settings than the recipe's are caught."""
     recipe = load_recipe(RECIPE, ["model.base=tiny-qwen3.5-hub"])
-    prep = train_mod.prepare(recipe)
-    model = train_mod.load_model(recipe, prep, "hf", checkpointing=False)
+    prep = loading.prepare(recipe)
+    model = loading.load_model(recipe, prep, "hf", checkpointing=False)
     facts = loaded_facts(model)
     assert facts["class"] == "Qwen3_5ForCausalLM" and not facts["vision_tower"]
     assert facts["name_or_path"] == prep.base.path
@@ -131,13 +133,13 @@ def test_sharded_qlora_keeps_one_dtype(base, layer):
     (bf16 compute and 4-bit storage), peft's k-bit preparation upcasts norms and embeddings to
     fp32; ft's sharded preparation leaves every base tensor in bf16 (4-bit storage included)."""
     recipe = load_recipe(RECIPE, [f"model.base={base}"])
-    prep = train_mod.prepare(recipe)
-    peft_way = train_mod.load_base_model(recipe, prep.base, torch.bfloat16)
-    train_mod.prepare_for_training(peft_way, upcast_for_kbit=True, checkpointing=True)
+    prep = loading.prepare(recipe)
+    peft_way = loading.load_base_model(recipe, prep.base, torch.bfloat16)
+    loading.prepare_for_training(peft_way, upcast_for_kbit=True, checkpointing=True)
     assert {p.dtype for p in peft_way.parameters()} == {torch.bfloat16, torch.float32}
 
-    model = train_mod.load_base_model(recipe, prep.base, torch.bfloat16)
-    train_mod.prepare_for_training(model, upcast_for_kbit=False, checkpointing=True, reentrant=True)
+    model = loading.load_base_model(recipe, prep.base, torch.bfloat16)
+    loading.prepare_for_training(model, upcast_for_kbit=False, checkpointing=True, reentrant=True)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert any(type(p).__name__ == "Params4bit" for p in model.parameters())
     assert model.is_gradient_checkpointing and not any(p.requires_grad for p in model.parameters())
@@ -156,7 +158,7 @@ def test_fsdp_settings_are_fsdp1_qlora_without_double_checkpointing(tmp_path, mo
         monkeypatch.setenv(name, "false")
         monkeypatch.delenv(name)
     recipe = load_recipe(RECIPE, ["distributed.strategy=fsdp"])
-    family = train_mod.resolve_base(recipe.model.base).family
+    family = resolve_base(recipe.model.base).family
     args = train_mod.sft_config(recipe, RunDir(tmp_path / "run"), BatchPlan(4, 1, 2), family)
     assert os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "true"
     plugin = args.fsdp_plugin_args

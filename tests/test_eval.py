@@ -150,7 +150,8 @@ TINY = ROOT / "recipes" / "tiny-support.yaml"
 def untrained_run(tmp_path_factory):
     """A run whose adapter is freshly initialised (LoRA B = 0): the fine-tuned model *is* the base."""
     from finetune.backends import loaded_facts
-    from finetune.train import load_model, prepare, save_adapter
+    from finetune.loading import load_model, prepare
+    from finetune.train import save_adapter
 
     root = tmp_path_factory.mktemp("untrained") / "run"
     recipe = load_recipe(TINY, ["data.heldout_max=16", "eval.max_new_tokens=12", "eval.batch_size=8"])
@@ -187,7 +188,7 @@ def test_batched_generation_equals_one_at_a_time(untrained_run):
 
     from eval.columns import TransformersColumn
     from eval.heldout import build_items
-    from finetune.train import load_base_model, prepare
+    from finetune.loading import load_base_model, prepare
 
     recipe = load_recipe(untrained_run.recipe)
     prep = prepare(recipe)

@@ -58,7 +58,7 @@ def test_hub_layout_twins_train_export_and_evaluate_as_gguf(which, request, tmp_
 
 
 def heldout_sequences(run: RunDir) -> list[list[int]]:
-    from finetune.train import prepare
+    from finetune.loading import prepare
 
     prep = prepare(load_recipe(run.recipe))
     return [prep.renderer.final_turn(e)[1].input_ids for e in prep.splits.heldout[:8]]
@@ -192,7 +192,7 @@ def test_streamed_reference_equals_the_merged_model(which, request, tmp_path, mo
     from transformers import AutoModelForCausalLM
 
     from export import reference as reference_mod
-    from finetune.train import prepare
+    from finetune.loading import prepare
 
     run = request.getfixturevalue(which)
     prep = prepare(load_recipe(run.recipe))

@@ -57,7 +57,7 @@ def as_on_an_avx512bf16_cpu():
 
 def twin_model(recipe_name: str, overrides: list[str]):
     from finetune import render
-    from finetune.train import load_model, prepare
+    from finetune.loading import load_model, prepare
 
     recipe = load_recipe(ROOT / "recipes" / recipe_name, ["lora.dropout=0", "data.limit=16", *overrides])
     prep = prepare(recipe)
@@ -140,7 +140,7 @@ def test_packed_layout_is_undone_and_gradients_flow():
     import bitsandbytes as bnb
     from bitsandbytes.functional import dequantize_4bit
 
-    from finetune.train import keep_4bit_layers_differentiable
+    from finetune.loading import keep_4bit_layers_differentiable
 
     if not packed_path_available():
         print("no AVX512-BF16 here: the repacking is bitsandbytes' own, its fused inference kernel did not run")

@@ -32,7 +32,7 @@ def training_sequences(run: RunDir, budget: int) -> list[list[int]]:
     from export.runner import calibration_sequences, family_named, read_adapter_info
     from finetune.recipe import load_recipe
     from finetune.render import Renderer
-    from finetune.train import training_template
+    from finetune.loading import training_template
 
     info = read_adapter_info(run)
     recipe, family = load_recipe(run.recipe), family_named(info["family"])

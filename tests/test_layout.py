@@ -59,3 +59,24 @@ def test_no_import_cycles_between_modules():
 
     cycles = [c for name in graph if (c := cycle_from(name, name, [name]))]
     assert not cycles, f"module-level import cycles: {cycles[:3]}"
+
+
+MODEL_BUILDING = ("from_pretrained", "BitsAndBytesConfig", "get_peft_model", "LoraConfig", "prepare_model_for_kbit_training")
+
+
+def test_model_loading_has_a_room_of_its_own():
+    """finetune/loading.py builds the model (4-bit config, loading, peft's preparation, LoRA);
+    finetune/train.py runs the trainer. eval, chat and export's verification load models through
+    loading and never reach into the training run: only the CLI imports finetune.train."""
+    importers = sorted(name for name, path in modules().items()
+                       if "finetune.train" in {t.rsplit(".", 1)[0] if t.startswith("finetune.train.") else t
+                                               for t in project_imports(path, top_level_only=False)}
+                       and name not in ("finetune.cli", "finetune.train"))
+    assert not importers, f"import model loading from finetune.loading, not finetune.train: {importers}"
+    train_source = (ROOT / "finetune" / "train.py").read_text(encoding="utf-8")
+    builds = [word for word in MODEL_BUILDING if word in train_source]
+    assert not builds, f"finetune/train.py builds models itself ({builds}): that belongs in finetune/loading.py"
+    loading = project_imports(ROOT / "finetune" / "loading.py", top_level_only=False)
+    assert not any(t.startswith("finetune.train") for t in loading), "loading must not depend on the training run"
+    for name in ("eval.runner", "eval.chat", "export.runner"):
+        assert any(t.startswith("finetune.loading") for t in project_imports(modules()[name], top_level_only=False)), name

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from finetune import render
-from finetune import train as train_mod
+from finetune import loading
 from finetune.packing import (PackingCollator, VarlenKernels, best_fit_decreasing, find_varlen_kernels,
                               segment_aware_linear_attention)
 from finetune.recipe import load_recipe
@@ -98,9 +98,9 @@ def kernel_paths():
 @pytest.mark.parametrize("base", ["tiny-qwen3.5", "tiny-olmo3"])
 def test_packed_loss_equals_unpacked(base, kernels, qwen_twin, olmo_twin):
     recipe = load_recipe(ROOT / "recipes" / "tiny-support.yaml", [f"model.base={base}", "train.gradient_checkpointing=false"])
-    prep = train_mod.prepare(recipe)
+    prep = loading.prepare(recipe)
     torch.manual_seed(0)
-    model = train_mod.load_model(recipe, prep, "hf")
+    model = loading.load_model(recipe, prep, "hf")
     with torch.no_grad():  # fresh LoRA has B = 0; make the adapters part of the function
         for name, p in model.named_parameters():
             if "lora_B" in name:

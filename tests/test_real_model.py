@@ -198,7 +198,7 @@ def test_the_16bit_gguf_is_what_llama_cpps_own_converter_writes(exported, tmp_pa
 
     from export.llama import GGUFModel
     from export.verify import CORPUS, logit_parity
-    from finetune.train import prepare
+    from finetune.loading import prepare
 
     run, _ = exported
     theirs = tmp_path / "llama-cpp-f16.gguf"
@@ -321,7 +321,7 @@ def test_ollama_answers_what_ft_evaluated(exported):
     run, _ = exported
     predictions = [json.loads(line) for line in (run.eval_dir / "predictions.jsonl").open()]
     modelfile = (run.export_dir / "Modelfile").read_text()
-    from finetune.train import prepare
+    from finetune.loading import prepare
 
     prep = prepare(load_recipe(run.recipe))
     prompts = [prep.renderer.served_prompt(e.messages[:-1]) for e in prep.splits.heldout]

@@ -137,7 +137,7 @@ def test_non_finite_loss_stops_at_the_step_it_happens(tmp_path, qwen_twin):
 
     from finetune import render
     from finetune.recipe import load_recipe
-    from finetune.train import prepare
+    from finetune.loading import prepare
 
     recipe = load_recipe(TINY, SMALL)
     prep = prepare(recipe)

@@ -10,7 +10,8 @@ import torch
 
 from finetune.recipe import load_recipe
 from finetune.run import RunDir
-from finetune.train import load_model, prepare, train, trainable_parameters
+from finetune.loading import load_model, prepare, trainable_parameters
+from finetune.train import train
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -120,7 +121,7 @@ def test_unknown_lora_target_names_the_modules_that_exist(tmp_path):
 
 def test_allow_pickle_still_loads_safetensors(qwen_twin):
     """allow_pickle permits .bin weights; it must not stop a safetensors checkpoint from loading."""
-    from finetune.train import load_base_model
+    from finetune.loading import load_base_model
 
     recipe = recipe_for("tiny-qwen3.5", "model.allow_pickle=true")
     model = load_base_model(recipe, prepare(recipe).base)
@@ -182,7 +183,7 @@ def test_auto_targets_need_one_match_and_named_targets_each():
     """A family's auto list may name kinds a variant lacks (a Qwen3.5 of linear-attention layers
     only has no q_proj); a target the recipe names must exist."""
     from finetune.errors import UserError
-    from finetune.train import check_lora_targets
+    from finetune.loading import check_lora_targets
 
     model = torch.nn.ModuleDict({"in_proj_qkv": torch.nn.Linear(4, 4), "down_proj": torch.nn.Linear(4, 4)})
     check_lora_targets(model, ["q_proj", "in_proj_qkv", "down_proj"], explicit=False)
