@@ -39,7 +39,7 @@ def main() -> None:
     from eval.heldout import build_items
     from eval.quant_choice import chooser
     from eval.report import GGUF
-    from eval.runner import choose_metrics, run_column
+    from eval.runner import planned_metrics, run_column
     from export.arches import arch_for
     from export.llama import GGUFModel, native_log
     from export.quantize import quantize
@@ -59,7 +59,7 @@ def main() -> None:
 
     prep = prepare(recipe, base_of_run(subject.run))
     items = build_items(prep.splits.heldout, prep.renderer)
-    metrics = choose_metrics(recipe, items, all(e.label is not None for e in prep.splits.heldout))
+    metrics = planned_metrics(recipe, prep.splits.heldout)
     eot = [prep.tokenizer.convert_tokens_to_ids(t) for t in prep.base.family.end_of_turn]
     n_ctx = max([len(i.input_ids) for i in items] + [len(s) for s in subject.sequences]) + recipe.eval.max_new_tokens + 16
 

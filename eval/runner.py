@@ -20,6 +20,7 @@ from eval.heldout import Item, build_items, items_digest
 from eval.metrics import Outcome
 from export.checkpoint import Checkpoint, local_snapshot
 from export.merge import Adapter
+from finetune.data import Example, Splits
 from finetune.errors import GateFailed, UserError
 from finetune.recipe import Recipe, load_recipe
 from finetune.run import RunDir, write_json
@@ -28,15 +29,37 @@ from finetune.twins import cache_root
 EVAL_FORMAT = 1  # bump when scoring changes, so cached base columns are recomputed
 
 
-def choose_metrics(recipe: Recipe, items: list[Item], labelled: bool) -> list[metrics_mod.Metric]:
-    references = [i.reference for i in items]
+def planned_metrics(recipe: Recipe, heldout: list[Example]) -> list[metrics_mod.Metric]:
+    """The metrics `ft eval` will compute: known from the held-out answers alone, before any
+    weights load (so `ft train` can refuse a gate on a metric that will not exist)."""
+    scored = heldout[: recipe.eval.max_examples] if recipe.eval.max_examples else heldout
+    references = [e.messages[-1]["content"] for e in scored]
     if recipe.eval.metrics == "auto":
-        return metrics_mod.detect_metrics(references, labelled)
+        return metrics_mod.detect_metrics(references, all(e.label is not None for e in scored))
     try:
         return metrics_mod.by_name(list(recipe.eval.metrics), references)
     except KeyError as exc:
         raise UserError(f"unknown metric {exc}", "eval.metrics",
                         f"use auto or names from: {', '.join(metrics_mod.KNOWN)}") from None
+
+
+def check_required(recipe: Recipe, metrics: list[metrics_mod.Metric], where: str = "eval.require") -> None:
+    unknown = sorted(set(recipe.eval.require) - {m.name for m in metrics})
+    if unknown:
+        how = "chosen from the held-out answers (eval.metrics: auto)" if recipe.eval.metrics == "auto" else "listed"
+        raise UserError(f"eval.require names metrics this evaluation does not compute: {', '.join(unknown)}", where,
+                        f"the metrics {how} are: {', '.join(m.name for m in metrics)}")
+
+
+def check_before_training(recipe: Recipe, splits: Splits) -> str:
+    """`ft train` and `ft validate` call this before any weights load: the metrics and the gates
+    must be computable, or the run would train for nothing (finetune cannot import eval, so the
+    CLI hands it over)."""
+    metrics = planned_metrics(recipe, splits.heldout)
+    check_required(recipe, metrics)
+    gates = ", ".join(f"{k} {v:+g}" for k, v in recipe.eval.require.items())
+    return (f"eval: {', '.join(m.name for m in metrics)} on {len(splits.heldout)} held-out examples"
+            + (f"; gates {gates}" if gates else ""))
 
 
 def run_column(column: Column, items: list[Item]) -> list[Outcome]:
@@ -96,11 +119,8 @@ def evaluate(run: RunDir, overrides: list[str] = (), use_cache: bool = True, ggu
     prep = prepare(recipe, base_of_run(run))
     heldout = prep.splits.heldout[: recipe.eval.max_examples] if recipe.eval.max_examples else prep.splits.heldout
     items = build_items(heldout, prep.renderer)
-    metrics = choose_metrics(recipe, items, all(e.label is not None for e in heldout))
-    unknown = sorted(set(recipe.eval.require) - {m.name for m in metrics})
-    if unknown:
-        raise UserError(f"eval.require names metrics this evaluation does not compute: {', '.join(unknown)}",
-                        "eval.require", f"use some of: {', '.join(m.name for m in metrics)}")
+    metrics = planned_metrics(recipe, heldout)
+    check_required(recipe, metrics)
     eot = [prep.tokenizer.convert_tokens_to_ids(t) for t in prep.base.family.end_of_turn]
 
     base_dir = local_snapshot(prep.base.path, recipe.model.revision)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from finetune.errors import UserError
 
@@ -66,8 +66,22 @@ class Checkpoint:
             files = sorted(folder.glob("*.safetensors"))
             shards = {}
             for file in files:
-                with safe_open(file, framework="pt") as f:
-                    shards.update({name: file for name in f.keys()})
+                try:
+                    with safe_open(file, framework="pt") as f:
+                        shards.update({name: file for name in f.keys()})
+                except SafetensorError as exc:
+                    raise UserError(f"the base model's weights cannot be read: {file.name}: {exc}",
+                                    f"model.base ({folder})", "copy or download the checkpoint again") from None
+        for file in sorted(set(shards.values())):
+            if not file.is_file():
+                raise UserError(f"the checkpoint's index names a missing file: {file.name}", f"model.base ({folder})",
+                                "copy or download the checkpoint again")
+            try:
+                with safe_open(file, framework="pt"):
+                    pass
+            except SafetensorError as exc:  # cut short: the header promises more than the file holds
+                raise UserError(f"the base model's weights cannot be read: {file.name}: {exc}",
+                                f"model.base ({folder})", "copy or download the checkpoint again") from None
         if not shards:
             pickles = sorted(p.name for p in folder.glob("*.bin"))
             raise UserError(

@@ -43,7 +43,8 @@ def train(
     nnodes: int = typer.Option(1, "--nnodes", min=1, help="hosts taking part (run the same command on each)"),
     node_rank: int = typer.Option(0, "--node-rank", min=0, help="this host's index, 0 to nnodes-1"),
     master_addr: str = typer.Option("127.0.0.1", "--master-addr", help="address of the node-rank-0 host"),
-    master_port: Optional[int] = typer.Option(None, "--master-port", help="its port (default distributed.master_port)"),
+    master_port: Optional[int] = typer.Option(None, "--master-port", min=1024, max=65535,
+                                              help="its port (default distributed.master_port)"),
 ):
     """4-bit LoRA SFT of the recipe's base model on its data; writes a run folder."""
     from finetune.distributed import world
@@ -61,7 +62,8 @@ def train(
     main_rank = world().main
     if main_rank:
         err.print(f"[bold]ft train[/bold] {loaded.name} → {run.root}")
-    summary = run_training(loaded, run, resume=resume, overwrite=overwrite, console=err if main_rank else None)
+    summary = run_training(loaded, run, resume=resume, overwrite=overwrite, console=err if main_rank else None,
+                           checks=[_eval_can_run])
     if not main_rank:
         return  # rank 0 reports, evaluates and writes; the others are done
     import gc
@@ -74,6 +76,15 @@ def train(
         _evaluate(run)
 
 
+def _eval_can_run(recipe, splits) -> str:
+    """eval's check, handed to finetune (which cannot import eval): the metrics the held-out
+    answers call for, and every eval.require gate among them. Imported late: `ft train` must
+    import unsloth, when it trains with it, before anything imports transformers."""
+    from eval.runner import check_before_training
+
+    return check_before_training(recipe, splits)
+
+
 def _launch(recipe, args: list[str], nproc: int, nnodes: int, node_rank: int, addr: str, port: int) -> None:
     """Check what can be checked once, here, then start every process through accelerate."""
     import subprocess
@@ -84,7 +95,8 @@ def _launch(recipe, args: list[str], nproc: int, nnodes: int, node_rank: int, ad
     if node_rank >= nnodes:
         raise UserError(f"--node-rank {node_rank} with --nnodes {nnodes}", "--node-rank", f"use 0 to {nnodes - 1}")
     logs.quiet_hf_libraries()  # this process only checks and launches: it never trains
-    prepare(recipe)  # recipe, template and data problems: one message, before any process starts
+    prep = prepare(recipe)  # recipe, template and data problems: one message, before any process starts
+    _eval_can_run(recipe, prep.splits)
     plan = batch_plan(recipe, nproc * nnodes)
     check_strategy(recipe, nproc * nnodes, on_gpu())
     err.print(f"[bold]ft train[/bold] {recipe.name}: {nproc * nnodes} processes ({recipe.distributed.strategy}), "
@@ -207,13 +219,50 @@ def chat(
 def validate(
     recipe: str = typer.Argument(..., help="recipe YAML file"),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    show: int = typer.Option(0, "--show", min=0, help="also print N rows as the model sees them, trained tokens marked"),
+    split: str = typer.Option("train", "--split", help="--show: train (training rows) or heldout (served prompts)"),
+    tokens: bool = typer.Option(False, "--tokens", help="--show: one line per token (position, id, trained, token)"),
 ):
-    """Check a recipe without training: keys, files, data, model, chat template."""
+    """Check a recipe without training: keys, files, data, model, chat template, metrics, memory."""
     from finetune.validate import validate_recipe
 
-    report = validate_recipe(recipe, set_)
+    if split not in ("train", "heldout"):
+        raise UserError(f"unknown --split '{split}'", "--split", "use train or heldout")
+    report = validate_recipe(recipe, set_, checks=[_eval_can_run])
     for line in report:
         out.print(f"[green]ok[/green] {line}")
+    if show:
+        _show(recipe, set_, show, split, tokens)
+
+
+def _show(recipe_path: str, overrides: list[str], count: int, split: str, tokens: bool) -> None:
+    from finetune import show as show_mod
+    from finetune.loading import prepare
+    from finetune.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, overrides)
+    prep = prepare(recipe)
+    rows = (show_mod.training_rows(prep, recipe, count) if split == "train"
+            else show_mod.heldout_rows(prep, count))
+    markers = not out.is_terminal or out.no_color  # piped, or NO_COLOR: colour cannot carry the marking
+    legend = (f"trained tokens between {show_mod.TRAINED_OPEN} and {show_mod.TRAINED_CLOSE}" if markers
+              else "[bold green]trained tokens in green[/bold green], [cyan]special tokens in cyan[/cyan]")
+    for line in show_mod.describe(prep, recipe, split):
+        out.print(line, markup=False, highlight=False)
+    out.print(legend, highlight=False)
+    for index, row in enumerate(rows, 1):
+        out.print(show_mod.header(row, index, prep.base.family.end_of_turn, prep.tokenizer), markup=False,
+                  highlight=False)
+        if tokens:
+            out.print("\n".join(show_mod.token_lines(prep.tokenizer, row.input_ids, row.labels)), markup=False,
+                      highlight=False)
+        else:
+            out.print(show_mod.as_text(show_mod.segments(prep.tokenizer, row.input_ids, row.labels), markers),
+                      highlight=False)
+    available = len(prep.splits.train if split == "train" else prep.splits.heldout)
+    if len(rows) < count:
+        out.print(f"(the {split} split has {available} examples: {len(rows)} rows shown)", markup=False,
+                  highlight=False)
 
 
 @app.command()
@@ -251,10 +300,26 @@ def before_command(ctx: typer.Context) -> None:
         logs.quiet_hf_libraries()
 
 
-def main() -> None:
-    """Entry point: maps errors to exit codes and one-line messages."""
+def usage_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(usage errors, aborts) as the installed typer raises them. typer >= 0.24 parses with its own
+    copy of click (typer._click), whose exceptions are not click's: catching click's alone turned
+    `ft` with no arguments, a missing argument or `--nproc 0` into "internal error"."""
     import click
 
+    errors, aborts = [click.ClickException], [click.exceptions.Abort]
+    try:
+        from typer._click import exceptions as vendored
+    except ImportError:  # an older typer: click's own exceptions are the ones raised
+        pass
+    else:
+        errors.append(vendored.ClickException)
+        aborts.append(typer.Abort)
+    return tuple(errors), tuple(aborts)
+
+
+def main() -> None:
+    """Entry point: maps errors to exit codes and one-line messages."""
+    usage, aborts = usage_errors()
     quiet_libraries()
     from finetune.distributed import world
 
@@ -278,10 +343,10 @@ def main() -> None:
         err.print("verification FAILED: " + "\n  ".join(exc.failures), markup=False, highlight=False)
         err.print(f"the file is kept as {exc.path}; details in {exc.path.parent / 'verify.json'}", markup=False)
         sys.exit(EXIT_VERIFY_FAILED)
-    except click.ClickException as exc:  # usage errors: the user's to fix
+    except usage as exc:  # usage errors (a missing argument, an option out of range): the user's to fix
         exc.show()
         sys.exit(EXIT_USER_ERROR)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (*aborts, KeyboardInterrupt):
         err.print("interrupted")
         sys.exit(130)
     except Exception:

@@ -63,6 +63,8 @@ def read_records(source: str, data: DataSection) -> list[tuple[dict, str]]:
     if source.startswith("hub:"):
         return _read_hub(source[4:], data.hub_split)
     path = Path(source)
+    if path.is_dir():
+        raise UserError(f"a data file is a folder: {path}", "data", "name the file inside it")
     if not path.is_file():
         raise UserError(f"data file not found: {path}", "data", "check the path (relative to the recipe file)")
     suffix = path.suffix.lower()
@@ -80,6 +82,8 @@ def read_records(source: str, data: DataSection) -> list[tuple[dict, str]]:
 def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
+    except PermissionError:
+        raise UserError(f"no permission to read {path}", str(path), "make the file readable (chmod +r)") from None
     except UnicodeDecodeError as exc:
         line = path.read_bytes()[: exc.start].count(b"\n") + 1
         raise UserError(f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x})", f"{path}:{line}",
@@ -106,22 +110,46 @@ def _read_json(path: Path) -> list[tuple[dict, str]]:
     try:
         records = json.loads(_read_text(path))
     except json.JSONDecodeError as exc:
-        raise UserError(f"invalid JSON: {exc.msg}", f"{path}:{exc.lineno}", "fix the JSON syntax") from None
+        fix = ("this looks like JSON Lines: rename it to .jsonl" if exc.msg == "Extra data"
+               else "fix the JSON syntax")
+        raise UserError(f"invalid JSON: {exc.msg}", f"{path}:{exc.lineno}", fix) from None
     if isinstance(records, dict):
         records = next((v for v in records.values() if isinstance(v, list)), [records])
+    if not isinstance(records, list):
+        raise UserError(f"the file holds a JSON {type(records).__name__}, not records", str(path),
+                        "write a list of objects, [{...}, {...}], or one object per line in a .jsonl file")
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise UserError(f"record {i} is a JSON {type(record).__name__}, not an object", f"{path}#{i}",
+                            "every record must be an object such as {\"messages\": [...]}")
     return [(r, f"{path}#{i}") for i, r in enumerate(records)]
+
+
+# A CSV field may hold a whole document; the csv module's default cap (128 KiB) would refuse it.
+csv.field_size_limit(2**31 - 1)
 
 
 def _read_csv(path: Path) -> list[tuple[dict, str]]:
     reader = csv.DictReader(_read_text(path).splitlines())
-    # DictReader counts physical lines; +1 for the header so messages match an editor
-    return [(dict(row), f"{path}:{reader.line_num}") for row in reader]
+    try:
+        # DictReader counts physical lines; +1 for the header so messages match an editor
+        return [(dict(row), f"{path}:{reader.line_num}") for row in reader]
+    except csv.Error as exc:
+        raise UserError(f"not a readable CSV file: {exc}", f"{path}:{reader.line_num + 1}",
+                        "check the quoting of that line, or save the file as CSV again") from None
 
 
 def _read_parquet(path: Path) -> list[tuple[dict, str]]:
+    import pyarrow
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pyarrow.ArrowException, OSError) as exc:  # ArrowInvalid: not parquet at all, or cut short
+        first = path.read_bytes()[:1].decode("latin-1") if path.stat().st_size else ""
+        hint = (" (it starts like JSON: name it .jsonl or .json)" if first in "{[" and first else "")
+        raise UserError(f"not a Parquet file: {exc}{hint}", str(path),
+                        "write it with pandas.DataFrame.to_parquet or datasets' to_parquet, or use .jsonl") from None
     return [(row, f"{path}#{i}") for i, row in enumerate(table.to_pylist())]
 
 

@@ -145,7 +145,13 @@ def load_base_model(recipe: Recipe, base: ResolvedBase, dtype=None):
                   trust_remote_code=recipe.model.trust_remote_code,
                   device_map=None if shards(recipe) else {"": w.local_rank if gpu else "cpu"},
                   quantization_config=quantization_config(recipe, base.family, dtype))
-    model = AutoModelForCausalLM.from_pretrained(base.path, **kwargs)
+    from safetensors import SafetensorError
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base.path, **kwargs)
+    except SafetensorError as exc:  # a weights file cut short (an interrupted copy or download)
+        raise UserError(f"the base model's weights cannot be read: {exc}", f"model.base ({base.path})",
+                        "copy or download the checkpoint again; every .safetensors file must be complete") from None
     keep_4bit_layers_differentiable(model)
     return model
 
@@ -231,6 +237,46 @@ def check_lora_targets(model, targets: list[str], explicit: bool) -> None:
     if missing and (explicit or len(missing) == len(targets)):
         raise UserError(f"lora.targets names modules this model does not have: {', '.join(missing)}",
                         "lora.targets", f"use some of this model's linear layers: {', '.join(linear)} (or auto)")
+
+
+@dataclass
+class Skeleton:
+    """The model built from its config on the meta device: every module and parameter shape, no
+    memory and no weights read. What preflight sizes and what settings naming modules are checked
+    against, before anything expensive."""
+
+    config: object  # the text model's config (a vision-language checkpoint's text_config)
+    model: object
+
+
+def skeleton(recipe: Recipe, base: ResolvedBase) -> Skeleton:
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(base.path, revision=recipe.model.revision,
+                                            trust_remote_code=recipe.model.trust_remote_code)
+    except Exception as exc:  # offline, gated, or misspelled: the user's to fix
+        raise UserError(f"cannot read the config of '{base.name}' ({type(exc).__name__})", "model.base",
+                        "check the id and your network (HF_TOKEN for gated models), or use a local folder") from None
+    text_config = getattr(config, "text_config", None) or config
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(text_config, trust_remote_code=recipe.model.trust_remote_code)
+    return Skeleton(text_config, model)
+
+
+def check_module_settings(recipe: Recipe, family: Family, model) -> None:
+    """lora.targets and quantization.skip_modules name modules: checked on the skeleton before the
+    run folder is made, and again on the loaded model (a backend may build it differently)."""
+    check_lora_targets(model, lora_targets(recipe, family), explicit=recipe.lora.targets != "auto")
+    skip = recipe.quantization.skip_modules
+    if skip != "auto":
+        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        missing = [m for m in skip if m not in names and not any(n.endswith("." + m) for n, _ in model.named_modules())]
+        if missing:
+            raise UserError(f"quantization.skip_modules names modules this model does not have: {', '.join(missing)}",
+                            "quantization.skip_modules", f"use names of its linear layers, e.g. {', '.join(family.skip_4bit)}"
+                            " (or auto)")
 
 
 def lora_targets(recipe: Recipe, family: Family) -> list[str]:

@@ -61,15 +61,11 @@ def weight_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
-def count_parameters(config, targets: list[str], r: int) -> tuple[int, int, int]:
-    """(all parameters, embedding + lm_head parameters, LoRA parameters) from a config, on the
-    meta device: nothing is allocated."""
+def count_parameters(model, targets: list[str], r: int) -> tuple[int, int, int]:
+    """(all parameters, embedding + lm_head parameters, LoRA parameters) of a model on the meta
+    device (finetune.loading.skeleton): nothing is allocated."""
     import torch
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
 
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in model.parameters())
     embed = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" in n or "lm_head" in n)
     lora = sum(r * (m.in_features + m.out_features) for n, m in model.named_modules()
@@ -123,21 +119,12 @@ class TrainPlan:
     gradient_checkpointing: bool  # train.gradient_checkpointing with "auto" decided
 
 
-def preflight_train(recipe, base, run_root: Path, targets: list[str]) -> TrainPlan:
+def preflight_train(recipe, base, skeleton, run_root: Path, targets: list[str]) -> TrainPlan:
     """The estimate, and whether to recompute activations; raises UserError when the run or its
-    export cannot fit."""
-    from transformers import AutoConfig
-
-    folder = Path(base.path)
-    local = folder.is_dir()
-    try:
-        config = AutoConfig.from_pretrained(base.path, revision=recipe.model.revision,
-                                            trust_remote_code=recipe.model.trust_remote_code)
-    except Exception as exc:  # offline, gated, or misspelled: the user's to fix
-        raise UserError(f"cannot read the config of '{base.name}' ({type(exc).__name__})", "model.base",
-                        "check the id and your network (HF_TOKEN for gated models), or use a local folder") from None
-    text_config = getattr(config, "text_config", None) or config
-    params, embed, lora = count_parameters(text_config, targets, recipe.lora.r)
+    export cannot fit. `skeleton`: finetune.loading.skeleton(recipe, base)."""
+    local = Path(base.path).is_dir()
+    text_config = skeleton.config
+    params, embed, lora = count_parameters(skeleton.model, targets, recipe.lora.r)
     quant = recipe.export.quant
     needs = [
         Need("checkpoints", run_root, lora * 12 * (recipe.train.save_total_limit + 1)),  # weights + Adam

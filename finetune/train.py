@@ -9,10 +9,15 @@ finetune/loading.py's job; this file runs the training.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import os
 import shutil
+import socket
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Sequence
 
 from finetune import data as data_mod
 from finetune import logs, render
@@ -21,7 +26,7 @@ from finetune.bases import ResolvedBase
 from finetune.distributed import (BatchPlan, barrier, batch_plan, check_resume, check_strategy, shards, start,
                                   trainer_arguments, world)
 from finetune.errors import Interrupted, UserError
-from finetune.loading import Prepared, load_model, lora_targets, on_gpu, prepare
+from finetune.loading import Prepared, check_module_settings, load_model, lora_targets, on_gpu, prepare, skeleton
 from finetune.models import Family
 from finetune.packing import missing_kernels_note, segment_aware_linear_attention
 from finetune.recipe import Recipe
@@ -138,6 +143,29 @@ def score_only_trained_positions() -> bool:
     return True
 
 
+def check_optimizer(recipe: Recipe) -> None:
+    """train.optimizer is any transformers `optim` name; an unknown one, or one whose package is
+    not installed (galore, lomo, schedule-free), would fail only once the trainer is built."""
+    import tempfile
+
+    from transformers import Trainer, TrainingArguments
+    from transformers.training_args import OptimizerNames
+
+    name = recipe.train.optimizer
+    known = [o.value for o in OptimizerNames]
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=1)
+        raise UserError(f"unknown optimizer '{name}'", "train.optimizer",
+                        (f"did you mean '{close[0]}'? " if close else "") + f"transformers knows: {', '.join(known)}")
+    with tempfile.TemporaryDirectory() as scratch:
+        args = TrainingArguments(output_dir=scratch, optim=name, use_cpu=not on_gpu(), report_to="none")
+        try:
+            Trainer.get_optimizer_cls_and_kwargs(args)
+        except (ImportError, ValueError) as exc:
+            raise UserError(f"optimizer '{name}' cannot be used here: {exc}", "train.optimizer",
+                            "install what it needs, or use adamw_torch") from None
+
+
 def check_trl_can_train_here(gpu: bool) -> None:
     """TRL 1.15's SFTTrainer always scores through its Triton LM-head kernel (trl/kernels, which
     imports triton); CPU torch has no Triton and the kernel no CPU path, so every step dies with
@@ -216,10 +244,44 @@ def check_data_unchanged(manifest: dict | None, recipe: Recipe) -> None:
                                 "restore the file as it was to resume, or start a new run (--overwrite or --output DIR)")
 
 
-def start_run(recipe: Recipe, run: RunDir, resume: bool, overwrite: bool) -> Path | None:
-    """Create (or reopen) the run folder. Returns the checkpoint to resume from, if any."""
+def left_by_a_failed_start(run: RunDir) -> str | None:
+    """Why an existing run folder holds nothing worth keeping, or None. A start that stopped before
+    any checkpoint was saved (a user error found once the model loaded, a crash, a killed process)
+    left a manifest and logs but no trained weights: running the fixed recipe into it just works.
+    A folder with a complete checkpoint or an adapter stays protected."""
+    from finetune.guard import complete_checkpoints
+
+    manifest = run.read_manifest()
+    if not manifest or complete_checkpoints(run.checkpoints) or run.adapter.exists():
+        return None
+    status = manifest.get("status")
+    if status in ("failed", "interrupted", "diverged"):
+        return f"its start {status} before any checkpoint was saved"
+    process = manifest.get("process") or {}
+    if status == "running" and process.get("host") == socket.gethostname() and not process_alive(process.get("pid")):
+        return f"the process that started it (pid {process.get('pid')}) is gone and no checkpoint was saved"
+    return None
+
+
+def process_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def start_run(recipe: Recipe, run: RunDir, resume: bool, overwrite: bool) -> tuple[Path | None, str | None]:
+    """Create (or reopen) the run folder. Returns the checkpoint to resume from, if any, and why an
+    existing folder was started over (see left_by_a_failed_start)."""
+    restarted = None
     if run.root.exists() and not resume:
-        if not overwrite and any(run.root.iterdir()):
+        restarted = None if overwrite else left_by_a_failed_start(run)
+        if not overwrite and not restarted and any(run.root.iterdir()):
             raise UserError(f"run folder already exists: {run.root}", "ft train",
                             "pass --resume to continue it, --overwrite to start over, or --output DIR")
         shutil.rmtree(run.root, ignore_errors=True)
@@ -232,7 +294,7 @@ def start_run(recipe: Recipe, run: RunDir, resume: bool, overwrite: bool) -> Pat
         check_data_unchanged(old, recipe)
         checkpoint = last_complete_checkpoint(run)
     run.root.mkdir(parents=True, exist_ok=True)
-    return checkpoint
+    return checkpoint, restarted
 
 
 def save_adapter(model, prep: Prepared, recipe: Recipe, run: RunDir, backend: str, loaded: dict,
@@ -266,10 +328,26 @@ def save_adapter(model, prep: Prepared, recipe: Recipe, run: RunDir, backend: st
     shutil.rmtree(old, ignore_errors=True)
 
 
-def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = False, console=None) -> dict:
+@contextmanager
+def failure_recorded(run: RunDir, main: bool):
+    """A run that stops on an error says so in its manifest (`failed`, with the message) instead of
+    `running` forever; a failure before any checkpoint leaves a folder the next `ft train` reuses
+    (left_by_a_failed_start). Divergence and signals record their own status."""
+    try:
+        yield
+    except Exception as exc:
+        if main and run.read_manifest().get("status") == "running":
+            message = exc.render() if isinstance(exc, UserError) else f"internal error: {type(exc).__name__}: {exc}"
+            run.update_manifest(status="failed", ended=now(), error=message)
+        raise
+
+
+def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = False, console=None,
+          checks: Sequence[Callable[[Recipe, data_mod.Splits], str]] = ()) -> dict:
     """Train the recipe into `run`. In a multi-process launch every rank calls this; rank 0 alone
     writes the run folder (the others pass console=None and write nothing but their share of
-    each checkpoint's RNG state)."""
+    each checkpoint's RNG state). Everything knowable without the weights is checked before the
+    folder is made: `checks` are later stages' (the CLI hands in eval's metric and gate check)."""
     backend = pick_backend(recipe)  # first: unsloth must be imported before transformers
     logs.quiet_hf_libraries()
     from finetune.guard import NonFiniteLoss, NonFiniteWeights, StopOnNonFiniteLoss, StopOnSignal
@@ -279,11 +357,16 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
     w = world()
     start(w)
     prep = prepare(recipe)
+    checked = [check(recipe, prep.splits) for check in checks]
     check_trackers(recipe, run)
     check_strategy(recipe, w.size, on_gpu())
     check_trl_can_train_here(on_gpu())
+    check_optimizer(recipe)
     batches = batch_plan(recipe, w.size)
-    preflight = preflight_train(recipe, prep.base, run.root, lora_targets(recipe, prep.base.family))
+    shape = skeleton(recipe, prep.base)
+    check_module_settings(recipe, prep.base.family, shape.model)
+    preflight = preflight_train(recipe, prep.base, shape, run.root, lora_targets(recipe, prep.base.family))
+    del shape
     estimate = preflight.lines
     slow_kernels = missing_kernels_note(prep.base.family, on_gpu())
     if slow_kernels:
@@ -292,6 +375,8 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
         estimate.append(f"{w.size} processes ({recipe.distributed.strategy}): {batches.micro_batch} examples × "
                         f"{batches.grad_accum} accumulation per process = global batch {batches.global_batch}")
     if console is not None:
+        for line in checked:
+            console.print(f"  checked: {line}", markup=False, highlight=False)
         for line in estimate:
             console.print(f"  preflight: {line}", markup=False, highlight=False)
     train_ds, train_report = render.tokenize_all(prep.renderer, prep.splits.train, recipe.data.max_length,
@@ -311,8 +396,10 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
         if note and console is not None:
             console.print(f"  {note}", markup=False, highlight=False)
     if w.main:
-        checkpoint = start_run(recipe, run, resume, overwrite)  # only now is anything written
+        checkpoint, restarted = start_run(recipe, run, resume, overwrite)  # only now is anything written
         logs.attach(run.root / "logs" / "train.log")
+        if restarted and console is not None:
+            console.print(f"  starting {run.root} over: {restarted}", markup=False, highlight=False)
     barrier()  # the others find the folder (and the checkpoint to resume) as rank 0 left it
     if not w.main:
         checkpoint = last_complete_checkpoint(run) if resume else None
@@ -333,76 +420,78 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
             distributed={"world_size": w.size, "strategy": recipe.distributed.strategy,
                          "micro_batch": batches.micro_batch, "grad_accum": batches.grad_accum,
                          "global_batch": batches.global_batch},
+            process={"pid": os.getpid(), "host": socket.gethostname()}, error=None,
         )
         # metrics.jsonl must tell one story: drop what a killed run logged after its checkpoint
         kept = [r for r in run.read_metrics() if r.get("step", 0) <= resumed_step] if checkpoint else []
         atomic_write_text(run.metrics, "".join(json.dumps(r) + "\n" for r in kept))
 
-    args = sft_config(recipe, run, batches, prep.base.family, evaluate_first=checkpoint is None)  # before the model
-    model = load_model(recipe, prep, backend, preflight.gradient_checkpointing)
-    loaded = loaded_facts(model)
-    check_loaded(loaded, recipe, prep.base.path, backend)
-    packed = recipe.train.packing and backend == "hf"  # unsloth brings its own padding-free path
-    linear_attention = None
-    if packed:
-        kernels = segment_aware_linear_attention()
-        linear_attention = kernels.describe() if on_gpu() else "ft's PyTorch version (CPU)"
-    if w.main:
-        run.update_manifest(loaded=loaded, packing={"enabled": packed, "linear_attention": linear_attention})
-    nonfinite = StopOnNonFiniteLoss()
-    progress = RichProgress(console) if w.main else None
-    callbacks = [MetricsCallback(run), nonfinite] + ([progress] if progress else [])
-    start_loss = HeldoutLossAtStart(run if w.main else None)
-    trainer = make_trainer(model, args, prep, train_ds, heldout_ds, callbacks + [start_loss], packed)
-    summary = {}
-    if checkpoint is not None:
-        summary["heldout_loss_start"] = run.read_manifest().get("summary", {}).get("heldout_loss_start")
-    stop = StopOnSignal()
-    trainer.add_callback(stop)
-    try:
-        result = restore_finished(trainer, checkpoint) if checkpoint is not None else None
-        if result is None:
-            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    except NonFiniteWeights as exc:
-        nonfinite.step, nonfinite.loss = exc.step, float("nan")
-    except NonFiniteLoss as exc:
-        nonfinite.step, nonfinite.loss = exc.step, exc.loss
-    finally:
-        stop.restore()
-        if progress:
-            progress.on_train_end(None, None, None)
-    if nonfinite.step is not None:
+    with failure_recorded(run, w.main):
+        args = sft_config(recipe, run, batches, prep.base.family, evaluate_first=checkpoint is None)  # before the model
+        model = load_model(recipe, prep, backend, preflight.gradient_checkpointing)
+        loaded = loaded_facts(model)
+        check_loaded(loaded, recipe, prep.base.path, backend)
+        packed = recipe.train.packing and backend == "hf"  # unsloth brings its own padding-free path
+        linear_attention = None
+        if packed:
+            kernels = segment_aware_linear_attention()
+            linear_attention = kernels.describe() if on_gpu() else "ft's PyTorch version (CPU)"
         if w.main:
-            run.update_manifest(status="diverged", ended=now())
-        good = last_complete_checkpoint(run)
-        raise UserError(
-            f"training diverged: the loss became {nonfinite.loss} at step {nonfinite.step}", "train.lr",
-            f"lower train.lr (now {recipe.train.lr:g}) and start again with --overwrite"
-            + (f"; the last good checkpoint is kept at {good}" if good else ""))
-    if stop.received is not None:
-        if w.main:
-            run.update_manifest(status="interrupted", ended=now())
-        raise Interrupted(stop.received, trainer.state.global_step, last_complete_checkpoint(run))
-    if checkpoint is None:
-        summary["heldout_loss_start"] = start_loss.loss
-    summary["heldout_loss_end"] = trainer.evaluate()["eval_loss"]
-    summary.update(train_loss=result.training_loss, steps=trainer.state.global_step,
-                   train_runtime_s=result.metrics.get("train_runtime"))
-    if on_gpu():  # what the README's GPU sizes are measured by
-        import torch
+            run.update_manifest(loaded=loaded, packing={"enabled": packed, "linear_attention": linear_attention})
+        nonfinite = StopOnNonFiniteLoss()
+        progress = RichProgress(console) if w.main else None
+        callbacks = [MetricsCallback(run), nonfinite] + ([progress] if progress else [])
+        start_loss = HeldoutLossAtStart(run if w.main else None)
+        trainer = make_trainer(model, args, prep, train_ds, heldout_ds, callbacks + [start_loss], packed)
+        summary = {}
+        if checkpoint is not None:
+            summary["heldout_loss_start"] = run.read_manifest().get("summary", {}).get("heldout_loss_start")
+        stop = StopOnSignal()
+        trainer.add_callback(stop)
+        try:
+            result = restore_finished(trainer, checkpoint) if checkpoint is not None else None
+            if result is None:
+                result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except NonFiniteWeights as exc:
+            nonfinite.step, nonfinite.loss = exc.step, float("nan")
+        except NonFiniteLoss as exc:
+            nonfinite.step, nonfinite.loss = exc.step, exc.loss
+        finally:
+            stop.restore()
+            if progress:
+                progress.on_train_end(None, None, None)
+        if nonfinite.step is not None:
+            if w.main:
+                run.update_manifest(status="diverged", ended=now())
+            good = last_complete_checkpoint(run)
+            raise UserError(
+                f"training diverged: the loss became {nonfinite.loss} at step {nonfinite.step}", "train.lr",
+                f"lower train.lr (now {recipe.train.lr:g}) and start again with --overwrite"
+                + (f"; the last good checkpoint is kept at {good}" if good else ""))
+        if stop.received is not None:
+            if w.main:
+                run.update_manifest(status="interrupted", ended=now())
+            raise Interrupted(stop.received, trainer.state.global_step, last_complete_checkpoint(run))
+        if checkpoint is None:
+            summary["heldout_loss_start"] = start_loss.loss
+        summary["heldout_loss_end"] = trainer.evaluate()["eval_loss"]
+        summary.update(train_loss=result.training_loss, steps=trainer.state.global_step,
+                       train_runtime_s=result.metrics.get("train_runtime"))
+        if on_gpu():  # what the README's GPU sizes are measured by
+            import torch
 
-        summary["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    gathered = None
-    if shards(recipe):
-        # FSDP / DeepSpeed hold the adapter in shards: save_model gathers it (every rank takes part)
-        gathered = run.root / ".adapter.gathered"
-        trainer.save_model(str(gathered))
+            summary["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        gathered = None
+        if shards(recipe):
+            # FSDP / DeepSpeed hold the adapter in shards: save_model gathers it (every rank takes part)
+            gathered = run.root / ".adapter.gathered"
+            trainer.save_model(str(gathered))
+            barrier()
+        if w.main:
+            save_adapter(trainer.model, prep, recipe, run, backend, loaded, gathered)
+            plot_loss(run)
+            run.update_manifest(status="complete", ended=now(), summary=summary)
         barrier()
-    if w.main:
-        save_adapter(trainer.model, prep, recipe, run, backend, loaded, gathered)
-        plot_loss(run)
-        run.update_manifest(status="complete", ended=now(), summary=summary)
-    barrier()
-    return summary
+        return summary
 
 

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, Sequence
 
 from finetune import data as data_mod
 from finetune import render
 from finetune.backends import check_unsloth_supports
 from finetune.bases import resolve_base
-from finetune.recipe import load_recipe
-from finetune.loading import check_weights_format, load_tokenizer, training_template
+from finetune.loading import check_module_settings, check_weights_format, load_tokenizer, lora_targets, skeleton, training_template
+from finetune.recipe import Recipe, load_recipe
 
 
-def validate_recipe(path: str, overrides: list[str] = ()) -> list[str]:
-    """Raises UserError on the first class of problem found; returns what was checked."""
+def validate_recipe(path: str, overrides: list[str] = (),
+                    checks: Sequence[Callable[[Recipe, data_mod.Splits], str]] = ()) -> list[str]:
+    """Raises UserError on the first class of problem found; returns what was checked. `checks`:
+    later stages' checks, as `ft train` runs them (the CLI hands in eval's)."""
     recipe = load_recipe(path, overrides)
     report = [f"recipe {path}: every key known and typed (run name '{recipe.name}')"]
     if recipe.train.backend == "unsloth":
@@ -23,6 +26,7 @@ def validate_recipe(path: str, overrides: list[str] = ()) -> list[str]:
     s = splits.stats
     report.append(f"data: {s['train']} training / {s['heldout']} held-out examples, format {splits.format}, "
                   f"{s['leaked_removed']} leaked duplicates removed")
+    report += [check(recipe, splits) for check in checks]
     base = resolve_base(recipe.model.base)
     local = Path(base.path).is_dir()
     check_weights_format(base, recipe)
@@ -32,11 +36,18 @@ def validate_recipe(path: str, overrides: list[str] = ()) -> list[str]:
     render.check_template(template, base.family, render.template_kwargs(base.family, recipe), where, tokenizer)
     report.append(f"chat template {where}: every assistant turn trains its end-of-turn token "
                   f"({' / '.join(base.family.end_of_turn)})" + ("" if local else " (tokenizer checked at train time)"))
+    from finetune.train import check_optimizer
+
+    check_optimizer(recipe)
+    report.append(f"train.optimizer {recipe.train.optimizer}: known to transformers and installed")
     if local:  # a hub model's size is known once its config is here: checked at train time
         from finetune.preflight import preflight_train
         from finetune.run import run_for
-        from finetune.loading import lora_targets
 
+        shape = skeleton(recipe, base)
+        check_module_settings(recipe, base.family, shape.model)
+        targets = lora_targets(recipe, base.family)
+        report.append(f"lora.targets: {', '.join(targets)} (each a module of this model)")
         report += [f"preflight {line}" for line in preflight_train(
-            recipe, base, run_for(recipe.name, None).root, lora_targets(recipe, base.family)).lines]
+            recipe, base, shape, run_for(recipe.name, None).root, targets).lines]
     return report

@@ -253,18 +253,20 @@ def test_gradient_checkpointing_auto_follows_free_memory(monkeypatch, qwen_twin)
     the process) fits in half of the free memory, on when it does not; an explicit setting is kept."""
     from finetune import preflight
     from finetune.bases import resolve_base
+    from finetune.loading import skeleton
     from finetune.recipe import load_recipe
 
     recipe = load_recipe(ROOT / "recipes" / "tiny-support.yaml")
     base = resolve_base("tiny-qwen3.5")
     targets = ["q_proj"]
+    shape = skeleton(recipe, base)
     monkeypatch.setattr(preflight, "available_ram", lambda: 4 << 30)  # a machine with 4 GiB free
-    assert preflight.preflight_train(recipe, base, ROOT / "runs" / "x", targets).gradient_checkpointing is False
+    assert preflight.preflight_train(recipe, base, shape, ROOT / "runs" / "x", targets).gradient_checkpointing is False
     monkeypatch.setattr(preflight, "available_ram", lambda: 1 << 30)  # 1 GiB free
-    plan = preflight.preflight_train(recipe, base, ROOT / "runs" / "x", targets)
+    plan = preflight.preflight_train(recipe, base, shape, ROOT / "runs" / "x", targets)
     assert plan.gradient_checkpointing is True and "gradient checkpointing: on (auto)" in plan.lines
     recipe.train.gradient_checkpointing = False
-    assert preflight.preflight_train(recipe, base, ROOT / "runs" / "x", targets).gradient_checkpointing is False
+    assert preflight.preflight_train(recipe, base, shape, ROOT / "runs" / "x", targets).gradient_checkpointing is False
 
 
 def test_preflight_refuses_a_run_that_cannot_fit(tmp_path):
