@@ -47,7 +47,7 @@ def check_required(recipe: Recipe, metrics: list[metrics_mod.Metric], where: str
     unknown = sorted(set(recipe.eval.require) - {m.name for m in metrics})
     if unknown:
         how = "chosen from the held-out answers (eval.metrics: auto)" if recipe.eval.metrics == "auto" else "listed"
-        raise UserError(f"eval.require names metrics this evaluation does not compute: {', '.join(unknown)}", where,
+        raise UserError(f"a gate names a metric this evaluation does not compute: {', '.join(unknown)}", where,
                         f"the metrics {how} are: {', '.join(m.name for m in metrics)}")
 
 

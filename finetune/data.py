@@ -29,6 +29,7 @@ from finetune.errors import UserError
 from finetune.recipe import DataSection, Recipe
 
 ROLES = ("system", "user", "assistant")
+PARQUET_MAGIC = b"PAR1"  # a Parquet file starts (and ends) with these bytes
 FORMAT_FIELDS = {
     "chat": ("messages",),
     "sharegpt": ("conversations",),
@@ -68,6 +69,10 @@ def read_records(source: str, data: DataSection) -> list[tuple[dict, str]]:
     if not path.is_file():
         raise UserError(f"data file not found: {path}", "data", "check the path (relative to the recipe file)")
     suffix = path.suffix.lower()
+    with path.open("rb") as f:
+        if f.read(4) == PARQUET_MAGIC and suffix != ".parquet":
+            raise UserError(f"this is a Parquet file, named {suffix or 'without a suffix'}", str(path),
+                            "rename it to .parquet")
     if suffix == ".jsonl":
         return _read_jsonl(path)
     if suffix == ".json":

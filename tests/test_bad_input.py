@@ -179,3 +179,142 @@ def test_every_bad_input_gets_one_clear_message(mutation, tmp_path, capsys, qwen
     recipe_path.write_text(text)
     code, stderr = run_ft_train(recipe_path, folder / "run", capsys)
     check(code, stderr, re.sub(r"^\.", "", where), folder / "run")
+
+
+# --- the rest of their kind: CLI options, data files, values knowable before training ----------
+
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    argv = sys.argv
+    sys.argv = ["ft", *args]
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+    finally:
+        sys.argv = argv
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def int_options():
+    """(command, flag, min, max) of every integer option of every command, read from the CLI itself."""
+    import inspect
+    import typing
+
+    import typer
+
+    from finetune.cli import app
+
+    for command in app.registered_commands:
+        name = command.name or command.callback.__name__.rstrip("_")
+        hints = typing.get_type_hints(command.callback)
+        for param in inspect.signature(command.callback).parameters.values():
+            info = param.default
+            if not isinstance(info, typer.models.OptionInfo):
+                continue
+            kinds = {hints[param.name], *typing.get_args(hints[param.name])}
+            if int in kinds and bool not in kinds:
+                yield name, info.param_decls[0], info.min, info.max
+
+
+def test_every_integer_option_declares_its_range():
+    options = list(int_options())
+    assert {("train", "--nproc"), ("validate", "--show"), ("chat", "--max-new-tokens")} <= {o[:2] for o in options}
+    assert all(low is not None for *_, low, _ in options), options
+
+
+@pytest.mark.parametrize("command,flag,low,high", list(int_options()), ids=lambda v: str(v))
+def test_an_option_out_of_range_is_a_usage_error(command, flag, low, high, capsys):
+    """Below its range, above it, and not a number: exit 2, the option named, no traceback (typer
+    >= 0.24 raises its own click's errors, which ft once reported as its own bug)."""
+    positional = {"train": [str(ROOT / "recipes" / "tiny-support.yaml")],
+                  "validate": [str(ROOT / "recipes" / "tiny-support.yaml")]}.get(command, [])
+    values = [str(low - 1), "abc"] + ([str(high + 1)] if high is not None else [])
+    for value in values:
+        code, stderr = run_cli(capsys, command, *positional, flag, value)
+        assert code == 2, (flag, value, stderr)
+        assert flag in stderr and "Traceback" not in stderr and "internal error" not in stderr
+
+
+def test_usage_mistakes_exit_2(capsys):
+    for args in ([], ["train"], ["no-such-command"], ["eval", "--gguf=3"], ["train", "r.yaml", "--no-such-flag"]):
+        code, stderr = run_cli(capsys, *args)
+        assert code == 2 and "Traceback" not in stderr, (args, stderr)
+
+
+SUPPORT_TEXT = "\n".join(SUPPORT[:30]) + "\n"
+NOT_WHAT_THE_NAME_SAYS = {  # file name → (bytes, what the message must say)
+    "jsonl-in.parquet": (SUPPORT_TEXT.encode(), "not a Parquet file"),
+    "empty.parquet": (b"", "not a Parquet file"),
+    "noise.parquet": (bytes(range(256)) * 8, "not a Parquet file"),
+    "jsonl-in.json": (SUPPORT_TEXT.encode(), "rename it to .jsonl"),
+    "number.json": (b"42", "not records"),
+    "text.json": (b'"tickets"', "not records"),
+    "scalars.json": (b"[1, 2, 3]", "not an object"),
+    "lists.json": (b"[[1, 2]]", "not an object"),
+    "noise.csv": (bytes(range(128, 256)) * 4, "not UTF-8"),
+    "noise.jsonl": (bytes(range(128, 256)) * 4, "not UTF-8"),
+    "arrays.jsonl": (b"[1, 2]\n", "must be a JSON object"),
+    "parquet-in.jsonl": (b"parquet", "this is a Parquet file"),  # written by pyarrow below
+}
+
+
+@pytest.mark.parametrize("name", sorted(NOT_WHAT_THE_NAME_SAYS))
+def test_a_data_file_that_is_not_what_its_name_says(name, tmp_path, capsys, qwen_twin):
+    content, message = NOT_WHAT_THE_NAME_SAYS[name]
+    folder = fresh_folder(tmp_path)
+    (folder / name).write_bytes(content)
+    if content == b"parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist([json.loads(line) for line in SUPPORT[:30]]), folder / name)
+    recipe = base_recipe(folder)
+    recipe["data"]["train"] = str(folder / name)
+    (folder / "r.yaml").write_text(yaml.safe_dump(recipe))
+    code, stderr = run_cli(capsys, "validate", str(folder / "r.yaml"))
+    assert code == 2 and "Traceback" not in stderr, stderr
+    assert message in stderr and name in stderr.split("fix:")[0] and "fix:" in stderr, stderr
+
+
+def test_a_folder_or_a_long_csv_field(tmp_path, capsys, qwen_twin):
+    """A folder named like a data file is named as a folder; a CSV field over the csv module's
+    128 KiB default (a whole document in a cell) is read, not refused."""
+    folder = fresh_folder(tmp_path)
+    (folder / "dir.jsonl").mkdir()
+    recipe = base_recipe(folder)
+    recipe["data"]["train"] = str(folder / "dir.jsonl")
+    (folder / "r.yaml").write_text(yaml.safe_dump(recipe))
+    code, stderr = run_cli(capsys, "validate", str(folder / "r.yaml"))
+    assert code == 2 and "is a folder" in stderr
+    from finetune.data import read_records
+    from finetune.recipe import DataSection
+
+    long = folder / "long.csv"
+    long.write_text("prompt,completion\n" + "x" * 200_000 + ",billing\n")
+    records = read_records(str(long), DataSection(train=str(long)))
+    assert len(records[0][0]["prompt"]) == 200_000
+
+
+KNOWABLE = [  # (override, what the message says): each found before any weights load
+    ("eval.require.no_such_metric=0.1", "does not compute: no_such_metric"),
+    ("eval.metrics=[rougeL, bleu]", "unknown metric 'bleu'"),
+    ("lora.targets=[q_proj, qkv_proj]", "does not have: qkv_proj"),
+    ("quantization.skip_modules=[lm_head, embed_out]", "does not have: embed_out"),
+    ("train.optimizer=adamw_torh", "did you mean 'adamw_torch'"),
+    ("train.optimizer=lomo", "lomo_optim"),
+]
+
+
+@pytest.mark.parametrize("override,message", KNOWABLE, ids=[k[0].split("=")[0] for k in KNOWABLE])
+def test_values_knowable_before_training_are_refused_before_the_run_folder(override, message, tmp_path, capsys,
+                                                                           qwen_twin):
+    """`ft train` and `ft validate` both refuse; the run folder is never made (nothing to clean up)."""
+    folder = fresh_folder(tmp_path)
+    (folder / "r.yaml").write_text(yaml.safe_dump(base_recipe(folder)))
+    out = folder / "run"
+    for command in (["validate", str(folder / "r.yaml")], ["train", str(folder / "r.yaml"), "--output", str(out)]):
+        code, stderr = run_cli(capsys, *command, "--set", override)
+        assert code == 2 and "Traceback" not in stderr, stderr
+        assert message in stderr and "fix:" in stderr, stderr
+    assert not out.exists()
+    if override.startswith("eval.require"):  # the fix lists what will be computed
+        assert "json_valid" in stderr and "clean_stop" in stderr

@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -284,3 +285,53 @@ def test_preflight_refuses_a_run_that_cannot_fit(tmp_path):
     finally:
         if mounted:
             subprocess.run(["umount", str(small)], check=False)
+
+
+def test_a_failed_start_says_so_and_the_fixed_command_just_works(tmp_path, qwen_twin):
+    """A user error found only once the run folder exists (here, the base's weights cut short by an
+    interrupted copy: safetensors refuses them at load) leaves manifest.json `failed` with the
+    message, not `running`; the same command, once the weights are whole, starts the folder over
+    without --overwrite. A folder holding a complete checkpoint is still protected."""
+    base = tmp_path / "base"
+    shutil.copytree(qwen_twin, base)
+    weights = base / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    out = tmp_path / "run"
+    args = train_args(out, f"model.base={base}", "train.max_steps=2", "train.save_steps=2")
+
+    failed = run_ft(*args)
+    assert failed.returncode == 2, failed.stderr[-2000:]
+    assert "Traceback" not in failed.stderr and "weights cannot be read" in failed.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "weights cannot be read" in manifest["error"]
+    assert manifest["process"]["pid"] > 0
+
+    shutil.copy(qwen_twin / "model.safetensors", weights)  # the user fixes the cause
+    fixed = run_ft(*args)
+    assert fixed.returncode == 0, fixed.stderr[-2000:]
+    assert "starting" in fixed.stderr and "over: its start failed before any checkpoint was saved" in fixed.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["error"] is None and manifest["summary"]["steps"] == 2
+
+    again = run_ft(*args)  # trained checkpoints: protected as before
+    assert again.returncode == 2 and "run folder already exists" in again.stderr
+
+
+def test_a_killed_start_with_no_checkpoint_is_started_over(tmp_path, qwen_twin):
+    """A process killed while loading leaves `running` and its pid: once that pid is gone from
+    this host and no checkpoint was saved, the folder holds nothing to protect."""
+    from finetune.train import left_by_a_failed_start
+
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run.update_manifest(status="running", process={"pid": dead.pid, "host": socket.gethostname()})
+    assert "is gone" in left_by_a_failed_start(run)
+    run.update_manifest(process={"pid": os.getpid(), "host": socket.gethostname()})
+    assert left_by_a_failed_start(run) is None  # alive: another ft may be training into it
+    run.update_manifest(status="failed")
+    assert "failed before any checkpoint" in left_by_a_failed_start(run)
+    (run.checkpoints / "checkpoint-2").mkdir(parents=True)
+    (run.checkpoints / "checkpoint-2" / "trainer_state.json").write_text("{}")  # what makes it complete
+    assert left_by_a_failed_start(run) is None

@@ -140,7 +140,7 @@ def test_resume_refuses_when_a_data_file_changed(tmp_path):
                         "eval.after_train=false")
     run = RunDir(tmp_path / "run")
     train(recipe, run)
-    assert start_run(recipe, run, resume=True, overwrite=False) is not None  # unchanged: resumes
+    assert start_run(recipe, run, resume=True, overwrite=False)[0] is not None  # unchanged: resumes
     with data.open("a", encoding="utf-8") as f:
         f.write(data.read_text(encoding="utf-8").splitlines()[0] + "\n")
     with pytest.raises(UserError, match="data file changed since this run started") as info:
