@@ -266,7 +266,10 @@ def _show(recipe_path: str, overrides: list[str], count: int, split: str, tokens
 
 
 @app.command()
-def models():
+def models(
+    sizes: bool = typer.Option(False, "--sizes", help="also each published size's shape and the memory "
+                               "support.yaml would take (computed from the published config, nothing downloaded)"),
+):
     """List the base-model registry and the families ft knows."""
     from finetune.models import REGISTRY
 
@@ -282,6 +285,21 @@ def models():
     for f in FAMILIES:
         out.print(f"[bold]{f.name}[/bold]: model_type {', '.join(f.model_types)}; end of turn "
                   f"{' '.join(f.end_of_turn)}; LoRA targets {', '.join(f.lora_targets)}")
+    if sizes:
+        from finetune.preflight import human
+        from finetune.sizes import estimate, published
+
+        table = Table("alias", "layers × hidden", "heads / KV", "embeddings", "parameters (embedding)",
+                      "GPU (bf16)", "CPU (fp32)", "config")
+        for model in published():
+            e, s = estimate(model.alias), model.shape
+            table.add_row(model.alias, f"{s.layers} × {s.hidden}", f"{s.heads} / {s.kv_heads}",
+                          "tied" if s.tied_embeddings else "untied",
+                          f"{e.parameters / 1e9:.2f} B ({e.embedding / 1e9:.2f} B)", human(e.gpu.total),
+                          human(e.cpu.total), s.config)
+        out.print(table)
+        out.print("memory: 4-bit base, LoRA r=16, batch 8 × 1,024 tokens, gradient checkpointing on "
+                  "(recipes/support.yaml); a base checkpoint has its size's shape")
 
 
 def quiet_libraries() -> None:

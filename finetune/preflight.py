@@ -143,6 +143,47 @@ def preflight_train(recipe, base, skeleton, run_root: Path, targets: list[str]) 
     import torch
 
     gpu = torch.cuda.is_available()
+    where = "GPU" if gpu else "RAM"
+    available = torch.cuda.mem_get_info()[0] if gpu else available_ram()
+
+    def estimate(checkpointing: bool) -> Memory:
+        return memory_estimate(recipe, text_config, params, embed, lora, gpu, checkpointing)
+
+    checkpointing = recipe.train.gradient_checkpointing
+    if checkpointing == "auto":  # recomputation costs a third of the step: only when memory asks for it
+        checkpointing = not available or estimate(False).total > available / 2
+    memory = estimate(checkpointing)
+    lines.append(f"gradient checkpointing: {'on' if checkpointing else 'off'}"
+                 + (" (auto)" if recipe.train.gradient_checkpointing == "auto" else ""))
+    lines.append(f"{where}: about {human(memory.total)} (weights {human(memory.weights)}, activations "
+                 f"{human(memory.activations)}, logits {human(memory.logits)}, process and loading "
+                 f"{human(memory.process)})" + (f"; available {human(available)}" if available else ""))
+    if available and memory.total > 1.5 * available:
+        raise UserError(f"training needs about {human(memory.total)} of {where} but {human(available)} is available",
+                        "preflight", "lower train.batch_size or data.max_length, or turn on "
+                        "train.gradient_checkpointing")
+    return TrainPlan(lines, checkpointing)
+
+
+@dataclass
+class Memory:
+    """Training memory, by part (bytes)."""
+
+    weights: int
+    activations: int
+    logits: int
+    process: int  # torch and the libraries, and loading's largest fp32 upcast
+    adapters: int  # LoRA weights, gradients and Adam state
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.activations + self.logits + self.process + self.adapters
+
+
+def memory_estimate(recipe, text_config, params: int, embed: int, lora: int, gpu: bool,
+                    checkpointing: bool) -> Memory:
+    """The estimate preflight prints, for a model of this config on a GPU (bf16 compute) or a CPU
+    (fp32); also what README's per-size table is computed from (finetune/sizes.py)."""
     dense_bytes = 2 if gpu else 4  # compute dtype: bf16 on GPU, fp32 on CPU
     four_bit = recipe.quantization.load_in_4bit
     # peft's prepare_model_for_kbit_training upcasts every parameter it cannot quantize to fp32:
@@ -153,33 +194,13 @@ def preflight_train(recipe, base, skeleton, run_root: Path, targets: list[str]) 
     layers = getattr(text_config, "num_hidden_layers", 0)
     tokens = recipe.train.batch_size * recipe.data.max_length
     logits = logits_bytes(tokens, getattr(text_config, "vocab_size", 0))
-    where = "GPU" if gpu else "RAM"
-    available = torch.cuda.mem_get_info()[0] if gpu else available_ram()
-
     # Measured at the real widths and vocabularies (bench/full_size.py): the process itself (torch,
     # transformers, TRL, peft, bitsandbytes) takes about 0.5 GiB, and while the model loads, the
     # largest tensor kept out of 4-bit exists in 16-bit beside its fp32 upcast.
     largest = max(getattr(text_config, "vocab_size", 0), 1) * hidden * 2
     process = (512 << 20) + (largest if four_bit else 0)
-
-    def estimate(checkpointing: bool) -> tuple[int, int]:
-        activations = tokens * hidden * layers * (4 if checkpointing else 34) * (dense_bytes // 2)
-        return process + weights + lora * 16 + activations + logits, activations
-
-    checkpointing = recipe.train.gradient_checkpointing
-    if checkpointing == "auto":  # recomputation costs a third of the step: only when memory asks for it
-        checkpointing = not available or estimate(False)[0] > available / 2
-    memory, activations = estimate(checkpointing)
-    lines.append(f"gradient checkpointing: {'on' if checkpointing else 'off'}"
-                 + (" (auto)" if recipe.train.gradient_checkpointing == "auto" else ""))
-    lines.append(f"{where}: about {human(memory)} (weights {human(weights)}, activations {human(activations)}, "
-                 f"logits {human(logits)}, process and loading {human(process)})"
-                 + (f"; available {human(available)}" if available else ""))
-    if available and memory > 1.5 * available:
-        raise UserError(f"training needs about {human(memory)} of {where} but {human(available)} is available",
-                        "preflight", "lower train.batch_size or data.max_length, or turn on "
-                        "train.gradient_checkpointing")
-    return TrainPlan(lines, checkpointing)
+    activations = tokens * hidden * layers * (4 if checkpointing else 34) * (dense_bytes // 2)
+    return Memory(weights, activations, logits, process, lora * 16)
 
 
 def preflight_export(base_dir: Path, out: Path, quant: str, hf: bool, verify_logits: int = 0) -> list[str]:

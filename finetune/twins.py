@@ -124,6 +124,15 @@ TWINS = {
         config={**QWEN35_TEXT, "mtp_num_hidden_layers": 1}, tokenizer=QWEN35_TOKENIZER, layout="qwen3_5_hub",
         vision_config=dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=256,
                            patch_size=8, num_position_embeddings=64)),
+    # Qwen/Qwen3.5-0.8B, 2B and 4B as published: the same hub layout with tied embeddings (no
+    # lm_head tensor in the checkpoint; the GGUF carries no output.weight and llama.cpp reads
+    # token_embd for both ends).
+    "tiny-qwen3.5-tied-hub": TwinSpec(
+        family=QWEN3_5, architecture="Qwen3_5ForConditionalGeneration",
+        config={**QWEN35_TEXT, "mtp_num_hidden_layers": 1, "tie_word_embeddings": True}, tokenizer=QWEN35_TOKENIZER,
+        layout="qwen3_5_hub",
+        vision_config=dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=256,
+                           patch_size=8, num_position_embeddings=64)),
     # allenai/Olmo-3-7B-Instruct's config: YaRN as legacy `rope_scaling` (factor 8, attention factor
     # 1.2079, betas 32/1) over rope_theta 500,000, scaled to the twin: an original context of 64
     # (the 7B's 8,192) and 512 positions (its 65,536), sliding window 64 on 3 of every 4 layers.
@@ -227,7 +236,7 @@ def build_twin(spec: TwinSpec, out: Path) -> None:
                 bos_token_id=tokenizer.bos_token_id, **spec.config)
     if spec.layout == "qwen3_5_hub":
         config = model_class.config_class(text_config=text, vision_config=spec.vision_config,
-                                          tie_word_embeddings=False)
+                                          tie_word_embeddings=spec.config.get("tie_word_embeddings", False))
     else:
         config = model_class.config_class(**text)
     model = random_model(model_class, config, seed=0)

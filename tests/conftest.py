@@ -82,6 +82,7 @@ def session_run(base: str):
 qwen_run = session_run("tiny-qwen3.5")
 olmo_run = session_run("tiny-olmo3")
 qwen_hub_run = session_run("tiny-qwen3.5-hub")
+qwen_tied_run = session_run("tiny-qwen3.5-tied-hub")
 olmo_yarn_run = session_run("tiny-olmo3-yarn")
 
 

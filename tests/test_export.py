@@ -23,16 +23,18 @@ pytestmark = pytest.mark.slow
 
 
 
-# qwen_run, olmo_run, qwen_hub_run, olmo_yarn_run: session fixtures in conftest.py
+# qwen_run, olmo_run, qwen_hub_run, qwen_tied_run, olmo_yarn_run: session fixtures in conftest.py
 
 
-@pytest.mark.parametrize("which", ["qwen_hub_run", "olmo_yarn_run"])
+@pytest.mark.parametrize("which", ["qwen_hub_run", "qwen_tied_run", "olmo_yarn_run"])
 def test_hub_layout_twins_train_export_and_evaluate_as_gguf(which, request, tmp_path):
     """The checkpoints users train are not flat CausalLM folders: Qwen3.5-9B is published as the
     vision-language class (text_config, model.language_model.*, a vision tower, an MTP head),
     OLMo 3 7B with legacy `rope_scaling` YaRN and a sliding window. Both twins are saved that way,
     trained, exported with verification and evaluated with the GGUF column; the held-out
-    sequences are longer than the OLMo twin's window and YaRN original context (64)."""
+    sequences are longer than the OLMo twin's window and YaRN original context (64). Qwen3.5's
+    0.8B, 2B and 4B tie the output to the embedding: their twin's GGUF has no output.weight and
+    llama.cpp's logits still match transformers'."""
     from gguf import GGUFReader
 
     run = copy_run(request.getfixturevalue(which), tmp_path)
@@ -44,7 +46,9 @@ def test_hub_layout_twins_train_export_and_evaluate_as_gguf(which, request, tmp_
     report = json.loads((run.export_dir / "export.json").read_text())
     reader = GGUFReader(run.export_dir / "tiny-support-q4_k_m.gguf")
     fields = {f.name: f for f in reader.fields.values()}
-    if which == "qwen_hub_run":
+    names = {t.name for t in reader.tensors}
+    assert ("output.weight" in names) is (which != "qwen_tied_run")
+    if which in ("qwen_hub_run", "qwen_tied_run"):
         skipped = report["convert"]["skipped"]
         assert any(n.startswith("model.visual.") for n in skipped) and any(n.startswith("mtp.") for n in skipped)
         assert not any("visual" in t.name or "mtp" in t.name for t in reader.tensors)
