@@ -37,10 +37,17 @@ def planned_metrics(recipe: Recipe, heldout: list[Example]) -> list[metrics_mod.
     if recipe.eval.metrics == "auto":
         return metrics_mod.detect_metrics(references, all(e.label is not None for e in scored))
     try:
-        return metrics_mod.by_name(list(recipe.eval.metrics), references)
+        chosen = metrics_mod.by_name(list(recipe.eval.metrics), references)
     except KeyError as exc:
         raise UserError(f"unknown metric {exc}", "eval.metrics",
                         f"use auto or names from: {', '.join(metrics_mod.KNOWN)}") from None
+    # a json.<key>.* metric on a key no reference has would score every model zero
+    keys = {k for r in references if (parsed := metrics_mod.parse_json_object(r)) for k in parsed}
+    absent = [m.name for m in chosen if m.name.startswith("json.") and m.name.split(".")[1] not in keys]
+    if absent:
+        raise UserError(f"{', '.join(absent)} scores a JSON key no held-out answer has", "eval.metrics",
+                        f"the held-out answers' keys are: {', '.join(sorted(keys)) or 'none (not JSON)'}")
+    return chosen
 
 
 def check_required(recipe: Recipe, metrics: list[metrics_mod.Metric], where: str = "eval.require") -> None:

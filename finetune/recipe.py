@@ -200,7 +200,7 @@ class ExportSection(Section):
     calibration_tokens: int = Field(
         8192, ge=256, description="training-conversation tokens the importance matrix is computed on")
     candidates: list[QuantType] = Field(
-        default_factory=lambda: list(QUANT_TYPES), description="--quant auto: the types tried")
+        default_factory=lambda: list(QUANT_TYPES), min_length=1, description="--quant auto: the types tried")
     tolerance: float = Field(
         0.01, ge=0, description="--quant auto: largest drop of any task metric (1 point = 0.01) the lower end "
         "of its paired bootstrap interval may show")

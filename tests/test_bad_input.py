@@ -297,6 +297,7 @@ def test_a_folder_or_a_long_csv_field(tmp_path, capsys, qwen_twin):
 KNOWABLE = [  # (override, what the message says): each found before any weights load
     ("eval.require.no_such_metric=0.1", "does not compute: no_such_metric"),
     ("eval.metrics=[rougeL, bleu]", "unknown metric 'bleu'"),
+    ("eval.metrics=[json.label.accuracy]", "scores a JSON key no held-out answer has"),
     ("lora.targets=[q_proj, qkv_proj]", "does not have: qkv_proj"),
     ("quantization.skip_modules=[lm_head, embed_out]", "does not have: embed_out"),
     ("train.optimizer=adamw_torh", "did you mean 'adamw_torch'"),
@@ -304,7 +305,7 @@ KNOWABLE = [  # (override, what the message says): each found before any weights
 ]
 
 
-@pytest.mark.parametrize("override,message", KNOWABLE, ids=[k[0].split("=")[0] for k in KNOWABLE])
+@pytest.mark.parametrize("override,message", KNOWABLE, ids=[k[0] for k in KNOWABLE])
 def test_values_knowable_before_training_are_refused_before_the_run_folder(override, message, tmp_path, capsys,
                                                                            qwen_twin):
     """`ft train` and `ft validate` both refuse; the run folder is never made (nothing to clean up)."""
