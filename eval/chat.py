@@ -109,7 +109,24 @@ def trained_system_prompt(recipe, splits) -> str | None:
     return systems.pop() if len(systems) == 1 else None
 
 
-def interactive(chat: Chat, read: Callable[[str], str] = input, write: Stream | None = None) -> None:
+def read_line(prompt: str) -> str:
+    """input(), except that Ctrl-C pressed right as the prompt appears still quits. CPython looks at
+    a received signal only when the blocking read() it interrupts returns, so a SIGINT that lands
+    between printing the prompt and entering read() waited for the next Enter (a chat test caught
+    it on a busy machine). Polling stdin brings the interpreter back every 0.2 s to notice it."""
+    import select
+
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    while not select.select([sys.stdin], [], [], 0.2)[0]:
+        pass
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line.rstrip("\n")
+
+
+def interactive(chat: Chat, read: Callable[[str], str] = read_line, write: Stream | None = None) -> None:
     """you> prompts until /exit, Ctrl-D or Ctrl-C at the prompt; /reset starts a new conversation.
     Ctrl-C while the model answers stops that answer and returns to the prompt, as `ollama run`
     does (a long or rambling answer should not cost the conversation)."""

@@ -263,6 +263,8 @@ def _show(recipe_path: str, overrides: list[str], count: int, split: str, tokens
     if len(rows) < count:
         out.print(f"(the {split} split has {available} examples: {len(rows)} rows shown)", markup=False,
                   highlight=False)
+    if split == "train":
+        out.print(show_mod.summarize(prep, recipe).line(), markup=False, highlight=False)
 
 
 @app.command()

@@ -67,6 +67,37 @@ def fitted(row: render.Row, recipe: Recipe, bos: int | None, part: str) -> Shown
                     part)
 
 
+@dataclass
+class SplitSummary:
+    """The whole training split as `ft train` will see it (render.tokenize_all's report, and what
+    it would refuse)."""
+
+    examples: int
+    rows: int  # kept and truncated rows: what trains
+    tokens: int
+    trained: int
+    truncated: int
+    dropped: int
+    refused: int  # over data.max_length with data.too_long: error (ft train stops at the first)
+    untrained: int  # rows with no trained token (a template that masks everything)
+
+    def line(self) -> str:
+        share = f" ({self.trained / self.tokens:.0%})" if self.tokens else ""
+        return (f"training split: {self.examples} examples → {self.rows} rows, {self.tokens:,} tokens, "
+                f"{self.trained:,} trained{share}; {self.truncated} truncated, {self.dropped} dropped, "
+                f"{self.refused} over data.max_length and refused, {self.untrained} with nothing trained")
+
+
+def summarize(prep: Prepared, recipe: Recipe) -> SplitSummary:
+    bos = prep.tokenizer.bos_token_id
+    shown = [fitted(row, recipe, bos, "") for e in prep.splits.train for row in prep.renderer.rows(e)]
+    training = [r for r in shown if r.fate == "kept" or r.fate.startswith("truncated")]
+    return SplitSummary(len(prep.splits.train), len(training), sum(len(r.input_ids) for r in training),
+                        sum(r.trained for r in training), sum(r.fate.startswith("truncated") for r in shown),
+                        sum(r.fate.startswith("dropped") for r in shown), sum(r.fate.startswith("refused") for r in shown),
+                        sum(r.trained == 0 for r in training))
+
+
 def heldout_rows(prep: Prepared, count: int) -> list[ShownRow]:
     """Held-out examples as `ft eval` uses them: the served prompt (generation prompt included),
     then the reference answer, whose tokens are the ones scored for loss."""

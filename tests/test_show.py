@@ -101,6 +101,17 @@ def test_heldout_shows_the_served_prompt(base, overrides, qwen_twin, olmo_twin, 
         assert row.fate == "served prompt + reference"
 
 
+def test_the_split_summary_is_what_training_reports(qwen_twin):
+    recipe, prep = prepared("tiny-qwen3.5", [], ("data.max_length=128", "data.too_long=truncate", "data.limit=60"))
+    summary = show_mod.summarize(prep, recipe)
+    _, report = render.tokenize_all(prep.renderer, prep.splits.train, 128, "truncate")
+    assert (summary.rows, summary.tokens, summary.trained, summary.truncated, summary.dropped) == (
+        report["rows"], report["tokens"], report["trained_tokens"], report["truncated"], report["dropped"])
+    assert summary.truncated > 0 and summary.untrained == 0 and summary.refused == 0
+    recipe.data.too_long = "error"
+    assert show_mod.summarize(prep, recipe).refused == summary.truncated + summary.dropped
+
+
 def test_truncated_and_refused_rows_say_so(qwen_twin):
     recipe, prep = prepared("tiny-qwen3.5", [], ("data.max_length=64", "data.too_long=truncate"))
     row = show_mod.training_rows(prep, recipe, 1)[0]
@@ -119,6 +130,7 @@ def test_colour_on_a_terminal_markers_through_a_pipe(qwen_twin):
     assert "\x1b[" not in result.stdout and result.stdout.count("── ") == 2
     assert result.stdout.count(show_mod.TRAINED_OPEN) >= 2 and "<|im_end|>" + show_mod.TRAINED_CLOSE in result.stdout
     assert re.search(r"── 1 · \S+train\.jsonl:\d+ · \d+ tokens · \d+ trained · kept", result.stdout)
+    assert re.search(r"training split: 800 examples → 800 rows, [\d,]+ tokens, [\d,]+ trained \(\d+%\)", result.stdout)
     tokens = run_ft("validate", str(TINY), "--show", "1", "--tokens")
     assert re.search(r"\d+\s+\d+ T '<\|im_end\|>'", tokens.stdout), tokens.stdout[-500:]
 
