@@ -110,10 +110,10 @@ def trained_system_prompt(recipe, splits) -> str | None:
 
 
 def read_line(prompt: str) -> str:
-    """input(), except that Ctrl-C pressed right as the prompt appears still quits. CPython looks at
-    a received signal only when the blocking read() it interrupts returns, so a SIGINT that lands
-    between printing the prompt and entering read() waited for the next Enter (a chat test caught
-    it on a busy machine). Polling stdin brings the interpreter back every 0.2 s to notice it."""
+    """input(), except that Ctrl-C pressed right as the prompt appears still quits. CPython's input()
+    looks at a received signal only when the blocking read() it interrupts returns, so a SIGINT
+    that lands between printing the prompt and entering read() would wait for the next Enter.
+    Polling stdin brings the interpreter back every 0.2 s to notice it."""
     import select
 
     sys.stdout.write(prompt)

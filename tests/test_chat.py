@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import sys
 
 import pytest
@@ -105,8 +106,11 @@ def test_ctrl_c_stops_an_answer_not_the_chat(evaluated):
     assert [m["role"] for m in chat.messages if m["role"] != "system"] == ["user", "assistant"]
 
     pexpect = pytest.importorskip("pexpect")
+    # a shell without job control starts background jobs with SIGINT ignored, and an ignored signal
+    # stays ignored across exec: reset it, or the test depends on how pytest was started
     child = pexpect.spawn(sys.executable, ["-m", "finetune", "chat", str(evaluated.root), "--max-new-tokens", "8"],
-                          cwd=str(ROOT), encoding="utf-8", timeout=120)
+                          cwd=str(ROOT), encoding="utf-8", timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     child.expect_exact("you> ")
     child.sendintr()
     child.expect(pexpect.EOF)
