@@ -1,6 +1,6 @@
 """Full-size rehearsal: every ft command on a Qwen3.5-9B-shaped and an OLMo-3-7B-shaped checkpoint.
 
-    python -m bench.full_size [--model qwen3.5-9b|olmo3-7b|both] [--layers N]
+    python -m bench.full_size [--model qwen3.5-9b|olmo3-7b|both|qwen3.5-0.8b] [--layers N]
 
 The checkpoints have the real configs, random bf16 weights and the hub layout (Qwen3.5: the
 vision-language class with `text_config`, a vision tower and an MTP head; OLMo 3: YaRN as legacy
@@ -10,7 +10,8 @@ memory. The tokenizer is the family twin's, its embedding padded to the real voc
 process and measured: `ft validate`, `ft train` (2 steps of short examples, CPU), `ft export --quant
 q4_k_m` with verification, and `ft eval --gguf` on two examples. For each stage: wall time, peak RSS,
 peak anonymous memory, and the disk high-water mark of the work folder next to what preflight
-predicted. `--layers` shrinks the depth (for a quick check of the script itself); the figures in
+predicted. `--model qwen3.5-0.8b`: the smallest Qwen3.5 (tied embeddings, no lm_head tensor), trained
+at recipes/laptop-qwen3.5-0.8b.yaml's batch, length and packing. `--layers` shrinks the depth (for a quick check of the script itself); the figures in
 bench/RESULTS.md are from the real depth.
 """
 
@@ -43,7 +44,11 @@ OLMO3_7B = dict(
     sliding_window=4096, rope_theta=500_000.0,
     rope_scaling=dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=8192,
                       attention_factor=1.2079441541679836, beta_fast=32.0, beta_slow=1.0))
-MODELS = {"qwen3.5-9b": ("tiny-qwen3.5-hub", QWEN35_9B), "olmo3-7b": ("tiny-olmo3-yarn", OLMO3_7B)}
+# the smallest size, as published (finetune/models.py QWEN3_5_SHAPES): tied embeddings, 16 GDN value heads
+QWEN35_0_8B = dict(QWEN35_9B, hidden_size=1024, intermediate_size=3584, num_hidden_layers=24, num_attention_heads=8,
+                   num_key_value_heads=2, linear_num_value_heads=16, tie_word_embeddings=True)
+MODELS = {"qwen3.5-9b": ("tiny-qwen3.5-hub", QWEN35_9B), "olmo3-7b": ("tiny-olmo3-yarn", OLMO3_7B),
+          "qwen3.5-0.8b": ("tiny-qwen3.5-tied-hub", QWEN35_0_8B)}
 
 
 def write_checkpoint(folder: Path, twin_alias: str, text: dict, layers: int | None) -> int:
@@ -66,11 +71,14 @@ def write_checkpoint(folder: Path, twin_alias: str, text: dict, layers: int | No
 
     cls = getattr(transformers, spec.architecture)
     if spec.layout == "qwen3_5_hub":
-        config = cls.config_class(text_config={**text, **ids}, tie_word_embeddings=False)  # the real vision tower
+        config = cls.config_class(text_config={**text, **ids},  # the real vision tower
+                                  tie_word_embeddings=text["tie_word_embeddings"])
     else:
         config = cls.config_class(**text, **ids)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in cls(config).state_dict().items()}
+    if text["tie_word_embeddings"]:  # a tied checkpoint stores the embedding once, as the 0.8B does
+        shapes = {k: v for k, v in shapes.items() if not k.endswith("lm_head.weight")}
     folder.mkdir(parents=True)
     for name in os.listdir(twin):
         if name.startswith("tokenizer") or name.endswith(".jinja") or name in ("generation_config.json", "special_tokens_map.json"):
@@ -110,6 +118,12 @@ def recipe_for(work: Path, base: Path, name: str) -> Path:
 SETTINGS = ["data.limit=8", "data.heldout_max=8", "data.max_length=256", "data.too_long=drop",
             "train.max_steps=2", "train.batch_size=1", "train.save_steps=2", "train.logging_steps=1",
             "eval.max_examples=2", "eval.batch_size=2", "eval.max_new_tokens=4", "train.gradient_checkpointing=true"]
+# the 0.8B trains at recipes/laptop-qwen3.5-0.8b.yaml's batch and length: its README estimate is
+# measured at the settings it was made for (2 steps)
+LAPTOP_SETTINGS = ["data.limit=16", "data.heldout_max=4", "data.max_length=512", "data.too_long=drop",
+                   "train.max_steps=2", "train.batch_size=4", "train.grad_accum=2", "lora.r=16", "train.packing=false",
+                   "train.save_steps=2", "train.logging_steps=1", "eval.max_examples=2", "eval.batch_size=2",
+                   "eval.max_new_tokens=4", "train.gradient_checkpointing=true"]
 
 
 class DiskWatch:
@@ -163,7 +177,7 @@ def rehearse(model: str, work: Path, layers: int | None, start_at: str | None = 
         size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     recipe = recipe_for(work, base, model)
     run = work / "runs" / model
-    sets = [a for s in SETTINGS for a in ("--set", s)]
+    sets = [a for s in (LAPTOP_SETTINGS if model == "qwen3.5-0.8b" else SETTINGS) for a in ("--set", s)]
     stages = {}
     started = start_at is None
     for stage, args, watch in (
@@ -210,7 +224,7 @@ def rehearse(model: str, work: Path, layers: int | None, start_at: str | None = 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=[*MODELS, "both"], default="both")
+    ap.add_argument("--model", choices=[*MODELS, "both"], default="both", help="both: the 9B and the 7B")
     ap.add_argument("--layers", type=int, default=None, help="fewer layers than the real model (script check)")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--resume", nargs=2, metavar=("WORK", "STAGE"),
@@ -222,7 +236,7 @@ def main() -> None:
         work = Path(tempfile.mkdtemp(prefix="ft-bench-full-", dir=os.environ.get("FT_BENCH_DIR")))
     print(f"machine: {machine()}\nwork folder: {work}\n")
     results = {}
-    for model in (MODELS if args.model == "both" else [args.model]):
+    for model in (["qwen3.5-9b", "olmo3-7b"] if args.model == "both" else [args.model]):
         results[model] = rehearse(model, work, args.layers, args.resume[1] if args.resume else None)
         shutil.rmtree(work / f"{model}-base", ignore_errors=True)
         if not args.keep:
@@ -239,7 +253,8 @@ def main() -> None:
                      f"{(train_disk or 0) / 2**30:.2f} / {actual / 2**30:.2f}"])
         rows.append([model, "export anonymous-memory bound (15% of checkpoint + 1.5 GiB)", "", "", round(bound), ""])
     print(table(["model", "stage", "wall s", "peak RSS MiB", "peak anon MiB", "disk GiB"], rows))
-    name = "full_size" if args.layers is None else f"full_size_{args.layers}_layers"
+    name = "full_size" if args.model in ("both", "qwen3.5-9b", "olmo3-7b") else f"full_size_{args.model}"
+    name += f"_{args.layers}_layers" if args.layers is not None else ""
     print(f"written: {write_result(name, {'machine': machine(), **results})}")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
