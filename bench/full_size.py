@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from bench.common import ROOT, machine, measured, python, table, write_random_checkpoint, write_result
+from finetune.models import QWEN3_5_SHAPES
 
 SHARD_BYTES = 2 << 30
 
@@ -44,11 +45,11 @@ OLMO3_7B = dict(
     sliding_window=4096, rope_theta=500_000.0,
     rope_scaling=dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=8192,
                       attention_factor=1.2079441541679836, beta_fast=32.0, beta_slow=1.0))
-# the smallest size, as published (finetune/models.py QWEN3_5_SHAPES): tied embeddings, 16 GDN value heads
-QWEN35_0_8B = dict(QWEN35_9B, hidden_size=1024, intermediate_size=3584, num_hidden_layers=24, num_attention_heads=8,
-                   num_key_value_heads=2, linear_num_value_heads=16, tie_word_embeddings=True)
-MODELS = {"qwen3.5-9b": ("tiny-qwen3.5-hub", QWEN35_9B), "olmo3-7b": ("tiny-olmo3-yarn", OLMO3_7B),
-          "qwen3.5-0.8b": ("tiny-qwen3.5-tied-hub", QWEN35_0_8B)}
+_SMALL = QWEN3_5_SHAPES["0.8B"]  # the smallest size, as the registry records its published config
+QWEN35_0_8B = dict(QWEN35_9B, hidden_size=_SMALL.hidden, intermediate_size=_SMALL.intermediate,
+                   num_hidden_layers=_SMALL.layers, num_attention_heads=_SMALL.heads,
+                   num_key_value_heads=_SMALL.kv_heads, linear_num_value_heads=_SMALL.linear_value_heads,
+                   tie_word_embeddings=_SMALL.tied_embeddings)
 
 
 def write_checkpoint(folder: Path, twin_alias: str, text: dict, layers: int | None) -> int:
@@ -124,6 +125,9 @@ LAPTOP_SETTINGS = ["data.limit=16", "data.heldout_max=4", "data.max_length=512",
                    "train.max_steps=2", "train.batch_size=4", "train.grad_accum=2", "lora.r=16", "train.packing=false",
                    "train.save_steps=2", "train.logging_steps=1", "eval.max_examples=2", "eval.batch_size=2",
                    "eval.max_new_tokens=4", "train.gradient_checkpointing=true"]
+# model → (the twin whose tokenizer and layout it takes, its config, the settings it trains at)
+MODELS = {"qwen3.5-9b": ("tiny-qwen3.5-hub", QWEN35_9B, SETTINGS), "olmo3-7b": ("tiny-olmo3-yarn", OLMO3_7B, SETTINGS),
+          "qwen3.5-0.8b": ("tiny-qwen3.5-tied-hub", QWEN35_0_8B, LAPTOP_SETTINGS)}
 
 
 class DiskWatch:
@@ -167,7 +171,7 @@ def predicted_disk(output: str) -> int | None:
 def rehearse(model: str, work: Path, layers: int | None, start_at: str | None = None) -> dict:
     """Every stage in order; `start_at` picks up a work folder a stopped rehearsal left (its
     checkpoint and the stages before are reused, not measured again)."""
-    twin_alias, config = MODELS[model]
+    twin_alias, config, settings = MODELS[model]
     base = work / f"{model}-base"
     t0 = time.monotonic()
     if start_at is None:
@@ -177,7 +181,7 @@ def rehearse(model: str, work: Path, layers: int | None, start_at: str | None = 
         size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     recipe = recipe_for(work, base, model)
     run = work / "runs" / model
-    sets = [a for s in (LAPTOP_SETTINGS if model == "qwen3.5-0.8b" else SETTINGS) for a in ("--set", s)]
+    sets = [a for s in settings for a in ("--set", s)]
     stages = {}
     started = start_at is None
     for stage, args, watch in (

@@ -51,6 +51,17 @@ def normalize_name(name: str) -> str:
     return name.replace(TEXT_PREFIX, "")
 
 
+def tensor_names(file: Path, folder: Path) -> list[str]:
+    """The tensors a safetensors file holds, read from its header; a file cut short (an interrupted
+    copy or download: the header promises more than the file holds) is the user's to fix."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            return list(f.keys())
+    except SafetensorError as exc:
+        raise UserError(f"the base model's weights cannot be read: {file.name}: {exc}", f"model.base ({folder})",
+                        "copy or download the checkpoint again") from None
+
+
 @dataclass
 class Checkpoint:
     folder: Path
@@ -62,26 +73,13 @@ class Checkpoint:
         if index.is_file():
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             shards = {name: folder / file for name, file in weight_map.items()}
+            for file in sorted(set(shards.values())):
+                if not file.is_file():
+                    raise UserError(f"the checkpoint's index names a missing file: {file.name}",
+                                    f"model.base ({folder})", "copy or download the checkpoint again")
+                tensor_names(file, folder)  # a shard cut short is refused here, before any work
         else:
-            files = sorted(folder.glob("*.safetensors"))
-            shards = {}
-            for file in files:
-                try:
-                    with safe_open(file, framework="pt") as f:
-                        shards.update({name: file for name in f.keys()})
-                except SafetensorError as exc:
-                    raise UserError(f"the base model's weights cannot be read: {file.name}: {exc}",
-                                    f"model.base ({folder})", "copy or download the checkpoint again") from None
-        for file in sorted(set(shards.values())):
-            if not file.is_file():
-                raise UserError(f"the checkpoint's index names a missing file: {file.name}", f"model.base ({folder})",
-                                "copy or download the checkpoint again")
-            try:
-                with safe_open(file, framework="pt"):
-                    pass
-            except SafetensorError as exc:  # cut short: the header promises more than the file holds
-                raise UserError(f"the base model's weights cannot be read: {file.name}: {exc}",
-                                f"model.base ({folder})", "copy or download the checkpoint again") from None
+            shards = {name: file for file in sorted(folder.glob("*.safetensors")) for name in tensor_names(file, folder)}
         if not shards:
             pickles = sorted(p.name for p in folder.glob("*.bin"))
             raise UserError(

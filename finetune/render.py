@@ -152,6 +152,17 @@ def fit(row: Row, max_length: int, keep_first: int | None = None) -> Row | None:
     return Row(ids, labels, row.where)
 
 
+def apply_too_long(row: Row, max_length: int, too_long: str, bos: int | None) -> tuple[Row | None, str]:
+    """(the row as training takes it, or None; what happened: kept, truncated, dropped, or refused
+    when data.too_long is error). One rule for `ft train` and `ft validate --show`."""
+    if len(row.input_ids) <= max_length:
+        return row, "kept"
+    if too_long == "error":
+        return None, "refused"
+    cut = fit(row, max_length, bos) if too_long == "truncate" else None
+    return cut, "truncated" if cut is not None else "dropped"
+
+
 def tokenize_all(renderer: Renderer, examples: list[Example], max_length: int, too_long: str = "truncate"):
     """A datasets.Dataset of input_ids/labels and a report of what was cut or left out.
     too_long: error (refuse, naming the first long row), truncate (cut the prompt's start; rows
@@ -162,18 +173,18 @@ def tokenize_all(renderer: Renderer, examples: list[Example], max_length: int, t
     bos = renderer.tokenizer.bos_token_id
     for e in examples:
         for row in renderer.rows(e):
-            if len(row.input_ids) > max_length:
-                if too_long == "error":
-                    raise UserError(f"this example is {len(row.input_ids)} tokens, longer than data.max_length "
-                                    f"({max_length})", e.where,
-                                    "raise data.max_length, shorten the example, or set data.too_long to "
-                                    "truncate or drop")
-                cut = fit(row, max_length, bos) if too_long == "truncate" else None
-                (truncated if cut is not None else dropped).append(e.where)
-                if cut is None:
-                    continue
-                row = cut
-            rows.append(row)
+            taken, fate = apply_too_long(row, max_length, too_long, bos)
+            if fate == "refused":
+                raise UserError(f"this example is {len(row.input_ids)} tokens, longer than data.max_length "
+                                f"({max_length})", e.where,
+                                "raise data.max_length, shorten the example, or set data.too_long to "
+                                "truncate or drop")
+            if fate == "truncated":
+                truncated.append(e.where)
+            elif fate == "dropped":
+                dropped.append(e.where)
+            if taken is not None:
+                rows.append(taken)
     report = {"examples": len(examples), "rows": len(rows), "truncated": len(truncated), "dropped": len(dropped),
               "truncated_where": truncated[:5], "dropped_where": dropped[:5],
               "tokens": sum(len(r.input_ids) for r in rows),

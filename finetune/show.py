@@ -52,19 +52,14 @@ def training_rows(prep: Prepared, recipe: Recipe, count: int) -> list[ShownRow]:
 
 
 def fitted(row: render.Row, recipe: Recipe, bos: int | None, part: str) -> ShownRow:
-    """The row after data.max_length and data.too_long, as render.tokenize_all treats it."""
+    """The row after data.max_length and data.too_long (render.apply_too_long, as training applies it)."""
     length, limit = len(row.input_ids), recipe.data.max_length
-    if length <= limit:
-        return ShownRow(row.where, row.input_ids, row.labels, "kept", part)
-    if recipe.data.too_long == "error":
-        return ShownRow(row.where, row.input_ids, row.labels,
-                        f"refused: {length} tokens > data.max_length {limit} (data.too_long: error)", part)
-    cut = render.fit(row, limit, bos) if recipe.data.too_long == "truncate" else None
-    if cut is None:
-        return ShownRow(row.where, row.input_ids, row.labels,
-                        f"dropped: {length} tokens > data.max_length {limit}", part)
-    return ShownRow(cut.where, cut.input_ids, cut.labels, f"truncated ({length - len(cut.input_ids)} prompt tokens cut)",
-                    part)
+    taken, fate = render.apply_too_long(row, limit, recipe.data.too_long, bos)
+    over = f"{length} tokens > data.max_length {limit}"
+    said = {"kept": "kept", "refused": f"refused: {over} (data.too_long: error)", "dropped": f"dropped: {over}",
+            "truncated": f"truncated ({length - len(taken.input_ids) if taken else 0} prompt tokens cut)"}[fate]
+    shown = taken or row  # a refused or dropped row is shown whole
+    return ShownRow(shown.where, shown.input_ids, shown.labels, said, part)
 
 
 @dataclass

@@ -133,15 +133,20 @@ def mutate_data(folder: Path, recipe: dict, mutation) -> str:
     return f"{path.name}:{index + 1}"
 
 
-def run_ft_train(recipe_path: Path, out: Path, capsys) -> tuple[int, str]:
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    """The real `ft` entry point, in-process: (exit code, stderr)."""
     argv = sys.argv
-    sys.argv = ["ft", "train", str(recipe_path), "--output", str(out)]
+    sys.argv = ["ft", *args]
     try:
         with pytest.raises(SystemExit) as exit_info:
             main()
     finally:
         sys.argv = argv
     return exit_info.value.code, capsys.readouterr().err
+
+
+def run_ft_train(recipe_path: Path, out: Path, capsys) -> tuple[int, str]:
+    return run_cli(capsys, "train", str(recipe_path), "--output", str(out))
 
 
 def fresh_folder(tmp_path: Path) -> Path:
@@ -182,17 +187,6 @@ def test_every_bad_input_gets_one_clear_message(mutation, tmp_path, capsys, qwen
 
 
 # --- the rest of their kind: CLI options, data files, values knowable before training ----------
-
-def run_cli(capsys, *args: str) -> tuple[int, str]:
-    argv = sys.argv
-    sys.argv = ["ft", *args]
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-    finally:
-        sys.argv = argv
-    return exit_info.value.code, capsys.readouterr().err
-
 
 def int_options():
     """(command, flag, min, max) of every integer option of every command, read from the CLI itself."""
