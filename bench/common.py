@@ -140,7 +140,7 @@ def write_result(name: str, result: dict) -> Path:
 
 
 def cache_dir() -> Path:
-    from finetune.twins import cache_root
+    from finetune.run import cache_root
 
     path = cache_root() / "bench"
     path.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,8 @@ def main() -> None:
     from export.quantize import quantize
     from export.runner import calibrate
     from export.verify import logit_parity
-    from finetune.loading import base_of_run, prepare
+    from finetune.adapter import base_of_run
+    from finetune.loading import prepare
 
     work = Path(tempfile.mkdtemp(prefix="ft-bench-imatrix-"))
     run_root = args.run or train_default_run(work)
@@ -53,7 +54,7 @@ def main() -> None:
     recipe = subject.recipe
     log = work / "llama.log"
     f16 = work / "f16.gguf"
-    subject.write_16bit(f16, arch_for(subject.info["gguf_arch"]), subject.cfg, subject.adapter)
+    subject.write_16bit(f16, arch_for(subject.info.gguf_arch), subject.cfg, subject.adapter)
     importance, calibration = calibrate(subject.run, recipe, subject.family, subject.tokenizer,
                                         subject.info.get("template_kwargs", {}), f16, log, print)
 
@@ -109,7 +110,7 @@ def main() -> None:
         chosen.unlink()
         print(f"--quant auto (tolerance {recipe.export.tolerance}) chooses {quant}")
     write_result("imatrix_quality", {
-        "machine": machine(), "run": str(run_root), "base": subject.info["base_model"],
+        "machine": machine(), "run": str(run_root), "base": subject.info.base_model,
         "calibration": calibration, "heldout_examples": len(items), "logit_conversations": len(subject.sequences),
         "positions": int(sixteen.shape[0]), "files": results, "auto": auto})
     print(json.dumps({"work": str(work), "seconds": round(time.monotonic() - START, 1)}))

@@ -36,7 +36,7 @@ CORRUPTED_LAYERS = (14, 15)  # of SmolLM2's 30: two adjacent middle layers
 def train_default_run(work: Path) -> Path:
     from finetune.recipe import load_recipe
     from finetune.run import RunDir
-    from finetune.train import train
+    from finetune.train.runner import train
 
     run = RunDir(work / "smollm2-support")
     train(load_recipe(ROOT / "recipes" / "smollm2-support.yaml", ["eval.after_train=false"]), run)
@@ -61,8 +61,8 @@ class Subject:
         self.run = RunDir(run_root)
         self.info = read_adapter_info(self.run)
         self.recipe = load_recipe(self.run.recipe)
-        self.family = family_named(self.info["family"])
-        self.base_dir = local_snapshot(self.info["base_path"], self.recipe.model.revision)
+        self.family = family_named(self.info.family)
+        self.base_dir = local_snapshot(self.info.base_path, self.recipe.model.revision)
         self.cfg = read_config(self.base_dir)
         self.ckpt = Checkpoint.open(self.base_dir)
         self.adapter = Adapter(self.run.adapter)
@@ -136,7 +136,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="ft-bench-verify-"))
     run_root = args.run or train_default_run(work)
     subject = Subject(run_root, args.prompts)
-    arch = arch_for(subject.info["gguf_arch"])
+    arch = arch_for(subject.info.gguf_arch)
     started = time.monotonic()
     files: dict[str, Path] = {}
 
@@ -192,7 +192,7 @@ def main() -> None:
                  "decisive vs f16 (n)", "KL vs f16", "stops", "worst tensor vs f16", "ft export says"], rows))
     print(f"bounds on the shipped file: {THRESHOLDS['quantized']}, stop-rate drop ≤ {THRESHOLDS['stop_rate_drop_max']}")
     write_result("verify_calibration", {
-        "machine": machine(), "run": str(run_root), "base": subject.info["base_model"],
+        "machine": machine(), "run": str(run_root), "base": subject.info.base_model,
         "base_weights": subject.info.get("base_weights"), "conversations": len(subject.sequences),
         "positions": int(reference.shape[0]), "bounds": THRESHOLDS, "files": results,
         "seconds": round(time.monotonic() - started, 1)})

@@ -84,7 +84,8 @@ class Chat:
 
 def open_chat(run, gguf: bool, max_new_tokens: int | None) -> Chat:
     from finetune.recipe import load_recipe
-    from finetune.loading import base_of_run, prepare
+    from finetune.adapter import base_of_run
+    from finetune.loading import prepare
 
     recipe = load_recipe(run.recipe)
     prep = prepare(recipe, base_of_run(run))

@@ -24,7 +24,7 @@ from finetune.data import Example, Splits
 from finetune.errors import GateFailed, UserError
 from finetune.recipe import Recipe, load_recipe
 from finetune.run import RunDir, write_json
-from finetune.twins import cache_root
+from finetune.run import cache_root
 
 EVAL_FORMAT = 1  # bump when scoring changes, so cached base columns are recomputed
 
@@ -116,7 +116,8 @@ def shipped_gguf(run: RunDir, recipe: Recipe) -> Path:
 def evaluate(run: RunDir, overrides: list[str] = (), use_cache: bool = True, gguf: bool = False) -> report_mod.Report:
     from peft import PeftModel
 
-    from finetune.loading import base_of_run, load_base_model, prepare
+    from finetune.adapter import base_of_run
+    from finetune.loading import load_base_model, prepare
 
     if not (run.adapter / "adapter_model.safetensors").is_file():
         raise UserError(f"the run has no trained adapter: {run.adapter}", str(run.root),

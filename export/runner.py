@@ -35,7 +35,8 @@ from export.modelfile import modelfile
 from export.quantize import SIXTEEN_BIT, quantize
 from export.vocab import add_vocab
 from finetune.errors import UserError, VerifyFailed
-from finetune.models import FAMILIES, Family
+from finetune.adapter import read_adapter_info
+from finetune.models import Family, family_named
 from finetune.preflight import VERIFY_PROMPTS, verify_logits_bytes
 from finetune.recipe import load_recipe
 from finetune.run import RunDir, atomic_write_text, write_json
@@ -68,18 +69,6 @@ def served_template(family: Family, template_kwargs: dict) -> str:
     own Jinja template (Ollama ≥ 0.30 may prefer it over TEMPLATE) produces the trained format."""
     pins = "".join(f"{{%- set {k} = {str(v).lower()} %}}\n" for k, v in template_kwargs.items())
     return pins + family.read_template()
-
-
-def read_adapter_info(run: RunDir) -> dict:
-    path = run.adapter / "ft_adapter.json"
-    if not (run.adapter / "adapter_model.safetensors").is_file() or not path.is_file():
-        raise UserError(f"the run has no complete adapter: {run.adapter}", str(run.root),
-                        "train it to the end first (ft train RECIPE, or ft train RECIPE --resume)")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def family_named(name: str) -> Family:
-    return next(f for f in FAMILIES if f.name == name)
 
 
 # quant types llama.cpp quantizes without reading an importance matrix (Q8_0 rounds each block)
@@ -175,9 +164,9 @@ def export_run(run: RunDir, quant: str, keep_f16: bool = False, verify: bool = T
     return_freed_memory_to_the_os()
     info = read_adapter_info(run)
     recipe = load_recipe(run.recipe)
-    family = family_named(info["family"])
-    arch = arch_for(info["gguf_arch"])  # unknown architectures fail here, before any work
-    base_dir = local_snapshot(info["base_path"], recipe.model.revision)
+    family = family_named(info.family)
+    arch = arch_for(info.gguf_arch)  # unknown architectures fail here, before any work
+    base_dir = local_snapshot(info.base_path, recipe.model.revision)
     cfg = read_config(base_dir)
     arch.check(cfg)  # a config ft cannot convert faithfully: refused before any work
     ckpt = Checkpoint.open(base_dir)
@@ -210,12 +199,12 @@ def export_run(run: RunDir, quant: str, keep_f16: bool = False, verify: bool = T
     shipped_tmp = sixteen_tmp if quant in SIXTEEN_BIT else out / f".{shipped_path.name}.partial"
     progress(f"merging {len(adapter.deltas)} LoRA weights into {base_dir.name} and writing {sixteen} GGUF")
     t0 = time.monotonic()
-    kwargs = info.get("template_kwargs", {})
+    kwargs = info.template_kwargs
     report["convert"] = write_gguf(
         sixteen_tmp, arch, cfg, ckpt, adapter, sixteen,
         lambda w: add_vocab(w, tokenizer, run.adapter, family.gguf_pre, family.end_of_turn[0], cfg["vocab_size"],
                             served_template(family, kwargs)),
-        {"name": name, "license": info.get("license", "")})
+        {"name": name, "license": info.license})
     report["convert"]["seconds"] = round(time.monotonic() - t0, 2)
 
     imatrix_tmp = out / ".imatrix.gguf.partial"
@@ -289,7 +278,7 @@ def export_run(run: RunDir, quant: str, keep_f16: bool = False, verify: bool = T
 
     atomic_write_text(out / "Modelfile", modelfile(
         shipped_path.name, family, recipe.data.system_prompt, recipe.export.num_ctx, recipe.export.temperature,
-        recipe.export.top_p, info.get("license", ""), renderer=renderer))
+        recipe.export.top_p, info.license, renderer=renderer))
     if hf:
         from export.hf import write_hf
 

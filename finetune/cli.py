@@ -50,7 +50,7 @@ def train(
     from finetune.distributed import world
     from finetune.recipe import load_recipe
     from finetune.run import run_for
-    from finetune.train import train as run_training
+    from finetune.train.runner import train as run_training
 
     loaded = load_recipe(recipe, set_)
     run = run_for(loaded.name, output)
@@ -70,7 +70,7 @@ def train(
 
     gc.collect()  # the trained model (trainer, callbacks and model refer to each other) before eval loads another
     release_freed_memory()
-    start, end = summary.get("heldout_loss_start"), summary["heldout_loss_end"]
+    start, end = summary.heldout_loss_start, summary.heldout_loss_end
     out.print(f"held-out loss: {start:.4f} → {end:.4f}" if start is not None else f"held-out loss: {end:.4f}")
     out.print(f"adapter: {run.adapter}")
     if loaded.eval.after_train:
@@ -104,16 +104,14 @@ def _launch(recipe, args: list[str], nproc: int, nnodes: int, node_rank: int, ad
     """Check what can be checked once, here, then start every process through accelerate."""
     import subprocess
 
-    from finetune.distributed import batch_plan, check_strategy, launch_command
-    from finetune.loading import on_gpu, prepare
+    from finetune.distributed import launch_command
+    from finetune.run import run_for
+    from finetune.train.plan import plan_training
 
     if node_rank >= nnodes:
         raise UserError(f"--node-rank {node_rank} with --nnodes {nnodes}", "--node-rank", f"use 0 to {nnodes - 1}")
-    logs.quiet_hf_libraries()  # this process only checks and launches: it never trains
-    prep = prepare(recipe)  # recipe, template and data problems: one message, before any process starts
-    _eval_can_run(recipe, prep.splits)
-    plan = batch_plan(recipe, nproc * nnodes)
-    check_strategy(recipe, nproc * nnodes, on_gpu())
+    # every check ft train makes before loading weights, once, before any process starts
+    plan = plan_training(recipe, run_for(recipe.name, None).root, nproc * nnodes, [_eval_can_run]).batches
     err.print(f"[bold]ft train[/bold] {recipe.name}: {nproc * nnodes} processes ({recipe.distributed.strategy}), "
               f"{plan.micro_batch} × {plan.grad_accum} per process, global batch {plan.global_batch}")
     code = subprocess.call(launch_command(args, nproc, nnodes, node_rank, addr, port))
@@ -188,12 +186,13 @@ def export(
     choose_quant = None
     if quant == "auto":
         from eval.quant_choice import chooser
-        from finetune.loading import base_of_run, prepare
+        from finetune.adapter import base_of_run
+        from finetune.loading import prepare
 
         choose_quant = chooser(recipe, prepare(recipe, base_of_run(chosen)), chosen.export_dir, progress)
     report = export_run(chosen, quant, keep_f16=keep_f16, verify=not no_verify, hf=format_ == "hf",
                         renderer=renderer, progress=progress, calibrated=imatrix, choose_quant=choose_quant)
-    if report.get("auto"):
+    if report.auto is not None:
         out.print(f"auto chose {report['quant']} (every candidate's size and scores: "
                   f"{chosen.export_dir / 'quant_auto.json'})")
     verify_note = "verified" if "verify" in report else "not verified (--no-verify)"
@@ -239,24 +238,23 @@ def validate(
     tokens: bool = typer.Option(False, "--tokens", help="--show: one line per token (position, id, trained, token)"),
 ):
     """Check a recipe without training: keys, files, data, model, chat template, metrics, memory."""
-    from finetune.validate import validate_recipe
+    from finetune.validate import validate as validate_recipe
 
     if split not in ("train", "heldout"):
         raise UserError(f"unknown --split '{split}'", "--split", "use train or heldout")
-    report = validate_recipe(recipe, set_, checks=[_eval_can_run])
-    for line in report:
+    validated = validate_recipe(recipe, set_, checks=[_eval_can_run])
+    for line in validated.report:
         out.print(f"[green]ok[/green] {line}")
     if show:
-        _show(recipe, set_, show, split, tokens)
+        if validated.plan.prep is None:
+            raise UserError(f"--show needs the base model's tokenizer: {validated.plan.not_checked}", "--show",
+                            "run it where the model can be downloaded, or point model.base at a local folder")
+        _show(validated.recipe, validated.plan.prep, show, split, tokens)
 
 
-def _show(recipe_path: str, overrides: list[str], count: int, split: str, tokens: bool) -> None:
+def _show(recipe, prep, count: int, split: str, tokens: bool) -> None:
     from finetune import show as show_mod
-    from finetune.loading import prepare
-    from finetune.recipe import load_recipe
 
-    recipe = load_recipe(recipe_path, overrides)
-    prep = prepare(recipe)
     rows = (show_mod.training_rows(prep, recipe, count) if split == "train"
             else show_mod.heldout_rows(prep, count))
     markers = not out.is_terminal or out.no_color  # piped, or NO_COLOR: colour cannot carry the marking

@@ -1,28 +1,26 @@
-"""Model loading: a base model, its tokenizer and its LoRA adapters, as training sees them.
+"""Model loading: a base model and its tokenizer, as every stage sees them.
 
 One room for what train, eval, chat and export's verification all need to agree on: which
-weights a run's base is (`prepare`, `base_of_run`), the 4-bit settings (`quantization_config`),
-loading at the compute dtype and keeping bitsandbytes' 4-bit layers differentiable
-(`load_base_model`), peft's k-bit preparation and the LoRA targets and config (`load_model`).
-`ft eval` loads the base exactly as training did, so base and fine-tune are compared at the
-precision the adapters were trained against. finetune/train.py keeps the run itself.
+weights and template a recipe means (`prepare`), the 4-bit settings (`quantization_config`),
+loading at the compute dtype with bitsandbytes' 4-bit layers kept differentiable
+(`load_base_model`), and the model's skeleton on the meta device (`skeleton`). `ft eval` loads
+the base exactly as training did, so base and fine-tune are compared at the precision the
+adapters were trained against. LoRA itself is training's (finetune/train/lora.py); which base a
+trained run used is its adapter folder's to say (finetune/adapter.py).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from finetune import data as data_mod
 from finetune import render
-from finetune.backends import load_unsloth
 from finetune.bases import ResolvedBase, resolve_base
 from finetune.distributed import shards, world
 from finetune.errors import UserError
 from finetune.models import Family
 from finetune.recipe import Recipe
-from finetune.run import RunDir
 
 
 @dataclass
@@ -91,21 +89,6 @@ def prepare(recipe: Recipe, base: ResolvedBase | None = None) -> Prepared:
     splits = data_mod.load_splits(recipe)
     renderer = render.Renderer(tokenizer, template, base.family.read_template(), kwargs, where)
     return Prepared(base, tokenizer, template, kwargs, splits, renderer)
-
-
-def base_of_run(run: RunDir) -> ResolvedBase | None:
-    """The base a run was trained on, as its adapter records it. An alias can resolve to other
-    weights later (the hub checkpoint once online, the packaged file offline): a run's eval, chat
-    and export must use the weights its adapter was trained against."""
-    path = run.adapter / "ft_adapter.json"
-    if not path.is_file():
-        return None
-    from finetune.models import FAMILIES
-
-    info = json.loads(path.read_text(encoding="utf-8"))
-    family = next(f for f in FAMILIES if f.name == info["family"])
-    return ResolvedBase(info["base_model"], info["base_path"], family, info.get("license", ""),
-                        info.get("base_weights", "the hub checkpoint"))
 
 
 def compute_dtype():
@@ -183,62 +166,6 @@ def keep_4bit_layers_differentiable(model) -> int:
     return count
 
 
-def load_model(recipe: Recipe, prep: Prepared, backend: str, checkpointing: bool | None = None, dtype=None):
-    """The base in 4-bit with fresh LoRA adapters attached; only the adapters are trainable.
-    `checkpointing` is preflight's decision; left out, "auto" counts as on."""
-    if checkpointing is None:
-        checkpointing = recipe.train.gradient_checkpointing is not False
-    targets = lora_targets(recipe, prep.base.family)
-    if backend == "unsloth":
-        dtype = dtype or compute_dtype()
-        return load_unsloth(recipe, prep.base.path, targets, quantization_config(recipe, prep.base.family, dtype),
-                            dtype, world().local_rank, checkpointing)
-    from peft import get_peft_model
-
-    model = load_base_model(recipe, prep.base, dtype)
-    prepare_for_training(model, upcast_for_kbit=recipe.quantization.load_in_4bit and not shards(recipe),
-                         checkpointing=checkpointing, reentrant=shards(recipe))
-    check_lora_targets(model, targets, explicit=recipe.lora.targets != "auto")
-    from transformers import set_seed
-
-    set_seed(recipe.train.seed)  # the adapters' A matrices are drawn now: seeded, or two runs differ
-    return get_peft_model(model, lora_config(recipe, prep.base.family))
-
-
-def prepare_for_training(model, upcast_for_kbit: bool, checkpointing: bool, reentrant: bool = False) -> None:
-    """peft's k-bit preparation (freeze, fp32 norms and embeddings, input grads, checkpointing),
-    except under FSDP / DeepSpeed: there the fp32 upcast would give flat parameters two dtypes,
-    so (as TRL does for sharded QLoRA) only the input grads and checkpointing are set up, with
-    reentrant checkpointing as peft's FSDP-QLoRA guide runs it. Checkpointing is set up here
-    once, never again by FSDP (`finetune.distributed` leaves its activation_checkpointing off)."""
-    kwargs = {"use_reentrant": reentrant}
-    if upcast_for_kbit:
-        from peft import prepare_model_for_kbit_training
-
-        prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
-                                        gradient_checkpointing_kwargs=kwargs)
-        return
-    for param in model.parameters():
-        param.requires_grad_(False)
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        model.enable_input_require_grads()
-
-
-def check_lora_targets(model, targets: list[str], explicit: bool) -> None:
-    """Each entry the recipe names must match layers of this model; the family's `auto` list must
-    match at least one (a variant may lack some kinds, e.g. a model of linear-attention layers
-    only). peft itself would raise a bare ValueError after the weights are loaded."""
-    import torch
-
-    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                     if isinstance(module, torch.nn.Linear) and name})
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n, _ in model.named_modules())]
-    if missing and (explicit or len(missing) == len(targets)):
-        raise UserError(f"lora.targets names modules this model does not have: {', '.join(missing)}",
-                        "lora.targets", f"use some of this model's linear layers: {', '.join(linear)} (or auto)")
-
-
 @dataclass
 class Skeleton:
     """The model built from its config on the meta device: every module and parameter shape, no
@@ -273,36 +200,5 @@ def skeleton(recipe: Recipe, base: ResolvedBase) -> Skeleton:
     return Skeleton(text_config, meta_model(text_config, recipe.model.trust_remote_code))
 
 
-def check_module_settings(recipe: Recipe, family: Family, model) -> None:
-    """lora.targets and quantization.skip_modules name modules: checked on the skeleton before the
-    run folder is made, and again on the loaded model (a backend may build it differently)."""
-    check_lora_targets(model, lora_targets(recipe, family), explicit=recipe.lora.targets != "auto")
-    skip = recipe.quantization.skip_modules
-    if skip != "auto":
-        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-        missing = [m for m in skip if m not in names and not any(n.endswith("." + m) for n, _ in model.named_modules())]
-        if missing:
-            raise UserError(f"quantization.skip_modules names modules this model does not have: {', '.join(missing)}",
-                            "quantization.skip_modules", f"use names of its linear layers, e.g. {', '.join(family.skip_4bit)}"
-                            " (or auto)")
-
-
 def lora_targets(recipe: Recipe, family: Family) -> list[str]:
     return list(family.lora_targets if recipe.lora.targets == "auto" else recipe.lora.targets)
-
-
-def lora_config(recipe: Recipe, family: Family):
-    from peft import LoraConfig
-
-    lora = recipe.lora
-    return LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora_targets(recipe, family),
-        use_rslora=lora.rslora, use_dora=lora.dora, bias="none", task_type="CAUSAL_LM",
-    )
-
-
-def trainable_parameters(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
-

@@ -42,7 +42,7 @@ class Family:
     template_switches: tuple[str, ...] = ()
     default_system: str | None = None  # the system text the template adds when a chat has none
     # packages whose CUDA kernels the architecture's linear-attention layers use when installed
-    # (without them transformers runs a PyTorch loop: finetune.packing.missing_kernels_note)
+    # (without them transformers runs a PyTorch loop: finetune.train.packing.missing_kernels_note)
     linear_attention_kernels: tuple[str, ...] = ()
 
     def read_template(self, training: bool = False) -> str:
@@ -121,6 +121,11 @@ SMOLLM2 = Family(
 )
 
 FAMILIES = (QWEN3_5, OLMO3, SMOLLM2)
+
+
+def family_named(name: str) -> Family:
+    """The family a run folder records by name (ft_adapter.json)."""
+    return next(f for f in FAMILIES if f.name == name)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from finetune.errors import UserError
 from finetune.models import BaseModel, PackagedGGUF
-from finetune.twins import build_in_place, cache_root
+from finetune.run import cache_root
+from finetune.twins import build_in_place
 
 PACKAGED_FORMAT = 1  # bump when the build changes, so caches rebuild
 

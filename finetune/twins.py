@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -23,6 +22,7 @@ from importlib import resources
 from pathlib import Path
 
 from finetune.models import OLMO3, QWEN3_5, Family
+from finetune.run import cache_root
 
 TWIN_FORMAT = 1  # bump when a twin's recipe changes, so caches rebuild
 
@@ -144,10 +144,6 @@ TWINS = {
                                      attention_factor=1.2079441541679836, beta_fast=32.0, beta_slow=1.0)},
         tokenizer=OLMO3_TOKENIZER, layout="rope_scaling"),
 }
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("FT_CACHE", Path.home() / ".cache" / "ft"))
 
 
 def twin_dir(alias: str) -> Path:

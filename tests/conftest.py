@@ -61,7 +61,7 @@ def trained_run(root: Path, base: str):
     """A short real training run on a twin (40 steps): enough to stop and answer in JSON."""
     from finetune.recipe import load_recipe
     from finetune.run import RunDir
-    from finetune.train import train
+    from finetune.train.runner import train
 
     recipe = load_recipe(ROOT / "recipes" / "tiny-support.yaml", [
         f"model.base={base}", "data.limit=160", "data.heldout_max=16", "train.max_steps=40", "train.lr=3e-3",

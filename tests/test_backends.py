@@ -19,7 +19,7 @@ import torch
 from finetune import loading
 from finetune import train as train_mod
 from finetune.bases import resolve_base
-from finetune.backends import (check_loaded, check_unsloth_supports, loaded_facts, unsloth_load_arguments,
+from finetune.train.backends import (check_loaded, check_unsloth_supports, loaded_facts, unsloth_load_arguments,
                                unsloth_lora_arguments)
 from finetune.errors import UserError
 from finetune.recipe import load_recipe
@@ -71,7 +71,7 @@ def test_unsloth_refusal_comes_before_anything_loads(tmp_path):
 
 SPY = """
 import json, sys
-import finetune.backends as backends
+import finetune.train.backends as backends
 seen = {}
 real = backends.pick_backend
 def spy(recipe):
@@ -193,7 +193,7 @@ def test_sharded_runs_use_the_hf_backend(monkeypatch, strategy):
     kernels on under FSDP unless the launcher says FSDP, and they read whole 4-bit weights);
     `backend: unsloth` is refused there with the fix. Decided before unsloth is imported, so no
     GPU is needed to check it."""
-    from finetune.backends import pick_backend
+    from finetune.train.backends import pick_backend
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     recipe = load_recipe(RECIPE, [f"distributed.strategy={strategy}"])
@@ -211,7 +211,7 @@ def test_missing_linear_attention_kernels_are_said_before_training():
     manifest (linear_attention_kernels_missing). The kernels' presence is handed in: neither
     package runs on this CPU."""
     from finetune.models import OLMO3, QWEN3_5
-    from finetune.packing import VarlenKernels, missing_kernels_note
+    from finetune.train.packing import VarlenKernels, missing_kernels_note
 
     note = missing_kernels_note(QWEN3_5, gpu=True, kernels=VarlenKernels())
     assert "flash-linear-attention and causal-conv1d" in note and "1.22 s against 0.70 s" in note

@@ -149,9 +149,10 @@ TINY = ROOT / "recipes" / "tiny-support.yaml"
 @pytest.fixture(scope="module")
 def untrained_run(tmp_path_factory):
     """A run whose adapter is freshly initialised (LoRA B = 0): the fine-tuned model *is* the base."""
-    from finetune.backends import loaded_facts
-    from finetune.loading import load_model, prepare
-    from finetune.train import save_adapter
+    from finetune.train.backends import loaded_facts
+    from finetune.loading import prepare
+    from finetune.train.lora import load_model
+    from finetune.train.runner import save_trained_adapter
 
     root = tmp_path_factory.mktemp("untrained") / "run"
     recipe = load_recipe(TINY, ["data.heldout_max=16", "eval.max_new_tokens=12", "eval.batch_size=8"])
@@ -160,7 +161,7 @@ def untrained_run(tmp_path_factory):
     root.mkdir(parents=True)
     run.recipe.write_text(recipe.to_yaml(), encoding="utf-8")
     model = load_model(recipe, prep, "hf")
-    save_adapter(model, prep, recipe, run, "hf", loaded_facts(model))
+    save_trained_adapter(model, prep, recipe, run, "hf", loaded_facts(model))
     return run
 
 

@@ -57,7 +57,8 @@ def as_on_an_avx512bf16_cpu():
 
 def twin_model(recipe_name: str, overrides: list[str]):
     from finetune import render
-    from finetune.loading import load_model, prepare
+    from finetune.loading import prepare
+    from finetune.train.lora import load_model
 
     recipe = load_recipe(ROOT / "recipes" / recipe_name, ["lora.dropout=0", "data.limit=16", *overrides])
     prep = prepare(recipe)

@@ -35,7 +35,7 @@ def training_sequences(run: RunDir, budget: int) -> list[list[int]]:
     from finetune.loading import training_template
 
     info = read_adapter_info(run)
-    recipe, family = load_recipe(run.recipe), family_named(info["family"])
+    recipe, family = load_recipe(run.recipe), family_named(info.family)
     template, where = training_template(recipe, family)
     renderer = Renderer(AutoTokenizer.from_pretrained(run.adapter), template, family.read_template(),
                         info.get("template_kwargs", {}), where)
@@ -106,11 +106,11 @@ def calibrated_qwen(qwen_run, tmp_path_factory):
 
     work = tmp_path_factory.mktemp("imatrix")
     info = read_adapter_info(qwen_run)
-    base_dir = local_snapshot(info["base_path"])
-    cfg, family = read_config(base_dir), family_named(info["family"])
+    base_dir = local_snapshot(info.base_path)
+    cfg, family = read_config(base_dir), family_named(info.family)
     tokenizer = AutoTokenizer.from_pretrained(qwen_run.adapter)
     sixteen = work / "f16.gguf"
-    write_gguf(sixteen, arch_for(info["gguf_arch"]), cfg, Checkpoint.open(base_dir), Adapter(qwen_run.adapter), "f16",
+    write_gguf(sixteen, arch_for(info.gguf_arch), cfg, Checkpoint.open(base_dir), Adapter(qwen_run.adapter), "f16",
                lambda w: add_vocab(w, tokenizer, qwen_run.adapter, family.gguf_pre, family.end_of_turn[0],
                                    cfg["vocab_size"], served_template(family, info.get("template_kwargs", {}))),
                {"name": "t", "license": ""})

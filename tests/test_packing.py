@@ -19,7 +19,7 @@ import torch
 
 from finetune import render
 from finetune import loading
-from finetune.packing import (PackingCollator, VarlenKernels, best_fit_decreasing, find_varlen_kernels,
+from finetune.train.packing import (PackingCollator, VarlenKernels, best_fit_decreasing, find_varlen_kernels,
                               segment_aware_linear_attention)
 from finetune.recipe import load_recipe
 from tests.conftest import ROOT
@@ -170,7 +170,7 @@ def conv_contract(x, weight, bias=None, seq_idx=None, activation=None, **kwargs)
 def test_calls_into_the_varlen_kernels_keep_sequences_apart():
     """ft's packed path through the fast kernels, with reference functions standing in for the
     CUDA kernels: the same result as ft's PyTorch path, sequence by sequence."""
-    from finetune.packing import segment_causal_conv1d, segment_delta_rule
+    from finetune.train.packing import segment_causal_conv1d, segment_delta_rule
 
     torch.manual_seed(0)
     starts = torch.tensor([0, 150, 187, 200, 251, 320, 400], dtype=torch.int32)  # 2 rows of 200
@@ -197,7 +197,7 @@ def test_gated_deltanet_pieces_restart_at_every_sequence():
     random inputs of the 9B's head layout; the library's own functions on the packed row leak."""
     from transformers.models.qwen3_5 import modeling_qwen3_5 as qwen
 
-    from finetune.packing import chunk_gated_delta_rule_segments, segment_causal_conv1d
+    from finetune.train.packing import chunk_gated_delta_rule_segments, segment_causal_conv1d
 
     segment_aware_linear_attention()
     torch.manual_seed(0)

@@ -244,7 +244,7 @@ def corrupted_shipped_file(run: RunDir, work, corrupt: str):
     from export.quantize import quantize
 
     subject = Subject(run.root, prompts=1)
-    arch = arch_for(subject.info["gguf_arch"])
+    arch = arch_for(subject.info.gguf_arch)
     source, shipped = work / "corrupt-f16.gguf", work / "corrupt-q4_k_m.gguf"
     if corrupt == "swapped layers":
         subject.write_16bit(source, swapped_layers(arch, 14, 15), subject.cfg, subject.adapter)

@@ -320,7 +320,7 @@ def test_a_failed_start_says_so_and_the_fixed_command_just_works(tmp_path, qwen_
 def test_a_killed_start_with_no_checkpoint_is_started_over(tmp_path, qwen_twin):
     """A process killed while loading leaves `running` and its pid: once that pid is gone from
     this host and no checkpoint was saved, the folder holds nothing to protect."""
-    from finetune.train import left_by_a_failed_start
+    from finetune.run import left_by_a_failed_start
 
     run = RunDir(tmp_path / "run")
     run.root.mkdir()

@@ -10,8 +10,9 @@ import torch
 
 from finetune.recipe import load_recipe
 from finetune.run import RunDir
-from finetune.loading import load_model, prepare, trainable_parameters
-from finetune.train import train
+from finetune.loading import prepare
+from finetune.train.lora import load_model, trainable_parameters
+from finetune.train.runner import train
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -132,7 +133,7 @@ def test_resume_refuses_when_a_data_file_changed(tmp_path):
     import shutil
 
     from finetune.errors import UserError
-    from finetune.train import start_run
+    from finetune.run import start_run
 
     data = tmp_path / "train.jsonl"
     shutil.copy(ROOT / "datasets" / "support" / "train.jsonl", data)
@@ -170,7 +171,7 @@ def test_report_to_an_uninstalled_tracker_is_a_clear_error(tmp_path):
     import importlib.util
 
     from finetune.errors import UserError
-    from finetune.train import check_trackers
+    from finetune.train.trainer import check_trackers
 
     if importlib.util.find_spec("wandb") is not None:
         pytest.skip("wandb is installed here")
@@ -183,7 +184,7 @@ def test_auto_targets_need_one_match_and_named_targets_each():
     """A family's auto list may name kinds a variant lacks (a Qwen3.5 of linear-attention layers
     only has no q_proj); a target the recipe names must exist."""
     from finetune.errors import UserError
-    from finetune.loading import check_lora_targets
+    from finetune.train.lora import check_lora_targets
 
     model = torch.nn.ModuleDict({"in_proj_qkv": torch.nn.Linear(4, 4), "down_proj": torch.nn.Linear(4, 4)})
     check_lora_targets(model, ["q_proj", "in_proj_qkv", "down_proj"], explicit=False)
@@ -249,7 +250,7 @@ def test_a_trl_that_cannot_train_on_this_machine_is_said_before_loading(monkeypa
     from trl.trainer import utils as trl_utils
 
     from finetune.errors import UserError
-    from finetune.train import check_trl_can_train_here
+    from finetune.train.trainer import check_trl_can_train_here
 
     if not hasattr(trl_utils, "_use_triton"):  # running on TRL 1.15 itself
         with pytest.raises(UserError, match="trl>=1.16"):

@@ -15,23 +15,10 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
-from finetune.packing import REAL_TOKENS
+from finetune.run import complete_checkpoints
+from finetune.train.packing import REAL_TOKENS
 
 STAGING = ".staging"
-
-
-def checkpoint_step(path: Path) -> int:
-    return int(path.name.rsplit("-", 1)[1])
-
-
-def complete_checkpoints(folder: Path) -> list[Path]:
-    """checkpoint-N folders with their trainer state, oldest first. A folder that lacks it was torn
-    (possible only for checkpoints written by something other than SafeTrainer) and is ignored."""
-    if not folder.is_dir():
-        return []
-    done = [p for p in folder.glob("checkpoint-*")
-            if p.name.rsplit("-", 1)[1].isdigit() and (p / "trainer_state.json").is_file()]
-    return sorted(done, key=checkpoint_step)
 
 
 class NonFiniteWeights(Exception):

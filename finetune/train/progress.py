@@ -33,7 +33,7 @@ class MetricsCallback(TrainerCallback):
 
 
 class HeldoutLossAtStart(TrainerCallback):
-    """The first held-out evaluation (train's eval_on_start: see train.sft_config), written into
+    """The first held-out evaluation (eval_on_start: see finetune/train/trainer.sft_config), written into
     the manifest as soon as it is known."""
 
     def __init__(self, run: RunDir | None):
@@ -44,7 +44,7 @@ class HeldoutLossAtStart(TrainerCallback):
         if self.loss is None and metrics and "eval_loss" in metrics:
             self.loss = metrics["eval_loss"]
             if self.run is not None:
-                self.run.update_manifest(summary={"heldout_loss_start": self.loss})
+                self.run.update_summary(heldout_loss_start=self.loss)
 
 
 class RichProgress(TrainerCallback):
