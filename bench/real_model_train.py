@@ -85,7 +85,7 @@ def main() -> None:
         m = measured(python("-m", "finetune", "train", str(recipe_path), "--output", str(out), *extra))
         summary = json.loads((out / "manifest.json").read_text())["summary"]
         tokens = max(r.get("num_tokens", 0) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()))
-        results[name] = dict(runtime=summary["train_runtime_s"], tokens=int(tokens), rss=m["peak_rss_mib"],
+        results[name] = dict(runtime=summary.train_runtime_s, tokens=int(tokens), rss=m["peak_rss_mib"],
                              adapter=out / "adapter", four_bit=four_bit)
     out = work / "plain"
     m = measured(python("-m", "bench.plain_lora_loop", base.path, str(work / "train.jsonl"),

@@ -139,7 +139,7 @@ def main() -> None:
         m = measured(python("-m", "finetune", "train", str(recipe_path), "--output", str(ft_run), *extra))
         summary = json.loads((ft_run / "manifest.json").read_text())["summary"]
         tokens = max(r.get("num_tokens", 0) for r in map(json.loads, (ft_run / "metrics.jsonl").read_text().splitlines()))
-        results[name] = dict(runtime=summary["train_runtime_s"], tokens=int(tokens), rss=m["peak_rss_mib"],
+        results[name] = dict(runtime=summary.train_runtime_s, tokens=int(tokens), rss=m["peak_rss_mib"],
                              adapter=ft_run / "adapter")
     for name, extra in (("TRL, docs defaults", []), ("TRL, ft's CPU settings", ["--tuned"])):
         out = work / name.split(",")[1].strip().replace(" ", "-").replace("'", "")

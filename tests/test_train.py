@@ -73,7 +73,7 @@ def test_training_lowers_heldout_loss_and_writes_run_folder(tmp_path, base):
     recipe = recipe_for(base, "train.max_steps=12", "train.save_steps=6", "train.lr=3e-3")
     run = RunDir(tmp_path / "run")
     summary = train(recipe, run)
-    assert summary["heldout_loss_end"] < summary["heldout_loss_start"] - 0.5
+    assert summary.heldout_loss_end < summary.heldout_loss_start - 0.5
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "recipe.yaml",
                  "chat_template.train.jinja", "ft_adapter.json"):
         assert (run.adapter / name).is_file(), name
@@ -84,7 +84,7 @@ def test_training_lowers_heldout_loss_and_writes_run_folder(tmp_path, base):
     assert {"torch", "transformers", "peft", "trl", "bitsandbytes"} <= set(manifest["versions"])
     assert manifest["base"]["family"] in ("qwen3_5", "olmo3") and manifest["started"] and manifest["ended"]
     rows = run.read_metrics()
-    assert rows[0]["step"] == 0 and rows[0]["eval_loss"] == pytest.approx(summary["heldout_loss_start"])
+    assert rows[0]["step"] == 0 and rows[0]["eval_loss"] == pytest.approx(summary.heldout_loss_start)
     assert any("loss" in r and "tokens_per_s" in r for r in rows)
     assert run.loss_plot.stat().st_size > 1000
     assert (run.checkpoints / "checkpoint-12" / "trainer_state.json").is_file()
@@ -176,7 +176,7 @@ def test_report_to_an_uninstalled_tracker_is_a_clear_error(tmp_path):
     if importlib.util.find_spec("wandb") is not None:
         pytest.skip("wandb is installed here")
     with pytest.raises(UserError, match="wandb, which is not installed") as info:
-        check_trackers(recipe_for("tiny-qwen3.5", "train.report_to=[wandb]"), RunDir(tmp_path / "run"))
+        check_trackers(recipe_for("tiny-qwen3.5", "train.report_to=[wandb]"))
     assert "pip install wandb" in info.value.render()
 
 
