@@ -132,16 +132,17 @@ def trainer_arguments(recipe: Recipe, decoder_layer: str) -> dict:
                           "gradient_clipping": "auto", "train_batch_size": "auto"}}
 
 
-def check_resume(old: dict | None, recipe: Recipe, world_size: int) -> str | None:
-    """None when resuming under this N is fine; otherwise raises. Returns a note when N changed."""
-    before = (old or {}).get("distributed")
-    if not before or before["world_size"] == world_size:
+def check_resume(old, recipe: Recipe, world_size: int) -> str | None:
+    """None when resuming under this N is fine; otherwise raises. Returns a note when N changed.
+    `old`: the run's Manifest (finetune/run.py), or None."""
+    before = old.distributed if old is not None else None
+    if before is None or before.world_size == world_size:
         return None
-    if before["strategy"] != "ddp":
-        raise UserError(f"this run's checkpoints were written by {before['world_size']} processes under "
-                        f"{before['strategy']}, which shards optimizer state by rank", "--nproc",
-                        f"resume with --nproc {before['world_size']} (× nodes as before)")
-    return (f"resuming with {world_size} processes (was {before['world_size']}); the global batch is unchanged, "
+    if before.strategy != "ddp":
+        raise UserError(f"this run's checkpoints were written by {before.world_size} processes under "
+                        f"{before.strategy}, which shards optimizer state by rank", "--nproc",
+                        f"resume with --nproc {before.world_size} (× nodes as before)")
+    return (f"resuming with {world_size} processes (was {before.world_size}); the global batch is unchanged, "
             "so every step sees the same examples")
 
 

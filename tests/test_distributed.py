@@ -39,11 +39,13 @@ def test_batch_plan_keeps_the_global_batch():
 
 def test_resume_under_another_process_count():
     recipe = load_recipe(RECIPE)
-    ddp = {"distributed": {"world_size": 2, "strategy": "ddp"}}
+    from finetune.run import Manifest
+
+    ddp = Manifest.model_validate({"distributed": {"world_size": 2, "strategy": "ddp"}})
     assert check_resume(ddp, recipe, 2) is None
     assert "was 2" in check_resume(ddp, recipe, 4)
     with pytest.raises(UserError, match="resume with --nproc 2"):
-        check_resume({"distributed": {"world_size": 2, "strategy": "fsdp"}}, recipe, 4)
+        check_resume(Manifest.model_validate({"distributed": {"world_size": 2, "strategy": "fsdp"}}), recipe, 4)
 
 
 def test_sharded_strategies_need_gpus(tmp_path):
