@@ -192,7 +192,7 @@ def export(
         choose_quant = chooser(recipe, prepare(recipe, base_of_run(chosen)), chosen.export_dir, progress)
     report = export_run(chosen, quant, keep_f16=keep_f16, verify=not no_verify, hf=format_ == "hf",
                         renderer=renderer, progress=progress, calibrated=imatrix, choose_quant=choose_quant)
-    if report.auto is not None:
+    if report.get("auto"):
         out.print(f"auto chose {report['quant']} (every candidate's size and scores: "
                   f"{chosen.export_dir / 'quant_auto.json'})")
     verify_note = "verified" if "verify" in report else "not verified (--no-verify)"
