@@ -104,7 +104,7 @@ def trainer_arguments(recipe: Recipe, decoder_layer: str) -> dict:
     """The TrainingArguments each strategy needs, with the settings QLoRA needs under it.
 
     Sharded QLoRA follows peft's FSDP-QLoRA and DeepSpeed-ZeRO3-QLoRA guides: 4-bit storage and
-    every other tensor in the compute dtype (train.quantization_config, train.prepare_for_training),
+    every other tensor in the compute dtype (loading.quantization_config, train/lora.prepare_for_training),
     gradient checkpointing set up once on the model (FSDP's own activation checkpointing stays off:
     both would recompute every layer twice)."""
     d = recipe.distributed
