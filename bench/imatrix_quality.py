@@ -56,7 +56,7 @@ def main() -> None:
     f16 = work / "f16.gguf"
     subject.write_16bit(f16, arch_for(subject.info.gguf_arch), subject.cfg, subject.adapter)
     importance, calibration = calibrate(subject.run, recipe, subject.family, subject.tokenizer,
-                                        subject.info.get("template_kwargs", {}), f16, log, print)
+                                        subject.info.template_kwargs, f16, log, print)
 
     prep = prepare(recipe, base_of_run(subject.run))
     items = build_items(prep.splits.heldout, prep.renderer)

@@ -67,7 +67,7 @@ class Subject:
         self.ckpt = Checkpoint.open(self.base_dir)
         self.adapter = Adapter(self.run.adapter)
         self.tokenizer = AutoTokenizer.from_pretrained(self.run.adapter)
-        kwargs = self.info.get("template_kwargs", {})
+        kwargs = self.info.template_kwargs
         self.served = served_template(self.family, kwargs)
         template, where = training_template(self.recipe, self.family)
         renderer = Renderer(self.tokenizer, template, self.family.read_template(), kwargs, where)
@@ -84,7 +84,7 @@ class Subject:
         write_gguf(path, arch, cfg, self.ckpt, adapter, "f16",
                    lambda w: add_vocab(w, self.tokenizer, self.run.adapter, self.family.gguf_pre,
                                        self.family.end_of_turn[0], cfg["vocab_size"], self.served),
-                   {"name": self.recipe.name, "license": self.info.get("license", "")})  # as ft export
+                   {"name": self.recipe.name, "license": self.info.license})  # as ft export
 
 
 def swapped_layers(arch, a: int, b: int):
@@ -193,7 +193,7 @@ def main() -> None:
     print(f"bounds on the shipped file: {THRESHOLDS['quantized']}, stop-rate drop ≤ {THRESHOLDS['stop_rate_drop_max']}")
     write_result("verify_calibration", {
         "machine": machine(), "run": str(run_root), "base": subject.info.base_model,
-        "base_weights": subject.info.get("base_weights"), "conversations": len(subject.sequences),
+        "base_weights": subject.info.base_weights, "conversations": len(subject.sequences),
         "positions": int(reference.shape[0]), "bounds": THRESHOLDS, "files": results,
         "seconds": round(time.monotonic() - started, 1)})
     print(json.dumps({"work": str(work)}))

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from finetune import loading
-from finetune import train as train_mod
+from finetune.train.lora import load_model, prepare_for_training
+from finetune.train.trainer import sft_config
 from finetune.bases import resolve_base
 from finetune.train.backends import (check_loaded, check_unsloth_supports, loaded_facts, unsloth_load_arguments,
                                unsloth_lora_arguments)
@@ -102,7 +103,7 @@ def test_loaded_facts_are_read_off_the_model():
     quantization settings than the recipe's are caught."""
     recipe = load_recipe(RECIPE, ["model.base=tiny-qwen3.5-hub"])
     prep = loading.prepare(recipe)
-    model = loading.load_model(recipe, prep, "hf", checkpointing=False)
+    model = load_model(recipe, prep, "hf", checkpointing=False)
     facts = loaded_facts(model)
     assert facts["class"] == "Qwen3_5ForCausalLM" and not facts["vision_tower"]
     assert facts["name_or_path"] == prep.base.path
@@ -135,11 +136,11 @@ def test_sharded_qlora_keeps_one_dtype(base, layer):
     recipe = load_recipe(RECIPE, [f"model.base={base}"])
     prep = loading.prepare(recipe)
     peft_way = loading.load_base_model(recipe, prep.base, torch.bfloat16)
-    loading.prepare_for_training(peft_way, upcast_for_kbit=True, checkpointing=True)
+    prepare_for_training(peft_way, upcast_for_kbit=True, checkpointing=True)
     assert {p.dtype for p in peft_way.parameters()} == {torch.bfloat16, torch.float32}
 
     model = loading.load_base_model(recipe, prep.base, torch.bfloat16)
-    loading.prepare_for_training(model, upcast_for_kbit=False, checkpointing=True, reentrant=True)
+    prepare_for_training(model, upcast_for_kbit=False, checkpointing=True, reentrant=True)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert any(type(p).__name__ == "Params4bit" for p in model.parameters())
     assert model.is_gradient_checkpointing and not any(p.requires_grad for p in model.parameters())
@@ -159,7 +160,7 @@ def test_fsdp_settings_are_fsdp1_qlora_without_double_checkpointing(tmp_path, mo
         monkeypatch.delenv(name)
     recipe = load_recipe(RECIPE, ["distributed.strategy=fsdp"])
     family = resolve_base(recipe.model.base).family
-    args = train_mod.sft_config(recipe, RunDir(tmp_path / "run"), BatchPlan(4, 1, 2), family)
+    args = sft_config(recipe, RunDir(tmp_path / "run"), BatchPlan(4, 1, 2), family)
     assert os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "true"
     plugin = args.fsdp_plugin_args
     assert plugin["fsdp_version"] == 1 and plugin["use_orig_params"] is False

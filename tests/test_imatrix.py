@@ -38,7 +38,7 @@ def training_sequences(run: RunDir, budget: int) -> list[list[int]]:
     recipe, family = load_recipe(run.recipe), family_named(info.family)
     template, where = training_template(recipe, family)
     renderer = Renderer(AutoTokenizer.from_pretrained(run.adapter), template, family.read_template(),
-                        info.get("template_kwargs", {}), where)
+                        info.template_kwargs, where)
     return calibration_sequences(recipe, renderer, budget)
 
 
@@ -112,7 +112,7 @@ def calibrated_qwen(qwen_run, tmp_path_factory):
     sixteen = work / "f16.gguf"
     write_gguf(sixteen, arch_for(info.gguf_arch), cfg, Checkpoint.open(base_dir), Adapter(qwen_run.adapter), "f16",
                lambda w: add_vocab(w, tokenizer, qwen_run.adapter, family.gguf_pre, family.end_of_turn[0],
-                                   cfg["vocab_size"], served_template(family, info.get("template_kwargs", {}))),
+                                   cfg["vocab_size"], served_template(family, info.template_kwargs)),
                {"name": "t", "license": ""})
     sequences = training_sequences(qwen_run, 1024)
     return sixteen, sequences, imatrix.collect(sixteen, sequences, work / "llama.log")

@@ -19,6 +19,7 @@ import torch
 
 from finetune import render
 from finetune import loading
+from finetune.train.lora import load_model
 from finetune.train.packing import (PackingCollator, VarlenKernels, best_fit_decreasing, find_varlen_kernels,
                               segment_aware_linear_attention)
 from finetune.recipe import load_recipe
@@ -100,7 +101,7 @@ def test_packed_loss_equals_unpacked(base, kernels, qwen_twin, olmo_twin):
     recipe = load_recipe(ROOT / "recipes" / "tiny-support.yaml", [f"model.base={base}", "train.gradient_checkpointing=false"])
     prep = loading.prepare(recipe)
     torch.manual_seed(0)
-    model = loading.load_model(recipe, prep, "hf")
+    model = load_model(recipe, prep, "hf")
     with torch.no_grad():  # fresh LoRA has B = 0; make the adapters part of the function
         for name, p in model.named_parameters():
             if "lora_B" in name:

@@ -232,7 +232,10 @@ def test_the_16bit_gguf_is_what_llama_cpps_own_converter_writes(exported, tmp_pa
     with GGUFModel(ours, n_ctx) as ft_file:
         parity = logit_parity(stacked, ft_file, sequences)
         assert [ft_file.tokenize(t) for t in texts] == their_ids
-    assert parity["kl_mean"] < 1e-3 and parity["top1_agreement"] >= 0.99, parity
+    # The reference's weights are bf16-rounded (8-bit mantissa), ours f16 from an fp32 merge: that
+    # rounding alone is KL ~1e-3 (0.9e-3 on a Xeon, 1.03e-3 on an AVX512-BF16 EPYC, whose ggml
+    # kernels differ). A real conversion fault is two orders larger (two swapped layers: 0.29).
+    assert parity["kl_mean"] < 2e-3 and parity["top1_agreement"] >= 0.99, parity
 
 
 def corrupted_shipped_file(run: RunDir, work, corrupt: str):
