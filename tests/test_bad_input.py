@@ -296,20 +296,28 @@ KNOWABLE = [  # (override, what the message says): each found before any weights
     ("quantization.skip_modules=[lm_head, embed_out]", "does not have: embed_out"),
     ("train.optimizer=adamw_torh", "did you mean 'adamw_torch'"),
     ("train.optimizer=lomo", "lomo_optim"),
+    # checks `ft validate` used to skip (it never tokenized, nor looked at trackers or TRL)
+    ("data.max_length=24", "longer than data.max_length (24)"),
+    ("train.report_to=[wandb]", "pip install wandb"),
+    ("export.candidates=[]", "export.candidates"),
 ]
 
 
 @pytest.mark.parametrize("override,message", KNOWABLE, ids=[k[0] for k in KNOWABLE])
 def test_values_knowable_before_training_are_refused_before_the_run_folder(override, message, tmp_path, capsys,
                                                                            qwen_twin):
-    """`ft train` and `ft validate` both refuse; the run folder is never made (nothing to clean up)."""
+    """`ft train` and `ft validate` refuse with the same exit code and the same message (one list of
+    pre-checks, finetune/train/plan.py); the run folder is never made (nothing to clean up)."""
     folder = fresh_folder(tmp_path)
     (folder / "r.yaml").write_text(yaml.safe_dump(base_recipe(folder)))
     out = folder / "run"
+    said = []
     for command in (["validate", str(folder / "r.yaml")], ["train", str(folder / "r.yaml"), "--output", str(out)]):
         code, stderr = run_cli(capsys, *command, "--set", override)
         assert code == 2 and "Traceback" not in stderr, stderr
         assert message in stderr and "fix:" in stderr, stderr
+        said.append([line for line in stderr.splitlines() if line.startswith(("error:", "  fix:"))])
+    assert said[0] == said[1], said
     assert not out.exists()
     if override.startswith("eval.require"):  # the fix lists what will be computed
         assert "json_valid" in stderr and "clean_stop" in stderr
