@@ -28,7 +28,9 @@ import time
 from pathlib import Path
 
 from bench.common import ROOT, machine, measured, python, table, write_random_checkpoint, write_result
+from export.record import read_export_report
 from finetune.models import QWEN3_5_SHAPES
+from finetune.run import RunDir
 
 SHARD_BYTES = 2 << 30
 
@@ -219,11 +221,10 @@ def rehearse(model: str, work: Path, layers: int | None, start_at: str | None = 
               f"{result['peak_anon_mib']:,.0f} MiB", flush=True)
     (work / "quantize-alone.gguf").unlink()
     f16.unlink()
-    manifest = json.loads((run / "manifest.json").read_text())
-    verify = json.loads((run / "export" / "verify.json").read_text())
+    manifest = RunDir(run).read_manifest()
+    verify = read_export_report(RunDir(run)).verify
     return {"checkpoint_bytes": size, "layers": layers or config["num_hidden_layers"], "stages": stages,
-            "preflight": manifest.get("preflight"), "verify_passed": verify["passed"],
-            "verify_failures": verify["failures"]}
+            "preflight": manifest.preflight, "verify_passed": verify.passed, "verify_failures": verify.failures}
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ import yaml
 
 from bench.common import ROOT, machine, measured, python, table, write_result
 from bench.train_throughput import heldout_losses
+from finetune.run import RunDir
 
 SUPPORT = ROOT / "recipes" / "support.yaml"
 
@@ -81,11 +82,12 @@ def run_ft(recipe_path: Path, out: Path, backend: str) -> dict:
         if backend == "unsloth" and m["returncode"] == 2 and "cannot run here" in "".join(reason):
             return {"skipped": reason[0].removeprefix("error: ").removeprefix("train.backend: ")}
         raise SystemExit(f"ft train ({backend}) failed ({m['returncode']}):\n{m['output'][-4000:]}")
-    manifest = json.loads((out / "manifest.json").read_text())
-    tokens = max(json.loads(line).get("num_tokens", 0) for line in (out / "metrics.jsonl").read_text().splitlines())
-    return dict(runtime=manifest["summary"]["train_runtime_s"], tokens=int(tokens), adapter=out / "adapter",
-                vram=manifest["summary"].get("peak_gpu_memory_gib"), rss=m["peak_rss_mib"],
-                loaded=manifest.get("loaded"), kernels=(manifest.get("packing") or {}).get("linear_attention"))
+    run = RunDir(out)
+    manifest = run.read_manifest()
+    tokens = run.trained_tokens()
+    return dict(runtime=manifest.summary.train_runtime_s, tokens=int(tokens), adapter=run.adapter,
+                vram=manifest.summary.peak_gpu_memory_gib, rss=m["peak_rss_mib"], loaded=manifest.loaded,
+                kernels=manifest.packing.linear_attention if manifest.packing else None)
 
 
 def run_trl(data: Path, base: Path, out: Path, recipe: dict, targets: list[str]) -> dict:

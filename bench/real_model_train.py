@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from finetune.run import RunDir
 from bench.common import ROOT, machine, measured, python, table, write_result
 
 RECIPE = ROOT / "recipes" / "smollm2-support.yaml"
@@ -83,8 +84,7 @@ def main() -> None:
                                   ("ft, 16-bit base", ["--set", "quantization.load_in_4bit=false"], False)):
         out = work / name.replace(" ", "").replace(",", "-")
         m = measured(python("-m", "finetune", "train", str(recipe_path), "--output", str(out), *extra))
-        summary = json.loads((out / "manifest.json").read_text())["summary"]
-        tokens = max(r.get("num_tokens", 0) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()))
+        summary, tokens = RunDir(out).read_manifest().summary, RunDir(out).trained_tokens()
         results[name] = dict(runtime=summary.train_runtime_s, tokens=int(tokens), rss=m["peak_rss_mib"],
                              adapter=out / "adapter", four_bit=four_bit)
     out = work / "plain"

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from finetune.run import RunDir
 from bench.common import ROOT, SHARED, machine, measured, python, table, write_result
 
 SYSTEM = "You are a customer support assistant. Answer the customer's request."
@@ -137,8 +138,7 @@ def main() -> None:
     for name, extra in (("ft (packing)", []), ("ft, packing off", ["--set", "train.packing=false"])):
         ft_run = work / name.replace(" ", "-").replace(",", "").replace("(", "").replace(")", "")
         m = measured(python("-m", "finetune", "train", str(recipe_path), "--output", str(ft_run), *extra))
-        summary = json.loads((ft_run / "manifest.json").read_text())["summary"]
-        tokens = max(r.get("num_tokens", 0) for r in map(json.loads, (ft_run / "metrics.jsonl").read_text().splitlines()))
+        summary, tokens = RunDir(ft_run).read_manifest().summary, RunDir(ft_run).trained_tokens()
         results[name] = dict(runtime=summary.train_runtime_s, tokens=int(tokens), rss=m["peak_rss_mib"],
                              adapter=ft_run / "adapter")
     for name, extra in (("TRL, docs defaults", []), ("TRL, ft's CPU settings", ["--tuned"])):

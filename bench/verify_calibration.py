@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import ROOT, machine, table, write_result
-from export.verify import THRESHOLDS, Verification, check_logits, check_structure, logit_parity, stops, structure
+from export.verify import BOUNDS, Verification, check_logits, check_structure, logit_parity, stops, structure
 
 CORRUPTED_LAYERS = (14, 15)  # of SmolLM2's 30: two adjacent middle layers
 
@@ -114,10 +114,10 @@ def tenth_rope_base(cfg: dict) -> dict:
 def verdict(vs_tuned: dict, built: dict, stop_rate: float, tuned_stop_rate: float) -> str:
     """What `ft export` would say of this file as the shipped one (export/verify.py's own checks)."""
     v = Verification()
-    check_logits(v, "logits", vs_tuned, THRESHOLDS["quantized"])
+    check_logits(v, "logits", vs_tuned, BOUNDS.quantized)
     check_structure(v, built)
     failed = sorted({f.split(":")[0] + (" (metadata)" if "metadata" in f else "") for f in v.failures})
-    if stop_rate < tuned_stop_rate - THRESHOLDS["stop_rate_drop_max"]:
+    if stop_rate < tuned_stop_rate - BOUNDS.stop_rate_drop_max:
         failed.append("stops")
     return "fails: " + ", ".join(failed) if failed else "passes"
 
@@ -190,11 +190,11 @@ def main() -> None:
              r["verdict"]] for name, r in results.items()]
     print(table(["file", "MiB", "top-1 vs tuned", "decisive top-1 (n)", "KL vs tuned", "top-1 vs f16",
                  "decisive vs f16 (n)", "KL vs f16", "stops", "worst tensor vs f16", "ft export says"], rows))
-    print(f"bounds on the shipped file: {THRESHOLDS['quantized']}, stop-rate drop ≤ {THRESHOLDS['stop_rate_drop_max']}")
+    print(f"bounds on the shipped file: {BOUNDS.quantized}, stop-rate drop ≤ {BOUNDS.stop_rate_drop_max}")
     write_result("verify_calibration", {
         "machine": machine(), "run": str(run_root), "base": subject.info.base_model,
         "base_weights": subject.info.base_weights, "conversations": len(subject.sequences),
-        "positions": int(reference.shape[0]), "bounds": THRESHOLDS, "files": results,
+        "positions": int(reference.shape[0]), "bounds": BOUNDS, "files": results,
         "seconds": round(time.monotonic() - started, 1)})
     print(json.dumps({"work": str(work)}))
 

@@ -48,7 +48,8 @@ def candidate_row(metrics, reference, outcomes, recipe: Recipe) -> dict:
 
 
 def chooser(recipe: Recipe, prep, out: Path, progress=print) -> Callable:
-    """`choose_quant` for export_run: (sixteen-bit path, quantize_to) → (quant, path, report)."""
+    """What export_run's `choose_quant(prep)` returns: (sixteen-bit path, quantize_to) → (quant, path,
+    report). `prep`: the run's data as export read it (once, for every step)."""
 
     def choose(sixteen: Path, quantize_to) -> tuple[str, Path, dict]:
         heldout = prep.splits.heldout[: recipe.eval.max_examples] if recipe.eval.max_examples else prep.splits.heldout

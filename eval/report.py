@@ -17,7 +17,7 @@ from rich.table import Table
 from eval.heldout import Item
 from eval.metrics import JSON_SHAPES, Metric, Outcome, json_shape
 from eval.stats import paired_bootstrap
-from finetune.run import RunDir, atomic_write_text, write_json
+from finetune.run import Record, RunDir, atomic_write_text, write_json
 
 BASE, TUNED, GGUF = "base", "fine-tuned", "gguf"
 
@@ -61,6 +61,19 @@ class Gate:
                 f"(base {self.base:.4f} → fine-tuned {self.tuned:.4f}), required {self.required:+.4f}")
 
 
+class EvalSettings(Record):
+    """How the columns were computed: report.json's "settings"."""
+
+    max_new_tokens: int
+    bootstrap_samples: int
+    confidence: float
+    decoding: str = "greedy"
+    base_column_cached: bool = False
+    base_cache_key: str | None = None
+    template_kwargs: dict[str, bool] = {}  # pydantic copies a mutable default per record
+    gguf: str | None = None  # the file the GGUF column answered with
+
+
 @dataclass
 class Report:
     rows: list[MetricRow]
@@ -68,7 +81,7 @@ class Report:
     n: int
     gates: list[Gate] = field(default_factory=list)
     regressed: list[dict] = field(default_factory=list)
-    settings: dict = field(default_factory=dict)
+    settings: EvalSettings | None = None
     json_shapes: dict[str, dict[str, int]] = field(default_factory=dict)  # column → shape → answers
 
     def row(self, name: str) -> MetricRow | None:
@@ -106,7 +119,7 @@ def markdown(report: Report, title: str, confidence: float) -> str:
     head = ["metric", BASE, TUNED, *extra, "delta", f"{pct} CI", ""]
     lines = [f"# {title}: held-out evaluation", "",
              f"{report.n} held-out examples; delta = fine-tuned − base; CI = paired bootstrap "
-             f"({report.settings.get('bootstrap_samples')} resamples). ✔ = fine-tune better and the "
+             f"({report.settings.bootstrap_samples} resamples). ✔ = fine-tune better and the "
              "CI excludes 0; ✘ = worse and the CI excludes 0.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report.rows:
@@ -208,7 +221,7 @@ def write(run: RunDir, report: Report, metrics: list[Metric], items: list[Item],
         }, ensure_ascii=False))
     atomic_write_text(out / "predictions.jsonl", "\n".join(lines) + "\n")
     write_json(out / "report.json", {
-        "run": str(run.root), "examples": report.n, "columns": report.columns, "settings": report.settings,
+        "run": str(run.root), "examples": report.n, "columns": report.columns, "settings": report.settings.model_dump(mode="json"),
         "metrics": [{"name": r.name, "higher_is_better": r.higher_is_better, "values": r.values,
                      "delta": r.delta, "ci": [r.low, r.high], "significant": r.significant,
                      "improvement": r.improvement} for r in report.rows],
@@ -217,5 +230,5 @@ def write(run: RunDir, report: Report, metrics: list[Metric], items: list[Item],
         "regressed": report.regressed,
         "json_shapes": report.json_shapes,
     })
-    atomic_write_text(out / "report.md", markdown(report, title, report.settings.get("confidence", 0.95)))
+    atomic_write_text(out / "report.md", markdown(report, title, report.settings.confidence))
     plot(report, out / "comparison.png", title)

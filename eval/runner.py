@@ -156,11 +156,10 @@ def evaluate(run: RunDir, overrides: list[str] = (), use_cache: bool = True, ggu
     report = report_mod.compare(metrics, outcomes, recipe.eval.require, recipe.eval.bootstrap_samples,
                                 recipe.eval.confidence)
     report.regressed = report_mod.regressions(metrics, items, outcomes)
-    report.settings = {"max_new_tokens": recipe.eval.max_new_tokens, "decoding": "greedy",
-                       "bootstrap_samples": recipe.eval.bootstrap_samples, "confidence": recipe.eval.confidence,
-                       "base_column_cached": cached, "base_cache_key": key,
-                       "template_kwargs": prep.template_kwargs,
-                       "gguf": str(gguf_path) if gguf_path else None}
+    report.settings = report_mod.EvalSettings(
+        max_new_tokens=recipe.eval.max_new_tokens, bootstrap_samples=recipe.eval.bootstrap_samples,
+        confidence=recipe.eval.confidence, base_column_cached=cached, base_cache_key=key,
+        template_kwargs=prep.template_kwargs, gguf=str(gguf_path) if gguf_path else None)
     report_mod.write(run, report, metrics, items, outcomes, recipe.name)
     return report
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict
 
 from export.llama import GGUFModel
 
@@ -53,18 +54,35 @@ from export.llama import GGUFModel
 # the corruptions behaviour cannot (two layers swapped: 0.894 and KL 0.29; a tenth of the rope
 # base: 0.915 and 0.16, both better than the faithful q5_k_m).
 DECISIVE_MARGIN = 0.2
-THRESHOLDS = {
-    "sixteen_bit": {"top1_min": 0.99, "kl_max": 1e-3},
-    "quantized": {"top1_decisive_min": 0.7, "kl_max": 1.0},
-    "stop_rate_drop_max": 0.25,  # shipped file's clean stops vs the 16-bit file's, same prompts
+class LogitBounds(BaseModel):
+    """A file's logits against the reference's: it fails below a top-1 bound or above kl_max."""
+
+    model_config = ConfigDict(frozen=True)
+    kl_max: float
+    top1_min: float | None = None  # over every position
+    top1_decisive_min: float | None = None  # over the positions where the reference is decisive
+
+
+class Bounds(BaseModel):
+    """Every bound verification holds an export to (numbers and their reasons in the comment above)."""
+
+    model_config = ConfigDict(frozen=True)
+    sixteen_bit: LogitBounds = LogitBounds(top1_min=0.99, kl_max=1e-3)
+    quantized: LogitBounds = LogitBounds(top1_decisive_min=0.7, kl_max=1.0)
+    stop_rate_drop_max: float = 0.25  # shipped file's clean stops vs the 16-bit file's, same prompts
     # ‖dequantized − 16-bit‖ / ‖16-bit‖ per tensor, on sampled rows: faithful files measured ≤ 0.065
     # on a real model (Q5_0/Q5_1 0.052, Q4_K 0.020, Q8_0 0.0065) and ~0.1 on random weights; a
     # tensor from another layer or model ≈ 1.4
-    "structure_rel_error_max": 0.25,
+    structure_rel_error_max: float = 0.25
     # 2- and 3-bit types round coarser: a faithful Q2_K tensor of a random-weight twin is 0.30 off
     # (each bit less about doubles the error), still under half of a misplaced tensor's 1.4
-    "structure_rel_error_max_by_type": {"Q3_K": 0.45, "IQ3_S": 0.45, "IQ3_XXS": 0.5, "Q2_K": 0.6},
-}
+    structure_rel_error_max_by_type: dict[str, float] = {"Q3_K": 0.45, "IQ3_S": 0.45, "IQ3_XXS": 0.5, "Q2_K": 0.6}
+
+    def structure_bound(self, tensor_type: str) -> float:
+        return self.structure_rel_error_max_by_type.get(tensor_type, self.structure_rel_error_max)
+
+
+BOUNDS = Bounds()
 STRUCTURE_ROWS = 64  # rows sampled per tensor: a misplaced tensor is wrong in every row
 # keys the quantizer itself writes or changes; anything else must be the 16-bit file's
 QUANTIZER_KEYS = ("general.file_type", "general.quantization_version")
@@ -116,11 +134,25 @@ def tokenizer_parity(tokenizer, gguf: GGUFModel, texts: list[str], specials: lis
 PARITY_POSITIONS = 32  # positions compared at once: a few [32, vocabulary] fp32 temporaries
 
 
-def logit_parity(reference: np.ndarray, gguf: GGUFModel, sequences: list[list[int]]) -> dict:
-    """`reference`: the sequences' logits stacked over positions (a file-backed array)."""
+def file_logits(path: Path, sequences: list[list[int]], out: Path, log: Path | None = None) -> np.memmap:
+    """A GGUF file's logits for each sequence, stacked over positions into a float32 file at `out`
+    (positions × vocabulary: 2.4 GB for a 9B's vocabulary on 8 conversations, so not in memory)."""
+    starts = np.cumsum([0, *map(len, sequences)])
+    with GGUFModel(path, max(map(len, sequences)) + 16, log) as model:
+        logits = np.lib.format.open_memmap(out, mode="w+", dtype=np.float32,
+                                           shape=(int(starts[-1]), model.llm.n_vocab()))
+        for ids, at in zip(sequences, starts):
+            logits[at:at + len(ids)] = model.logits(ids)
+    logits.flush()
+    return logits
+
+
+def logit_parity(reference: np.ndarray, candidate: GGUFModel | np.ndarray, sequences: list[list[int]]) -> dict:
+    """`reference`: the sequences' logits stacked over positions (a file-backed array); `candidate`:
+    a loaded GGUF file, or its logits already stacked the same way (file_logits)."""
     agree, decisive, decisive_agree, kls, at = 0, 0, 0, [], 0
     for ids in sequences:
-        scores = gguf.logits(ids)
+        scores = candidate[at:at + len(ids)] if isinstance(candidate, np.ndarray) else candidate.logits(ids)
         for start in range(0, len(ids), PARITY_POSITIONS):
             end = min(start + PARITY_POSITIONS, len(ids))
             ref = torch.from_numpy(np.asarray(reference[at + start:at + end]))
@@ -152,16 +184,17 @@ def stops(gguf: GGUFModel, tokenizer, prompts: list[list[int]], stop_ids: set[in
     return {"prompts": len(results), "stop_rate": rate, "examples": results[:3]}
 
 
-def check_logits(v: Verification, name: str, result: dict, bounds: dict) -> None:
-    v.checks[name] = {**result, "bounds": bounds}
-    decisive = result["top1_agreement_decisive"]
-    if (result["top1_agreement"] < bounds.get("top1_min", 0) or result["kl_mean"] > bounds["kl_max"]
-            or (decisive is not None and decisive < bounds.get("top1_decisive_min", 0))):
-        top1 = f"top-1 agreement {result['top1_agreement']:.4f}" + (
-            f" (min {bounds['top1_min']})" if "top1_min" in bounds else "")
-        shown = "" if decisive is None or "top1_decisive_min" not in bounds else (
-            f", on {result['decisive_positions']} decisive positions {decisive:.4f} (min {bounds['top1_decisive_min']})")
-        v.failures.append(f"{name}: {top1}{shown}, mean KL {result['kl_mean']:.2e} (max {bounds['kl_max']:g})")
+def check_logits(v: Verification, name: str, result: dict, bounds: LogitBounds) -> None:
+    v.checks[name] = {**result, "bounds": bounds.model_dump(exclude_none=True)}
+    top1, decisive = result["top1_agreement"], result["top1_agreement_decisive"]
+    low_top1 = bounds.top1_min is not None and top1 < bounds.top1_min
+    low_decisive = bounds.top1_decisive_min is not None and decisive is not None and decisive < bounds.top1_decisive_min
+    if low_top1 or low_decisive or result["kl_mean"] > bounds.kl_max:
+        said = f"top-1 agreement {top1:.4f}" + (f" (min {bounds.top1_min})" if bounds.top1_min is not None else "")
+        if decisive is not None and bounds.top1_decisive_min is not None:
+            said += (f", on {result['decisive_positions']} decisive positions {decisive:.4f} "
+                     f"(min {bounds.top1_decisive_min})")
+        v.failures.append(f"{name}: {said}, mean KL {result['kl_mean']:.2e} (max {bounds.kl_max:g})")
 
 
 def field_bytes(reader, key: str) -> bytes | None:
@@ -200,7 +233,7 @@ def structure(sixteen_bit: Path, shipped: Path) -> dict:
         got = dequantize(rows_of(t, rows), t.tensor_type).reshape(want.shape)
         error = float(np.linalg.norm(got - want) / max(float(np.linalg.norm(want)), 1e-30))
         worst[t.tensor_type.name] = max(worst.get(t.tensor_type.name, 0.0), error)
-        bound = THRESHOLDS["structure_rel_error_max_by_type"].get(t.tensor_type.name, THRESHOLDS["structure_rel_error_max"])
+        bound = BOUNDS.structure_bound(t.tensor_type.name)
         if error > bound:
             over.append({"tensor": t.name, "type": t.tensor_type.name, "relative_error": round(error, 4),
                          "bound": bound})
@@ -208,8 +241,7 @@ def structure(sixteen_bit: Path, shipped: Path) -> dict:
     return {"metadata_differs": metadata, "tensors": len(theirs.tensors), "missing": missing[:5],
             "shape_or_name_differs": shapes[:5], "worst_relative_error_by_type": worst,
             "tensors_over_bound": over[:5], "tensors_over_bound_count": len(over),
-            "bound": THRESHOLDS["structure_rel_error_max"],
-            "bound_by_type": THRESHOLDS["structure_rel_error_max_by_type"]}
+            "bound": BOUNDS.structure_rel_error_max, "bound_by_type": BOUNDS.structure_rel_error_max_by_type}
 
 
 def check_structure(v: Verification, result: dict) -> None:
@@ -229,7 +261,10 @@ def check_structure(v: Verification, result: dict) -> None:
 
 def verify(*, tokenizer, reference: np.ndarray, sequences: list[list[int]], prompts: list[list[int]],
            prompt_texts: list[str], stop_ids: set[int], specials: list[str], sixteen_bit: Path,
-           quantized: Path, max_new_tokens: int, log: Path | None) -> Verification:
+           quantized: Path, max_new_tokens: int, log: Path | None,
+           sixteen_bit_logits: np.ndarray | None = None) -> Verification:
+    """`sixteen_bit_logits`: the 16-bit file's logits on `sequences` when export already has them
+    (it compared calibrated and plain quantizations with them): not computed twice."""
     v = Verification()
     n_ctx = max(len(s) for s in sequences + prompts) + max_new_tokens + 16
     with GGUFModel(sixteen_bit, n_ctx, log) as gguf:
@@ -238,16 +273,17 @@ def verify(*, tokenizer, reference: np.ndarray, sequences: list[list[int]], prom
         if parity["mismatches"]:
             v.failures.append(f"tokenizer: {len(parity['mismatches'])} of {parity['cases']} texts tokenize "
                               f"differently in llama.cpp, e.g. {parity['mismatches'][0]['text'][:60]!r}")
-        check_logits(v, "logits_16bit", logit_parity(reference, gguf, sequences), THRESHOLDS["sixteen_bit"])
+        sixteen = gguf if sixteen_bit_logits is None else sixteen_bit_logits
+        check_logits(v, "logits_16bit", logit_parity(reference, sixteen, sequences), BOUNDS.sixteen_bit)
         fine_tuned = stops(gguf, tokenizer, prompts, stop_ids, max_new_tokens)
     if quantized == sixteen_bit:
         shipped = fine_tuned
     else:
         check_structure(v, structure(sixteen_bit, quantized))
         with GGUFModel(quantized, n_ctx, log) as gguf:
-            check_logits(v, "logits_shipped", logit_parity(reference, gguf, sequences), THRESHOLDS["quantized"])
+            check_logits(v, "logits_shipped", logit_parity(reference, gguf, sequences), BOUNDS.quantized)
             shipped = stops(gguf, tokenizer, prompts, stop_ids, max_new_tokens)
-    drop = THRESHOLDS["stop_rate_drop_max"]
+    drop = BOUNDS.stop_rate_drop_max
     v.checks["stops"] = {**shipped, "fine_tuned_stop_rate": fine_tuned["stop_rate"], "max_drop": drop}
     if shipped["stop_rate"] < fine_tuned["stop_rate"] - drop:
         v.failures.append(f"stops: {shipped['stop_rate']:.0%} of held-out answers from the shipped file ended with "

@@ -186,20 +186,18 @@ def export(
     choose_quant = None
     if quant == "auto":
         from eval.quant_choice import chooser
-        from finetune.adapter import base_of_run
-        from finetune.loading import prepare
 
-        choose_quant = chooser(recipe, prepare(recipe, base_of_run(chosen)), chosen.export_dir, progress)
+        choose_quant = lambda prep: chooser(recipe, prep, chosen.export_dir, progress)  # noqa: E731
     report = export_run(chosen, quant, keep_f16=keep_f16, verify=not no_verify, hf=format_ == "hf",
                         renderer=renderer, progress=progress, calibrated=imatrix, choose_quant=choose_quant)
-    if report.get("auto"):
-        out.print(f"auto chose {report['quant']} (every candidate's size and scores: "
+    if report.auto:
+        out.print(f"auto chose {report.quant} (every candidate's size and scores: "
                   f"{chosen.export_dir / 'quant_auto.json'})")
-    verify_note = "verified" if "verify" in report else "not verified (--no-verify)"
+    verify_note = "verified" if report.verify else "not verified (--no-verify)"
     out.print(f"wrote {chosen.export_dir}")
-    for name, size in report["files"].items():
+    for name, size in report.files.items():
         out.print(f"  {name}  {size / 2**20:,.1f} MiB")
-    out.print(f"{verify_note}; peak memory {report['peak_rss_mib']:,.0f} MiB; {report['seconds']:.0f} s")
+    out.print(f"{verify_note}; peak memory {report.peak_rss_mib:,.0f} MiB; {report.seconds:.0f} s")
     modelfile_path = chosen.export_dir / "Modelfile"
     if ollama:
         out.print(ollama_create(ollama, modelfile_path))

@@ -217,6 +217,11 @@ class RunDir:
                 continue
         return rows
 
+    def trained_tokens(self) -> int:
+        """Tokens trained so far: the largest count a training row logged (metrics.jsonl holds
+        training and evaluation rows, and only training rows count tokens)."""
+        return max((int(r["num_tokens"]) for r in self.read_metrics() if "num_tokens" in r), default=0)
+
     def keep_metrics_through(self, step: int) -> None:
         """metrics.jsonl must tell one story: drop what a killed run logged after its checkpoint."""
         kept = [r for r in self.read_metrics() if r["step"] <= step] if step else []

@@ -9,13 +9,16 @@ recipe for the size it was written for.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from finetune.loading import lora_targets, meta_model
 from finetune.models import OLMO3, QWEN3_5, REGISTRY, BaseModel
 from finetune.preflight import Memory, count_parameters, human, memory_estimate
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+# finetune/recipes links to the top-level recipes/, so the wheel carries them as package data
+# (pyproject.toml) and an installed ft reads the same files as a checkout
+RECIPES = Path(str(resources.files("finetune").joinpath("recipes")))
 GPU_RECIPE = RECIPES / "support.yaml"
 LAPTOP_RECIPE = RECIPES / "laptop-qwen3.5-0.8b.yaml"
 

@@ -13,6 +13,7 @@ import torch
 from export.checkpoint import Checkpoint
 from export.llama import GGUFModel
 from export.merge import Adapter
+from export.record import read_export_report
 from export.runner import export_run
 from finetune.errors import UserError, VerifyFailed
 from finetune.recipe import load_recipe
@@ -43,13 +44,13 @@ def test_hub_layout_twins_train_export_and_evaluate_as_gguf(which, request, tmp_
     verify = json.loads((run.export_dir / "verify.json").read_text())
     assert verify["passed"], verify["failures"]
     assert verify["logits_16bit"]["top1_agreement"] >= 0.99 and verify["logits_16bit"]["kl_mean"] < 1e-3
-    report = json.loads((run.export_dir / "export.json").read_text())
+    report = read_export_report(run)
     reader = GGUFReader(run.export_dir / "tiny-support-q4_k_m.gguf")
     fields = {f.name: f for f in reader.fields.values()}
     names = {t.name for t in reader.tensors}
     assert ("output.weight" in names) is (which != "qwen_tied_run")
     if which in ("qwen_hub_run", "qwen_tied_run"):
-        skipped = report["convert"]["skipped"]
+        skipped = report.convert.skipped
         assert any(n.startswith("model.visual.") for n in skipped) and any(n.startswith("mtp.") for n in skipped)
         assert not any("visual" in t.name or "mtp" in t.name for t in reader.tensors)
     else:
@@ -92,8 +93,8 @@ def test_export_is_verified_and_loads_in_llama_cpp(which, request, tmp_path):
     assert not list(out.glob(".*partial*")) and not list(out.glob("*FAILED*"))
     modelfile = (out / "Modelfile").read_text()
     assert f"FROM ./{name}-q4_k_m.gguf" in modelfile
-    assert report["convert"]["lora_merged"] == len(Adapter(run.adapter).deltas) > 0
-    assert report["peak_rss_mib"] > 0
+    assert report.convert.lora_merged == len(Adapter(run.adapter).deltas) > 0
+    assert report.peak_rss_mib > 0
     from gguf import GGUFReader
 
     reader = GGUFReader(out / f"{name}-q4_k_m.gguf")

@@ -27,19 +27,11 @@ pytestmark = pytest.mark.slow
 
 
 def training_sequences(run: RunDir, budget: int) -> list[list[int]]:
-    from transformers import AutoTokenizer
-
-    from export.runner import calibration_sequences, family_named, read_adapter_info
+    from export.runner import calibration_sequences, prepared_for_export, read_adapter_info
     from finetune.recipe import load_recipe
-    from finetune.render import Renderer
-    from finetune.loading import training_template
 
-    info = read_adapter_info(run)
-    recipe, family = load_recipe(run.recipe), family_named(info.family)
-    template, where = training_template(recipe, family)
-    renderer = Renderer(AutoTokenizer.from_pretrained(run.adapter), template, family.read_template(),
-                        info.template_kwargs, where)
-    return calibration_sequences(recipe, renderer, budget)
+    recipe = load_recipe(run.recipe)
+    return calibration_sequences(recipe, prepared_for_export(run, recipe, read_adapter_info(run)), budget)
 
 
 def input_permutation(transform, shape: tuple[int, int]) -> torch.Tensor:
@@ -194,14 +186,14 @@ def test_export_calibrates_by_default_and_records_it(qwen_run, tmp_path):
     run = RunDir(tmp_path / "run")
     shutil.copytree(qwen_run.root, run.root)
     report = export_run(run, "q4_k_m", progress=lambda m: None)
-    assert report["verify"]["passed"]
+    assert report.verify.passed
     recorded = json.loads((run.export_dir / "export.json").read_text())["imatrix"]
     assert recorded["tensors"] > 0 and recorded["conversations"] > 0 and recorded["tokens"] >= 256
     kl = recorded["kl_vs_16bit"]
     assert recorded["used"] == (kl["calibrated"] <= kl["uncalibrated"])
     assert (run.export_dir / "imatrix.gguf").is_file() == recorded["used"]
     report = export_run(run, "q4_k_m", calibrated=False, progress=lambda m: None)
-    assert report["imatrix"] is None and not (run.export_dir / "imatrix.gguf").exists()
+    assert report.imatrix is None and not (run.export_dir / "imatrix.gguf").exists()
     assert not list(run.export_dir.glob(".*"))
 
 
@@ -244,7 +236,7 @@ def test_inputs_no_calibration_token_drove_do_not_zero_the_weights(calibrated_qw
     """A matrix whose inputs were all zero in calibration (a 9B-shaped random checkpoint's ssm_out,
     behind a zero gated norm) and channels that were never driven: quantized as faithfully as
     without calibration, not to zeros (verification's structure check is the judge)."""
-    from export.verify import THRESHOLDS, structure
+    from export.verify import BOUNDS, structure
 
     sixteen, _, importance = calibrated_qwen
     silent = next(n for n in importance.sums if ".ssm_out." in n)
@@ -259,4 +251,4 @@ def test_inputs_no_calibration_token_drove_do_not_zero_the_weights(calibrated_qw
         quantize(sixteen, shipped, "q4_k_m", importance=dead)
     built = structure(sixteen, shipped)
     assert not built["tensors_over_bound"], built["tensors_over_bound"]
-    assert max(built["worst_relative_error_by_type"].values()) < THRESHOLDS["structure_rel_error_max"]
+    assert max(built["worst_relative_error_by_type"].values()) < BOUNDS.structure_rel_error_max

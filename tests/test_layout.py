@@ -81,3 +81,28 @@ def test_training_has_a_room_of_its_own():
     assert (ROOT / "finetune" / "train" / "__init__.py").read_text() == ""
     for name in ("eval.runner", "eval.chat", "export.runner"):
         assert any(t.startswith("finetune.loading") for t in project_imports(modules()[name], top_level_only=False)), name
+
+
+# What ft's own files are read back as: each has a typed record whose fields carry the defaults.
+RECORD_NAMES = r"\b(manifest|info|adapter_info|report|summary|verify|settings|bounds|imatrix|convert)\b"
+
+
+def test_ft_reads_its_own_records_through_their_types():
+    """No `.get(key, default)` on a file ft wrote (manifest.json, ft_adapter.json, export.json,
+    verify.json's bounds, report.json's settings): a default read at the call site is a second
+    default, and a renamed field silently reads as missing. Records are finetune.run.Record
+    subclasses, read by their owner's reader. metrics.jsonl is a log of differently shaped rows
+    (training, evaluation) and is read by `RunDir.read_metrics`/`trained_tokens`."""
+    import re
+
+    found = []
+    for package in (*PACKAGES, "bench"):
+        for f in sorted((ROOT / package).rglob("*.py")):
+            source = f.read_text(encoding="utf-8")
+            for node in ast.walk(ast.parse(source)):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get":
+                    receiver = ast.get_source_segment(source, node.func.value)
+                    if re.search(RECORD_NAMES, receiver) or re.search(r"(manifest|ft_adapter|export|verify)\.json",
+                                                                      receiver):
+                        found.append(f"{f.relative_to(ROOT)}:{node.lineno}: {receiver}.get(...)")
+    assert not found, found

@@ -144,10 +144,10 @@ def test_calibration_ships_only_when_it_brings_the_file_closer(exported, tmp_pat
     from export.runner import export_run
 
     run, report = exported
-    calibration = report["imatrix"]
-    kl = calibration["kl_vs_16bit"]
-    assert calibration["tokens"] >= 4096 and calibration["used"] == (kl["calibrated"] <= kl["uncalibrated"])
-    assert (run.export_dir / "imatrix.gguf").is_file() == calibration["used"]
+    calibration = report.imatrix
+    kl = calibration.kl_vs_16bit
+    assert calibration.tokens >= 4096 and calibration.used == (kl["calibrated"] <= kl["uncalibrated"])
+    assert (run.export_dir / "imatrix.gguf").is_file() == calibration.used
 
     copy = RunDir(tmp_path / "run")
     shutil.copytree(run.root, copy.root, ignore=shutil.ignore_patterns("checkpoints", "hf", "eval"))
@@ -159,9 +159,9 @@ def test_calibration_ships_only_when_it_brings_the_file_closer(exported, tmp_pat
                                          found.sequences)
 
     monkeypatch.setattr(export.imatrix, "collect", reversed_channels)
-    wrong = export_run(copy, "q4_k_m", progress=lambda m: None)["imatrix"]
-    assert not wrong["used"] and wrong["kl_vs_16bit"]["calibrated"] > wrong["kl_vs_16bit"]["uncalibrated"], wrong
-    assert wrong["kl_vs_16bit"]["calibrated"] > kl["calibrated"]  # and it is further than ft's own
+    wrong = export_run(copy, "q4_k_m", progress=lambda m: None).imatrix
+    assert not wrong.used and wrong.kl_vs_16bit["calibrated"] > wrong.kl_vs_16bit["uncalibrated"], wrong
+    assert wrong.kl_vs_16bit["calibrated"] > kl["calibrated"]  # and it is further than ft's own
     assert not (copy.export_dir / "imatrix.gguf").exists()
     plain = tmp_path / "plain.gguf"
     with native_log(tmp_path / "llama.log"):
