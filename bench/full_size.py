@@ -34,7 +34,7 @@ from finetune.run import RunDir
 
 SHARD_BYTES = 2 << 30
 
-QWEN35_9B = dict(  # ../shared/GGUF_FACTS.md §3.1
+QWEN35_9B = dict(  # Qwen/Qwen3.5-9B's published config.json (text_config)
     vocab_size=248320, hidden_size=4096, intermediate_size=12288, num_hidden_layers=32, num_attention_heads=16,
     num_key_value_heads=4, head_dim=256, linear_num_key_heads=16, linear_num_value_heads=32,
     linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4, rms_norm_eps=1e-6,

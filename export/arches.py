@@ -3,7 +3,8 @@
 Names come from gguf-py (`get_tensor_name_map`, `Keys` through the writer's add_* methods): the
 one source of truth llama.cpp itself uses. What gguf-py does not know is how each architecture's
 HF weights differ numerically from what llama.cpp computes with; those transforms are written
-here from ../shared/GGUF_FACTS.md (each checked against transformers, see tests/test_export.py):
+here from llama.cpp's own converter and C++ (conversion/qwen.py, src/models/*.cpp, llama.cpp as vendored by llama-cpp-python 0.3.36),
+each checked against transformers (tests/test_export.py, tests/test_converters.py):
 
   qwen35  Qwen3.5: norms stored as w (HF computes x̂·(1+w)) → +1; A_log → −exp(A_log);
           dt_bias → ssm_dt.bias; conv1d squeezed; value heads reordered grouped → tiled when

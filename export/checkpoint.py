@@ -16,7 +16,9 @@ from safetensors import SafetensorError, safe_open
 
 from finetune.errors import UserError
 
-# Prefixes a text export drops or rewrites (see ../shared/GGUF_FACTS.md §1.4, §3.2).
+# Prefixes a text export drops or rewrites: the hub Qwen3.5 checkpoints nest the text model under
+# model.language_model. and carry a vision tower and an MTP head; llama.cpp's converter (conversion/base.py,
+# llama.cpp as vendored by llama-cpp-python 0.3.36) strips the same prefix and skips the same tensors.
 TEXT_PREFIX = "language_model."
 SKIPPED = ("visual.", "vision_tower.", "mtp.", "audio.", "rotary_emb.inv_freq")
 

@@ -65,7 +65,8 @@ class Adapter:
 
     def check(self, ckpt, folder: Path) -> None:
         """Every delta must land on a base tensor of the shape it was trained against: an adapter
-        trained on another base is refused with all its mismatches, before any work."""
+        trained on another base is refused before any work, with every mismatch counted and the
+        first eight named (a 9B adapter on the wrong base has hundreds, all alike)."""
         names = ckpt.text_tensors()
         problems = []
         for name, delta in self.deltas.items():
@@ -76,6 +77,9 @@ class Adapter:
                 problems.append(Problem(f"'{name}' is {tuple(ckpt.shape(names[name]))} in the base but the adapter "
                                         f"was trained on {trained}", str(folder)))
         if problems:
-            problems[-1].fix = ("this run was trained on a different base model; export it with the base "
-                                "named in its recipe.yaml (model.base)")
-            raise UserError(problems[:8])
+            shown = problems[:8]
+            if len(problems) > len(shown):
+                shown.append(Problem(f"and {len(problems) - len(shown)} more adapter weights like these", str(folder)))
+            shown[-1].fix = ("this run was trained on a different base model; export it with the base "
+                             "named in its recipe.yaml (model.base)")
+            raise UserError(shown)

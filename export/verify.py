@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict
 
 from export.llama import GGUFModel
 
-# A correct converter matches to float precision (GGUF_FACTS.md §10: F16 KL < 1e-5), and the 16-bit
+# A correct converter matches to float precision (an F16 file measured KL < 1e-5 on the twins), and the 16-bit
 # file is held to that. The quantized file is llama.cpp's quantization of that verified file; how
 # far it drifts depends on the model, not on ft: quantization flips near-ties, a random-weight or
 # barely trained model is almost all near-ties, and a deep random network amplifies the noise.

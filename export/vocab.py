@@ -16,7 +16,7 @@ import gguf
 
 def add_vocab(writer: gguf.GGUFWriter, tokenizer, tokenizer_dir: Path, pre: str, end_of_turn: str,
               vocab_size: int, chat_template: str) -> None:
-    """`pre`: llama.cpp's pre-tokenizer name (GGUF_FACTS.md §6.3), e.g. qwen35, dbrx, qwen2, llama-bpe."""
+    """`pre`: llama.cpp's pre-tokenizer name (llama.cpp's LLAMA_VOCAB_PRE_TYPE names, src/llama-vocab.cpp), e.g. qwen35, dbrx, qwen2, llama-bpe."""
     vocab = tokenizer.get_vocab()  # token → id, added tokens included
     by_id = {i: t for t, i in vocab.items()}
     added = tokenizer.added_tokens_decoder  # id → AddedToken

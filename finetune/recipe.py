@@ -369,7 +369,7 @@ def _fix_for(loc: tuple) -> str:
 
 
 def recipe_keys() -> list[tuple[str, str, Any, str]]:
-    """(key, type, default, description) for every recipe key: the README table and `ft keys`."""
+    """(key, type, default, description) for every recipe key: the README table (tests/test_readme.py keeps the two equal)."""
     rows = []
 
     def walk(model: type[BaseModel], prefix: str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -289,3 +290,20 @@ def test_missing_gguf_for_eval_is_a_clear_error(qwen_run, tmp_path):
         from eval.runner import shipped_gguf
 
         shipped_gguf(run, load_recipe(run.recipe))
+
+
+def test_an_adapter_on_another_base_is_refused_with_its_mismatches_counted(qwen_run, olmo_twin):
+    """The Qwen3.5 twin's adapter against the OLMo twin's checkpoint: refused before any work, the
+    first eight mismatches named, the rest counted, one fix."""
+    from export.checkpoint import Checkpoint
+    from export.merge import Adapter
+    from finetune.errors import UserError
+
+    adapter = Adapter(qwen_run.adapter)
+    with pytest.raises(UserError) as info:
+        adapter.check(Checkpoint.open(olmo_twin), olmo_twin)
+    problems = info.value.problems
+    more = re.fullmatch(r"and (\d+) more adapter weights like these", problems[-1].what)
+    assert len(problems) == 9 and more and 0 < int(more[1]) <= len(adapter.deltas) - 8, problems[-1]
+    assert all("adapter" in p.what and "olmo" in p.where for p in problems[:8])
+    assert "different base model" in info.value.render() and info.value.render().count("fix:") == 1
