@@ -234,19 +234,30 @@ def test_pickle_weights_are_refused(tmp_path, qwen_twin):
 
 
 def test_remote_code_is_never_run(tmp_path, qwen_twin):
+    """A base of a known architecture whose folder also ships code and names it in `auto_map` for
+    the config, the model and the tokenizer (what a hub repo with custom code looks like): ft loads
+    the tokenizer, the config, the meta skeleton and the 4-bit weights, trains a step and evaluates,
+    and the code never runs. The control: with `model.trust_remote_code: true` the same folder's
+    code does run, so the marker is a real tripwire on the paths ft takes."""
     base = tmp_path / "remote"
     shutil.copytree(qwen_twin, base)
     marker = tmp_path / "code-ran"
     (base / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    remote = {"AutoConfig": "modeling_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilModel"}
     config = json.loads((base / "config.json").read_text())
-    config.update(model_type="evil", auto_map={"AutoConfig": "modeling_evil.EvilConfig",
-                                               "AutoModelForCausalLM": "modeling_evil.EvilModel"})
-    (base / "config.json").write_text(json.dumps(config))
-    for args in (["validate", str(TINY)], ["train", str(TINY), "--output", str(tmp_path / "run")]):
-        result = run_ft(*args, "--set", f"model.base={base}")
-        assert result.returncode == 2, result.stderr[-2000:]
-        assert "model_type 'evil'" in result.stderr
+    (base / "config.json").write_text(json.dumps({**config, "auto_map": remote}))
+    tokenizer_config = json.loads((base / "tokenizer_config.json").read_text())
+    (base / "tokenizer_config.json").write_text(json.dumps(
+        {**tokenizer_config, "auto_map": {"AutoTokenizer": ["modeling_evil.EvilTokenizer", None]}}))
+    result = run_ft("validate", str(TINY), "--set", f"model.base={base}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_ft("train", str(TINY), "--output", str(tmp_path / "run"), "--set", f"model.base={base}",
+                    "--set", "train.max_steps=1", "--set", "data.limit=16", "--set", "eval.max_examples=2")
+    assert result.returncode == 0, result.stderr[-2000:]
     assert not marker.exists()
+
+    result = run_ft("validate", str(TINY), "--set", f"model.base={base}", "--set", "model.trust_remote_code=true")
+    assert marker.exists(), result.stderr[-2000:]
 
 
 def test_gradient_checkpointing_auto_follows_free_memory(monkeypatch, qwen_twin):
