@@ -20,6 +20,8 @@ from typing import Callable
 
 import numpy as np
 
+from finetune.data import is_categorical
+
 
 @dataclass
 class Outcome:
@@ -183,12 +185,6 @@ def json_field_rouge(key: str) -> Metric:
         return rouge_l(str(ref.get(key, "")), str(out.get(key, ""))) if key in out else 0.0
 
     return per_metric(f"json.{key}.rougeL", score)
-
-
-def is_categorical(values: list[str]) -> bool:
-    """Few distinct, short values: a class label rather than free text."""
-    distinct = set(values)
-    return len(distinct) <= max(2, len(values) // 5) and max(map(len, distinct), default=0) <= 64
 
 
 def detect_metrics(references: list[str], labelled: bool = False) -> list[Metric]:

@@ -1,6 +1,7 @@
 """The Ollama Modelfile: the GGUF plus the prompt format and stops the model was trained with.
 
-TEMPLATE is Go text/template (Ollama's renderer). Each family's template below reproduces what
+TEMPLATE is Go text/template (Ollama's renderer). Each family's template (finetune/templates/
+*.ollama.gotmpl, named by Family.ollama_template) reproduces what
 its HF chat template renders for system / user / assistant conversations in the mode ft trains
 (Qwen3.5 without thinking: every answer after the last user turn opens with an empty think
 block), and tests/test_export.py renders both and compares them character for character.
@@ -24,71 +25,12 @@ from __future__ import annotations
 import re
 
 from finetune.errors import UserError
-from finetune.models import OLMO3, SMOLLM2, Family
-from finetune.recipe import describe_character, dropped_by_ollama
+from finetune.models import Family
+from finetune.serving import describe_character, dropped_by_ollama
 
-QWEN35_TEMPLATE = """\
-{{- if .System }}<|im_start|>system
-{{ .System }}<|im_end|>
-{{ end }}
-{{- range $i, $m := .Messages }}
-{{- if eq $m.Role "user" }}<|im_start|>user
-{{ $m.Content }}<|im_end|>
-{{ else if eq $m.Role "assistant" }}
-{{- $later := false }}{{ range (slice $.Messages $i) }}{{ if eq .Role "user" }}{{ $later = true }}{{ end }}{{ end }}
-{{- if $later }}<|im_start|>assistant
-{{ $m.Content }}<|im_end|>
-{{ else }}<|im_start|>assistant
-<think>
-
-</think>
-
-{{ $m.Content }}<|im_end|>
-{{ end }}
-{{- end }}
-{{- end }}<|im_start|>assistant
-<think>
-
-</think>
-
-"""
-
-OLMO3_TEMPLATE = """\
-{{- if .System }}<|im_start|>system
-{{ .System }}<|im_end|>
-{{ else }}<|im_start|>system
-""" + OLMO3.default_system + """<|im_end|>
-{{ end }}
-{{- range $i, $m := .Messages }}
-{{- $last := eq (len (slice $.Messages $i)) 1 }}
-{{- if eq $m.Role "user" }}<|im_start|>user
-{{ $m.Content }}<|im_end|>
-{{ else if eq $m.Role "assistant" }}<|im_start|>assistant
-{{ $m.Content }}{{ if $last }}<|endoftext|>{{ else }}<|im_end|>
-{{ end }}
-{{- end }}
-{{- end }}<|im_start|>assistant
-"""
-
-# SmolLM2: ChatML, every turn as is; the checkpoint's default system text when a chat has none.
-SMOLLM2_TEMPLATE = """\
-{{- if .System }}<|im_start|>system
-{{ .System }}<|im_end|>
-{{ else }}<|im_start|>system
-""" + SMOLLM2.default_system + """<|im_end|>
-{{ end }}
-{{- range .Messages }}
-{{- if ne .Role "system" }}<|im_start|>{{ .Role }}
-{{ .Content }}<|im_end|>
-{{ end }}
-{{- end }}<|im_start|>assistant
-"""
-
-GO_TEMPLATES = {"qwen3_5": QWEN35_TEMPLATE, "olmo3": OLMO3_TEMPLATE, "smollm2": SMOLLM2_TEMPLATE}
 # Sampling parameters whose Ollama default changes a greedy answer (see the module docstring).
 GREEDY_AS_EVALUATED = {"repeat_penalty": 1}
 REQUIRES_LINE_SINCE = "0.14.0"  # older Ollama rejects the REQUIRES command itself
-RENDERER_SINCE = {"qwen3.5": "0.17.6", "olmo3": "0.12.4"}
 
 
 def version_max(*versions: str) -> str:
@@ -120,9 +62,9 @@ def modelfile(gguf_file: str, family: Family, system: str | None, num_ctx: int, 
              f"FROM ./{gguf_file}"]
     if renderer and family.ollama_renderer:
         lines += [f"RENDERER {family.ollama_renderer}", f"PARSER {family.ollama_renderer}"]
-        requires = version_max(REQUIRES_LINE_SINCE, family.ollama_min_version, RENDERER_SINCE[family.ollama_renderer])
+        requires = version_max(REQUIRES_LINE_SINCE, family.ollama_min_version, family.ollama_renderer_since)
     else:
-        lines.append(f"TEMPLATE {quote(GO_TEMPLATES[family.name])}")
+        lines.append(f"TEMPLATE {quote(family.read_ollama_template())}")
         requires = version_max(REQUIRES_LINE_SINCE, family.ollama_min_version)
     lines += [f"PARAMETER stop {quote(token)}" for token in family.end_of_turn]
     lines += [f"PARAMETER temperature {temperature:g}", f"PARAMETER top_p {top_p:g}", f"PARAMETER num_ctx {num_ctx}"]

@@ -42,7 +42,7 @@ from finetune.adapter import AdapterInfo, read_adapter_info
 from finetune.errors import UserError, VerifyFailed
 from finetune.loading import Prepared, training_template
 from finetune.models import Family, family_named
-from finetune.preflight import VERIFY_PROMPTS, verify_logits_bytes
+from finetune.serving import VERIFY_PROMPTS, verify_logits_bytes
 from finetune.recipe import Recipe, load_recipe
 from finetune.run import RunDir, atomic_write_text, write_json
 

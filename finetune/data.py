@@ -289,11 +289,27 @@ def load_examples(source: str, data: DataSection, limit: int | None = None, seed
     return examples, fmt
 
 
+# A set of answers is a class label (a CSV `category`, a JSON field's value) when each distinct
+# value repeats on average at least LABEL_MIN_REPEATS times (free text almost never repeats
+# verbatim; two values always pass, so a yes/no field on a handful of rows counts) and none is
+# longer than LABEL_MAX_CHARS (labels are words or short phrases; a sentence repeated verbatim
+# is a canned reply, better scored as text). One rule for the data's split and the metrics.
+LABEL_MIN_REPEATS = 5
+LABEL_MAX_CHARS = 64
+
+
+def is_categorical(values: list[str]) -> bool:
+    """Few distinct, short values: a class label rather than free text."""
+    distinct = set(values)
+    return (len(distinct) <= max(2, len(values) // LABEL_MIN_REPEATS)
+            and max(map(len, distinct), default=0) <= LABEL_MAX_CHARS)
+
+
 def _auto_label(examples: list[Example]) -> None:
-    """A short completion with few distinct values is a class label (a CSV `category`)."""
+    """A completion that is a class label (is_categorical) stratifies the split and is scored by
+    label accuracy."""
     answers = [e.messages[-1]["content"] for e in examples]
-    distinct = set(answers)
-    if len(distinct) <= max(2, len(answers) // 5) and max(map(len, distinct)) <= 64:
+    if is_categorical(answers):
         for e, a in zip(examples, answers):
             e.label = a
 

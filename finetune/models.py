@@ -36,7 +36,11 @@ class Family:
     decoder_layer: str  # transformers' decoder-layer class: one FSDP unit per instance
     gguf_arch: str  # llama.cpp architecture name
     gguf_pre: str  # llama.cpp's name for the family's pre-tokenizer (split regex)
+    # file in finetune/templates: the Modelfile TEMPLATE (Go text/template, as Ollama renders it),
+    # rendering what chat_template renders in the trained mode (tests/test_modelfile.py, against Go)
+    ollama_template: str
     ollama_renderer: str | None  # Ollama's built-in RENDERER/PARSER name for the family
+    ollama_renderer_since: str | None  # first Ollama release with that renderer
     ollama_min_version: str  # first Ollama release that runs llama.cpp-converted GGUFs of the arch
     # chat-template keyword arguments the family's template understands (others are not passed)
     template_switches: tuple[str, ...] = ()
@@ -48,6 +52,12 @@ class Family:
     def read_template(self, training: bool = False) -> str:
         name = self.training_template if training else self.chat_template
         return resources.files("finetune.templates").joinpath(name).read_text(encoding="utf-8")
+
+    def read_ollama_template(self) -> str:
+        """The Go template, with the family's default system text where the HF template adds it
+        (`@default_system@` in the file: Go's text/template has no variables set from outside)."""
+        text = resources.files("finetune.templates").joinpath(self.ollama_template).read_text(encoding="utf-8")
+        return text.replace("@default_system@", self.default_system or "")
 
 
 QWEN3_5 = Family(
@@ -70,7 +80,9 @@ QWEN3_5 = Family(
     decoder_layer="Qwen3_5DecoderLayer",
     gguf_arch="qwen35",
     gguf_pre="qwen35",
+    ollama_template="qwen3_5.ollama.gotmpl",
     ollama_renderer="qwen3.5",
+    ollama_renderer_since="0.17.6",
     ollama_min_version="0.17.5",
     template_switches=("enable_thinking",),
     linear_attention_kernels=("flash-linear-attention", "causal-conv1d"),
@@ -92,7 +104,9 @@ OLMO3 = Family(
     decoder_layer="Olmo3DecoderLayer",
     gguf_arch="olmo2",  # llama.cpp runs OLMo 3 as olmo2 with a sliding-window layer pattern
     gguf_pre="dbrx",  # Dolma2 is cl100k-style; llama.cpp files that regex under dbrx
+    ollama_template="olmo3.ollama.gotmpl",
     ollama_renderer="olmo3",
+    ollama_renderer_since="0.12.4",
     ollama_min_version="0.12.4",
     # the 7B Instruct's default system text (the 3.1 template says "Olmo, built by Ai2" instead)
     default_system=("You are a helpful function-calling AI assistant. You do not currently have access to "
@@ -115,7 +129,9 @@ SMOLLM2 = Family(
     decoder_layer="LlamaDecoderLayer",
     gguf_arch="llama",
     gguf_pre="smollm",  # llama.cpp's name for SmolLM's split regex (digits one by one)
+    ollama_template="smollm2.ollama.gotmpl",
     ollama_renderer=None,
+    ollama_renderer_since=None,
     ollama_min_version="0.1.0",  # llama runs in every Ollama; REQUIRES itself needs 0.14.0
     default_system="You are a helpful AI assistant named SmolLM, trained by Hugging Face",
 )

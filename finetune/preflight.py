@@ -16,21 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.errors import UserError
+from finetune.serving import GGUF_BYTES_PER_PARAM, verify_logits_bytes
 
-# bytes per parameter of each shipped GGUF type (K-quants carry block scales: bits per weight / 8)
-# (llama.cpp's quantize table); "auto" holds the best candidate so far and the one being scored
-GGUF_BYTES_PER_PARAM = {"f16": 2.0, "bf16": 2.0, "q8_0": 1.07, "q6_k": 0.83, "q5_k_m": 0.71, "q5_k_s": 0.69,
-                        "q4_k_m": 0.61, "q4_k_s": 0.57, "iq4_xs": 0.54, "q3_k_l": 0.54, "q3_k_m": 0.49,
-                        "q3_k_s": 0.44, "iq3_m": 0.46, "q2_k": 0.42, "auto": 1.07 + 0.83}
 NF4_BYTES_PER_PARAM = 0.52  # 4 bits + double-quantized absmax per 64 weights
-VERIFY_PROMPTS = 8  # held-out examples ft export verifies on (its reference logits go to a file)
-
-
-def verify_logits_bytes(max_length: int, vocab: int) -> int:
-    """At most: every verified example at max_length, one fp32 logit per vocabulary entry."""
-    return VERIFY_PROMPTS * max_length * vocab * 4
-
-
 def human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":

@@ -11,7 +11,6 @@ import difflib
 import re
 import types
 import typing
-import unicodedata
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -19,22 +18,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from finetune.errors import Problem, UserError
+from finetune.serving import describe_character, dropped_by_ollama
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-
-
-def dropped_by_ollama(text: str) -> list[tuple[int, str]]:
-    """(position, character) of every character Ollama's Modelfile parser silently drops from a
-    value: it keeps only runes Go's strconv.IsPrint accepts (letters, marks, numbers, punctuation,
-    symbols and the ASCII space), plus tabs and line breaks (ollama parser/parser.go). A system
-    prompt holding one (a BEL, a form feed, a no-break or zero-width space) would be served
-    otherwise than it was trained; tests/test_modelfile.py checks this against Go itself."""
-    return [(i, ch) for i, ch in enumerate(text)
-            if ch not in "\t\n\r " and unicodedata.category(ch)[0] not in "LMNPS"]
-
-
-def describe_character(ch: str) -> str:
-    return f"U+{ord(ch):04X} ({unicodedata.name(ch, 'a control character')})"
 
 
 class Section(BaseModel):

@@ -12,11 +12,11 @@ import subprocess
 import pytest
 from transformers import AutoTokenizer
 
-from export.modelfile import GO_TEMPLATES, modelfile, quote
+from export.modelfile import modelfile, quote
 from export.runner import served_template
 from finetune.errors import UserError
 from finetune.models import OLMO3, QWEN3_5, SMOLLM2
-from finetune.recipe import dropped_by_ollama
+from finetune.serving import dropped_by_ollama
 from tests.conftest import ROOT, run_ft
 
 CONVERSATIONS = [
@@ -68,7 +68,7 @@ def test_go_template_renders_like_the_hf_template(go_render, family, index, requ
     kwargs = {"enable_thinking": False} if family is QWEN3_5 else {}
     expected = tokenizer.apply_chat_template(messages, chat_template=family.read_template(), tokenize=False,
                                              add_generation_prompt=True, **kwargs)
-    assert go_render(GO_TEMPLATES[family.name], messages) == expected
+    assert go_render(family.read_ollama_template(), messages) == expected
     if family.default_system and messages[0]["role"] != "system":
         assert family.default_system in expected
 
@@ -119,7 +119,7 @@ def test_the_modelfile_decodes_as_ft_evaluated():
     commands = dict(parse_modelfile(modelfile("m.gguf", SMOLLM2, "s", 2048, 0.0, 1.0, "apache-2.0")))
     assert commands["PARAMETER repeat_penalty"] == "1"
     assert commands["PARAMETER temperature"] == "0"
-    assert commands["TEMPLATE"] == GO_TEMPLATES["smollm2"]
+    assert commands["TEMPLATE"] == SMOLLM2.read_ollama_template()
     assert commands["REQUIRES"] == "0.14.0"
 
 
@@ -189,7 +189,7 @@ def test_modelfile_grammar_and_string_round_trip(system):
     names = [c[0] for c in commands]
     assert names[0] == "FROM" and dict(commands)["FROM"] == "./m-q4_k_m.gguf"
     assert dict(commands)["SYSTEM"] == system
-    assert dict(commands)["TEMPLATE"] == GO_TEMPLATES["qwen3_5"]
+    assert dict(commands)["TEMPLATE"] == QWEN3_5.read_ollama_template()
     assert [v for n, v in commands if n == "PARAMETER stop"] == list(QWEN3_5.end_of_turn)
     assert dict(commands)["REQUIRES"] == "0.17.5"
 
