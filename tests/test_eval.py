@@ -215,7 +215,23 @@ def test_failed_gate_exits_nonzero_naming_metric_and_numbers(untrained_run):
 
 @pytest.mark.slow
 def test_banking77_csv_mapping_reports_label_accuracy(tmp_path):
-    csv_path = needs_shared("data", "banking77", "train.csv")
+    """A real intent CSV through a column mapping: its `category` column is detected as a class
+    label (stratified split, label accuracy and macro-F1), and the fine-tune learns the labels.
+    Three intents whose questions share the word "card" (so no single word gives the answer away),
+    on a random-weight twin whose base scores zero by construction: the bound is that the
+    fine-tune answers with one of the training labels and beats always answering the most
+    frequent one (the real-model demo shows a real base's figures)."""
+    import csv
+
+    source = needs_shared("data", "banking77", "train.csv")
+    intents = ("card_arrival", "card_linking", "activate_my_card")
+    with source.open(newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r["category"] in intents]
+    csv_path = tmp_path / "three_intents.csv"
+    with csv_path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["text", "category"])
+        writer.writeheader()
+        writer.writerows(rows)
     recipe = tmp_path / "banking.yaml"
     recipe.write_text(f"""
 name: banking77
@@ -223,12 +239,11 @@ model: {{base: tiny-olmo3}}
 data:
   train: {csv_path}
   columns: {{prompt: text, completion: category}}
-  limit: 400
   heldout_fraction: 0.1
   heldout_max: 40
-  max_length: 256
+  max_length: 128
   too_long: drop
-train: {{max_steps: 20, batch_size: 8, lr: 3.0e-3, gradient_checkpointing: false, logging_steps: 5}}
+train: {{max_steps: 60, batch_size: 8, lr: 3.0e-3, gradient_checkpointing: false, logging_steps: 5}}
 eval: {{max_new_tokens: 16, batch_size: 20}}
 """, encoding="utf-8")
     result = run_ft("train", str(recipe), "--output", str(tmp_path / "run"), timeout=1800)
@@ -236,7 +251,14 @@ eval: {{max_new_tokens: 16, batch_size: 20}}
     report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
     rows = {r["name"]: r for r in report["metrics"]}
     assert {"label_accuracy", "macro_f1"} <= set(rows)
-    for column in ("base", "fine-tuned"):
-        assert 0.0 <= rows["label_accuracy"]["values"][column] <= 1.0
+    predictions = [json.loads(line) for line in (tmp_path / "run" / "eval" / "predictions.jsonl").read_text().splitlines()]
+    references = [p["reference"] for p in predictions]
+    answers = [p["outputs"]["fine-tuned"]["text"].strip() for p in predictions]
+    majority = max(references.count(i) for i in intents) / len(references)
+    accuracy = rows["label_accuracy"]
+    # measured here: 0.975 of answers are labels, accuracy 0.55 against 0.375 for the majority class
+    assert sum(a in intents for a in answers) / len(answers) >= 0.9, answers
+    assert accuracy["values"]["base"] == 0.0 and accuracy["values"]["fine-tuned"] > majority, (accuracy, majority)
+    assert accuracy["ci"][0] > 0, accuracy  # the improvement's interval excludes zero
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["data"]["format"] == "prompt_completion" and manifest["data"]["heldout"] == 40

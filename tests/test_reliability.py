@@ -43,6 +43,13 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 600, poll: floa
         time.sleep(poll)
 
 
+def kill_point_rng() -> tuple[random.Random, str]:
+    """Kill points vary from run to run (each run probes another moment), and are reproducible:
+    a failure names its seed, and FT_TEST_SEED=<seed> replays that kill point."""
+    seed = int(os.environ.get("FT_TEST_SEED") or random.SystemRandom().randrange(2**32))
+    return random.Random(seed), f"FT_TEST_SEED={seed}"
+
+
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     steps = ["train.max_steps=16", "train.save_steps=4"]
     straight = run_ft(*train_args(tmp_path / "straight", *steps))
@@ -53,7 +60,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     proc = start(train_args(out, *steps))
     # Killed somewhere after the first checkpoint, at a logged step chosen at random: a step
     # count, not a sleep, so a fast machine cannot finish the run before the kill lands.
-    kill_at = random.Random().choice([6, 8, 10, 12])
+    rng, replay = kill_point_rng()
+    kill_at = rng.choice([6, 8, 10, 12])
     first = out / "checkpoints" / "checkpoint-4" / "trainer_state.json"
     wait_for(lambda: first.exists() and any(r.get("step", 0) >= kill_at and "loss" in r
                                             for r in RunDir(out).read_metrics()), proc, poll=0.02)
@@ -66,12 +74,12 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     (torn / "adapter_model.safetensors").write_bytes(b"\x00" * 100)
 
     resumed = run_ft(*train_args(out, *steps), "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.returncode == 0, (resumed.stderr[-2000:], replay)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete"
     assert "checkpoint-999" not in manifest["resumed_from"]
     got = manifest["summary"]["heldout_loss_end"]
-    assert abs(got - expected) / expected < 0.01, (got, expected)
+    assert abs(got - expected) / expected < 0.01, (got, expected, f"killed at step {kill_at}", replay)
     steps_logged = [r["step"] for r in RunDir(out).read_metrics() if "loss" in r]
     assert steps_logged == sorted(set(steps_logged)) and steps_logged[-1] == 16
     assert not list((out / "checkpoints").glob("*/training_args.bin"))  # no pickles kept
@@ -192,14 +200,15 @@ def test_export_killed_mid_write_leaves_no_final_file(trained, tmp_path):
     proc = start(["export", str(run)])
     partial = export / ".tiny-support-q4_k_m.gguf.partial"
     wait_for(partial.exists, proc)
-    time.sleep(random.Random().uniform(0, 1))
+    rng, replay = kill_point_rng()
+    time.sleep(rng.uniform(0, 1))
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     finals = [p.name for p in export.iterdir() if not p.name.startswith(".")]
-    assert not [n for n in finals if n.endswith(".gguf")] and "Modelfile" not in finals, finals
+    assert not [n for n in finals if n.endswith(".gguf")] and "Modelfile" not in finals, (finals, replay)
 
     again = run_ft("export", str(run))
-    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.returncode == 0, (again.stderr[-2000:], replay)
     assert json.loads((export / "verify.json").read_text())["passed"]
     assert sorted(p.name for p in export.glob("*.gguf") if p.name != "imatrix.gguf") == ["tiny-support-q4_k_m.gguf"]
     assert not list(export.glob(".*"))
