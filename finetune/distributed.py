@@ -81,7 +81,7 @@ def batch_plan(recipe: Recipe, world_size: int) -> BatchPlan:
 
 def shards(recipe: Recipe) -> bool:
     """FSDP or DeepSpeed place (and shard) the weights, not from_pretrained. Sharded 4-bit weights
-    need every stored tensor in one dtype, and unsloth's LoRA kernels stay out (backends.py)."""
+    need every stored tensor in one dtype, and unsloth's LoRA kernels stay out (finetune/train/backends.py)."""
     return world().size > 1 and recipe.distributed.strategy != "ddp"
 
 
