@@ -82,7 +82,9 @@ class Chat:
         return text_out
 
 
-def open_chat(run, gguf: bool, max_new_tokens: int | None) -> Chat:
+def open_chat(run, gguf: bool, max_new_tokens: int | None, system_prompt: bool = True) -> Chat:
+    """`system_prompt=False`: no system message, as `ft eval`'s general prompts are sent (the
+    template's own default system text, where it has one, still applies)."""
     from finetune.recipe import load_recipe
     from finetune.adapter import base_of_run
     from finetune.loading import prepare
@@ -98,7 +100,8 @@ def open_chat(run, gguf: bool, max_new_tokens: int | None) -> Chat:
     else:
         engine = TransformersEngine(run, recipe, prep)
     stop_ids = {prep.tokenizer.convert_tokens_to_ids(t) for t in prep.base.family.end_of_turn}
-    return Chat(engine, prep.renderer, prep.tokenizer, stop_ids, budget, trained_system_prompt(recipe, prep.splits))
+    system = trained_system_prompt(recipe, prep.splits) if system_prompt else None
+    return Chat(engine, prep.renderer, prep.tokenizer, stop_ids, budget, system)
 
 
 def trained_system_prompt(recipe, splits) -> str | None:

@@ -8,7 +8,7 @@ with an end-of-turn token (a clean stop) or ran out of budget.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from eval.heldout import Item
@@ -18,6 +18,7 @@ from eval.heldout import Item
 class Generation:
     text: str
     stopped: bool
+    tokens: list[int] = field(default_factory=list)  # the answer's ids, its end-of-turn token included when stopped
 
 
 class Column(Protocol):
@@ -34,6 +35,33 @@ SCORE_LOGITS_BYTES = 256 << 20  # fp32 logits one scoring pass may hold (twice t
 def batches(order: list[int], size: int):
     for start in range(0, len(order), size):
         yield order[start:start + size]
+
+
+def row_batches(items: list[Item], batch_size: int, vocab: int, copies: int = 1):
+    """Indices of `items` in teacher-forcing batches, shortest first (less padding). Teacher forcing
+    holds [rows, width, vocabulary] logits and their log-softmax (`copies` such arrays): with a
+    large eval batch (one batch of 64 is fastest for generation on a CPU) and a 49k-250k
+    vocabulary that is gigabytes, so a batch takes as many rows as fit SCORE_LOGITS_BYTES."""
+    order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
+    widest = max((len(i.input_ids) for i in items), default=1)
+    rows = max(1, min(batch_size, SCORE_LOGITS_BYTES // (widest * vocab * 4 * copies)))
+    yield from batches(order, rows)
+
+
+def padded_batch(chunk: list[Item], pad: int, device):
+    """(input_ids, attention_mask, labels) of these items, right-padded to the longest."""
+    import torch
+
+    width = max(len(item.input_ids) for item in chunk)
+    ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+    labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(chunk), width), dtype=torch.long)
+    for row, item in enumerate(chunk):
+        n = len(item.input_ids)
+        ids[row, :n] = torch.tensor(item.input_ids)
+        labels[row, :n] = torch.tensor(item.labels)
+        mask[row, :n] = 1
+    return ids.to(device), mask.to(device), labels.to(device)
 
 
 class TransformersColumn:
@@ -54,31 +82,16 @@ class TransformersColumn:
     def score(self, items: list[Item]) -> list[tuple[float, int]]:
         import torch
 
-        device = self.model.device
         results: list[tuple[float, int]] = [(0.0, 0)] * len(items)
-        order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))  # less padding
-        pad = self.tokenizer.pad_token_id
-        # Teacher forcing holds [rows, width, vocabulary] logits and their log-softmax: with a large
-        # eval batch (one batch of 64 is fastest for generation on a CPU) and a 49k-250k vocabulary
-        # that is gigabytes, so scoring passes take as many rows as fit SCORE_LOGITS_BYTES.
         vocab = self.model.config.get_text_config().vocab_size
-        widest = max((len(i.input_ids) for i in items), default=1)
-        rows = max(1, min(self.batch_size, SCORE_LOGITS_BYTES // (widest * vocab * 4)))
         with torch.no_grad(), self._context():
-            for chunk in batches(order, rows):
-                width = max(len(items[i].input_ids) for i in chunk)
-                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for row, i in enumerate(chunk):
-                    n = len(items[i].input_ids)
-                    ids[row, :n] = torch.tensor(items[i].input_ids)
-                    labels[row, :n] = torch.tensor(items[i].labels)
-                    mask[row, :n] = 1
-                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            for chunk in row_batches(items, self.batch_size, vocab):
+                ids, mask, labels = padded_batch([items[i] for i in chunk], self.tokenizer.pad_token_id,
+                                                 self.model.device)
+                logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
                 # position t predicts token t+1
                 logp = torch.log_softmax(logits[:, :-1], dim=-1)
-                target = labels[:, 1:].to(device)
+                target = labels[:, 1:]
                 valid = target != -100
                 picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
                 nll = -(picked * valid).sum(dim=1)
@@ -116,8 +129,8 @@ class TransformersColumn:
         """Cut at the first end-of-turn token; no such token means the budget ran out."""
         for pos, token in enumerate(new_tokens):
             if token in self.eot:
-                return Generation(self.tokenizer.decode(new_tokens[:pos]).strip(), True)
-        return Generation(self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip(), False)
+                return Generation(self.tokenizer.decode(new_tokens[:pos]).strip(), True, new_tokens[:pos + 1])
+        return Generation(self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip(), False, new_tokens)
 
 
 class GGUFColumn:
@@ -150,7 +163,7 @@ class GGUFColumn:
         for item in items:
             tokens, stopped = self.model.generate(item.prompt_ids, self.max_new_tokens, self.eot)
             text = self.tokenizer.decode(tokens[:-1] if stopped else tokens, skip_special_tokens=not stopped)
-            out.append(Generation(text.strip(), stopped))
+            out.append(Generation(text.strip(), stopped, tokens))
         return out
 
     def close(self) -> None:

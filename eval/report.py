@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from rich.table import Table
 
+from eval.general import General
 from eval.heldout import Item
 from eval.metrics import JSON_SHAPES, Metric, Outcome, json_shape
 from eval.stats import paired_bootstrap
@@ -43,11 +44,16 @@ class MetricRow:
 
 @dataclass
 class Gate:
+    """A task metric's gate bounds its improvement on the held-out set; a general row's gate
+    (general.*) bounds the losing end of its paired interval, so noise cannot pass a real loss:
+    `general.leakage: -0.02` holds when the leakage rose by at most 0.02 at the interval's worst."""
+
     metric: str
     required: float
     improvement: float | None
     base: float | None
     tuned: float | None
+    interval_end: bool = False  # improvement is the interval's losing end (a general row)
 
     @property
     def passed(self) -> bool:
@@ -57,7 +63,8 @@ class Gate:
         if self.improvement is None:
             return f"gate on '{self.metric}': no such metric in this evaluation"
         verb = "passed" if self.passed else "FAILED"
-        return (f"gate {verb}: {self.metric} improved by {self.improvement:+.4f} "
+        how = "at its interval's worst end, improved by" if self.interval_end else "improved by"
+        return (f"gate {verb}: {self.metric} {how} {self.improvement:+.4f} "
                 f"(base {self.base:.4f} → fine-tuned {self.tuned:.4f}), required {self.required:+.4f}")
 
 
@@ -83,13 +90,14 @@ class Report:
     regressed: list[dict] = field(default_factory=list)
     settings: EvalSettings | None = None
     json_shapes: dict[str, dict[str, int]] = field(default_factory=dict)  # column → shape → answers
+    general: General | None = None  # what the fine-tune kept and lost beside the job (eval/general.py)
 
     def row(self, name: str) -> MetricRow | None:
         return next((r for r in self.rows if r.name == name), None)
 
 
 def compare(metrics: list[Metric], outcomes: dict[str, list[Outcome]], require: dict[str, float],
-            samples: int, confidence: float) -> Report:
+            samples: int, confidence: float, general: General | None = None) -> Report:
     rows = []
     for m in metrics:
         delta, low, high = paired_bootstrap(m, outcomes[BASE], outcomes[TUNED], samples, confidence)
@@ -100,7 +108,12 @@ def compare(metrics: list[Metric], outcomes: dict[str, list[Outcome]], require: 
         for column, answers in outcomes.items():
             shapes = [json_shape(o.output, o.stopped) for o in answers]
             report.json_shapes[column] = {shape: shapes.count(shape) for shape in JSON_SHAPES}
+    report.general = general
     for name, required in require.items():
+        g = general.row(name) if general else None
+        if g is not None:
+            report.gates.append(Gate(name, required, g.worst_improvement, g.base, g.tuned, interval_end=True))
+            continue
         r = report.row(name)
         report.gates.append(Gate(name, required, r.improvement if r else None,
                                  r.values[BASE] if r else None, r.values[TUNED] if r else None))
@@ -130,11 +143,38 @@ def markdown(report: Report, title: str, confidence: float) -> str:
     lines += ["", "↓ lower is better."]
     if report.json_shapes:
         lines += ["", json_shapes_note(report)]
+    if report.general:
+        lines += ["", *general_markdown(report.general, pct)]
     if report.gates:
         lines += ["", "## Gates", ""] + [f"- {g.message()}" for g in report.gates]
     lines += ["", f"Examples where the fine-tune scored lower than the base on a task metric: "
               f"{len(report.regressed)} (listed in report.json and predictions.jsonl)."]
     return "\n".join(lines) + "\n"
+
+
+def general_json(general: General) -> dict:
+    return {"prompts": general.prompts, "shape": general.shape, "base_cached": general.base_cached,
+            "verdict": general.verdict(), "examples": general.examples,
+            "rows": [{"key": r.key, "name": r.name, "higher_is_better": r.higher_is_better, "base": r.base,
+                      "fine-tuned": r.tuned, "delta": r.delta, "ci": [r.low, r.high], "items": r.items,
+                      "lost": r.lost} for r in general.rows]}
+
+
+def general_markdown(general: General, pct: str) -> list[str]:
+    shape = (f"leakage = share of answers in the job's shape ({general.shape})" if general.shape
+             else "a free-text job has no answer shape to leak")
+    lines = ["## Beside the job", "",
+             f"{general.prompts} general prompts, sent with no system message; {shape}; drift is measured on "
+             "the base's own answers (per token; KL is 0 for the base by definition).", "",
+             f"| general | {BASE} | {TUNED} | delta | {pct} CI | |", "|---|---|---|---|---|---|"]
+    for r in general.rows:
+        mark = "✘" if r.lost else ""
+        lines.append(f"| {r.name}{'' if r.higher_is_better else ' ↓'} | {fmt(r.base)} | {fmt(r.tuned)} "
+                     f"| {r.delta:+.4f} | [{r.low:+.4f}, {r.high:+.4f}] | {mark} |")
+    lines += ["", general.verdict() + "."]
+    for e in general.examples:
+        lines += ["", f"- {e['prompt']!r}: base {e['base'][:120]!r}; fine-tuned {e['fine-tuned'][:120]!r}"]
+    return lines
 
 
 SHAPE_WORDS = {"fenced": "inside a ``` fence", "with_text": "with text around the object",
@@ -160,6 +200,12 @@ def table(report: Report, title: str) -> Table:
         mark = ("[green]✔[/green]" if r.improvement > 0 else "[red]✘[/red]") if r.significant else ""
         t.add_row(r.name + ("" if r.higher_is_better else " ↓"), fmt(r.values[BASE]), fmt(r.values[TUNED]),
                   *[fmt(r.values[c]) for c in extra], f"{r.delta:+.4f}", f"[{r.low:+.4f}, {r.high:+.4f}]", mark)
+    if report.general:
+        t.add_section()
+        for r in report.general.rows:
+            t.add_row(f"general: {r.name}" + ("" if r.higher_is_better else " ↓"), fmt(r.base), fmt(r.tuned),
+                      *["" for _ in extra], f"{r.delta:+.4f}", f"[{r.low:+.4f}, {r.high:+.4f}]",
+                      "[red]✘[/red]" if r.lost else "")
     return t
 
 
@@ -220,6 +266,11 @@ def write(run: RunDir, report: Report, metrics: list[Metric], items: list[Item],
             "regressed": i in regressed,
         }, ensure_ascii=False))
     atomic_write_text(out / "predictions.jsonl", "\n".join(lines) + "\n")
+    general = out / "general.jsonl"
+    if report.general:
+        atomic_write_text(general, "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in report.general.answers))
+    else:
+        general.unlink(missing_ok=True)  # a previous report's, not this one's
     write_json(out / "report.json", {
         "run": str(run.root), "examples": report.n, "columns": report.columns, "settings": report.settings.model_dump(mode="json"),
         "metrics": [{"name": r.name, "higher_is_better": r.higher_is_better, "values": r.values,
@@ -229,6 +280,7 @@ def write(run: RunDir, report: Report, metrics: list[Metric], items: list[Item],
                    "passed": g.passed} for g in report.gates],
         "regressed": report.regressed,
         "json_shapes": report.json_shapes,
+        "general": general_json(report.general) if report.general else None,
     })
     atomic_write_text(out / "report.md", markdown(report, title, report.settings.confidence))
     plot(report, out / "comparison.png", title)

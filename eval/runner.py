@@ -13,6 +13,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from eval import general as general_mod
 from eval import metrics as metrics_mod
 from eval import report as report_mod
 from eval.columns import Column, GGUFColumn, TransformersColumn
@@ -50,12 +51,20 @@ def planned_metrics(recipe: Recipe, heldout: list[Example]) -> list[metrics_mod.
     return chosen
 
 
-def check_required(recipe: Recipe, metrics: list[metrics_mod.Metric], where: str = "eval.require") -> None:
-    unknown = sorted(set(recipe.eval.require) - {m.name for m in metrics})
+def check_required(recipe: Recipe, metrics: list[metrics_mod.Metric], references: list[str],
+                   where: str = "eval.require") -> None:
+    general = general_mod.planned_keys(recipe, references)
+    unknown = sorted(set(recipe.eval.require) - {m.name for m in metrics} - set(general))
     if unknown:
         how = "chosen from the held-out answers (eval.metrics: auto)" if recipe.eval.metrics == "auto" else "listed"
         raise UserError(f"a gate names a metric this evaluation does not compute: {', '.join(unknown)}", where,
-                        f"the metrics {how} are: {', '.join(m.name for m in metrics)}")
+                        f"the metrics {how} are: {', '.join(m.name for m in metrics)}"
+                        + (f"; the general section's: {', '.join(general)}" if general else ""))
+
+
+def references_of(recipe: Recipe, heldout: list[Example]) -> list[str]:
+    scored = heldout[: recipe.eval.max_examples] if recipe.eval.max_examples else heldout
+    return [e.messages[-1]["content"] for e in scored]
 
 
 def check_before_training(recipe: Recipe, splits: Splits) -> str:
@@ -63,7 +72,8 @@ def check_before_training(recipe: Recipe, splits: Splits) -> str:
     must be computable, or the run would train for nothing (finetune cannot import eval, so the
     CLI hands it over)."""
     metrics = planned_metrics(recipe, splits.heldout)
-    check_required(recipe, metrics)
+    check_required(recipe, metrics, references_of(recipe, splits.heldout))
+    general_mod.check_benchmarks(recipe)
     gates = ", ".join(f"{k} {v:+g}" for k, v in recipe.eval.require.items())
     return (f"eval: {', '.join(m.name for m in metrics)} on {len(splits.heldout)} held-out examples"
             + (f"; gates {gates}" if gates else ""))
@@ -113,7 +123,8 @@ def shipped_gguf(run: RunDir, recipe: Recipe) -> Path:
     raise UserError(f"no exported GGUF in {run.export_dir}", "--gguf", f"run `ft export {run.root}` first")
 
 
-def evaluate(run: RunDir, overrides: list[str] = (), use_cache: bool = True, gguf: bool = False) -> report_mod.Report:
+def evaluate(run: RunDir, overrides: list[str] = (), use_cache: bool = True, gguf: bool = False,
+             progress=lambda line: None) -> report_mod.Report:
     from peft import PeftModel
 
     from finetune.adapter import base_of_run
@@ -128,7 +139,8 @@ def evaluate(run: RunDir, overrides: list[str] = (), use_cache: bool = True, ggu
     heldout = prep.splits.heldout[: recipe.eval.max_examples] if recipe.eval.max_examples else prep.splits.heldout
     items = build_items(heldout, prep.renderer)
     metrics = planned_metrics(recipe, heldout)
-    check_required(recipe, metrics)
+    check_required(recipe, metrics, [i.reference for i in items])
+    general_mod.check_benchmarks(recipe)
     eot = [prep.tokenizer.convert_tokens_to_ids(t) for t in prep.base.family.end_of_turn]
 
     base_dir = local_snapshot(prep.base.path, recipe.model.revision)
@@ -153,8 +165,12 @@ def evaluate(run: RunDir, overrides: list[str] = (), use_cache: bool = True, ggu
         finally:
             column.close()
 
+    general = None
+    if recipe.eval.general.enabled:
+        general = general_mod.evaluate_general(recipe, model, prep, [i.reference for i in items],
+                                               base_identity(prep.base.path), use_cache, progress)
     report = report_mod.compare(metrics, outcomes, recipe.eval.require, recipe.eval.bootstrap_samples,
-                                recipe.eval.confidence)
+                                recipe.eval.confidence, general)
     report.regressed = report_mod.regressions(metrics, items, outcomes)
     report.settings = report_mod.EvalSettings(
         max_new_tokens=recipe.eval.max_new_tokens, bootstrap_samples=recipe.eval.bootstrap_samples,

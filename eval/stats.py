@@ -31,3 +31,15 @@ def paired_bootstrap(metric: Metric, base: list[Outcome], tuned: list[Outcome], 
     tail = (1 - confidence) / 2 * 100
     low, high = np.nanpercentile(deltas, [tail, 100 - tail])
     return float(delta), float(low), float(high)
+
+
+def mean_interval(values, samples: int = 1000, confidence: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high) of per-item values by the percentile bootstrap over items. Given paired
+    differences (fine-tuned minus base on the same item) it is the paired interval of the delta."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) == 0:
+        return float("nan"), float("nan"), float("nan")
+    draws = np.random.default_rng(seed).integers(0, len(values), size=(samples, len(values)))
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(values[draws].mean(axis=1), [tail, 100 - tail])
+    return float(values.mean()), float(low), float(high)

@@ -125,10 +125,13 @@ def _evaluate(run, overrides: list[str] = (), gguf: bool = False) -> None:
 
     err.print("[bold]ft eval[/bold]: base vs fine-tuned" + (" vs the exported GGUF" if gguf else "")
               + " on the held-out set")
-    report = evaluate(run, overrides=overrides, gguf=gguf)
+    report = evaluate(run, overrides=overrides, gguf=gguf,
+                      progress=lambda line: err.print(f"  {line}", markup=False, highlight=False))
     out.print(table(report, run.root.name))
     if report.json_shapes:
         out.print(json_shapes_note(report), markup=False, highlight=False)
+    if report.general:
+        out.print(report.general.verdict(), markup=False, highlight=False)
     for gate in report.gates:
         out.print(gate.message())
     out.print(f"report: {run.eval_dir / 'report.md'}")
@@ -212,6 +215,8 @@ def chat(
     prompt: Optional[str] = typer.Option(None, "--prompt", help="answer this one message and exit (scriptable)"),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1,
                                                  help="answer length limit (default: the recipe's eval.max_new_tokens)"),
+    no_system_prompt: bool = typer.Option(False, "--no-system-prompt",
+                                          help="send no system message, as ft eval's general prompts are sent"),
 ):
     """Talk to the fine-tune in the terminal, with the served template and system prompt."""
     from eval.chat import interactive, open_chat
@@ -219,7 +224,7 @@ def chat(
 
     chosen = find_run(run)
     logs.attach(chosen.root / "logs" / "chat.log")
-    session = open_chat(chosen, gguf, max_new_tokens)
+    session = open_chat(chosen, gguf, max_new_tokens, system_prompt=not no_system_prompt)
     if prompt is not None:
         session.reply(prompt, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
         sys.stdout.write("\n")

@@ -151,6 +151,21 @@ class TrainSection(Section):
         "separately); tensorboard writes into the run folder's tensorboard/")
 
 
+class GeneralSection(Section):
+    enabled: bool = Field(True, description="the general section of every ft eval report: format leakage, "
+                          "drift and benchmarks, base vs fine-tuned (README, Held-out evaluation)")
+    prompts: str | None = Field(None, description="JSON Lines file of {prompt, kind} rows: general prompts "
+                                "added to ft's own 170 (or in their place, with replace_prompts)")
+    replace_prompts: bool = Field(False, description="use only eval.general.prompts, not ft's own set")
+    max_prompts: int | None = Field(None, gt=0, description="cap on the general prompts asked (the first N)")
+    max_new_tokens: int = Field(128, ge=1, description="generation budget per general prompt")
+    benchmarks: list[str] = Field(
+        default_factory=list, description="multiple-choice JSON Lines files of {query, choices, gold} rows "
+        "(llm-foundry's eval format), scored 0-shot by log-likelihood: acc and acc_norm")
+    benchmark_max_items: int | None = Field(None, gt=0, description="cap on the items scored per benchmark "
+                                            "(the first N)")
+
+
 class EvalSection(Section):
     after_train: bool = Field(True, description="run the base-vs-fine-tuned comparison at the end of ft train")
     metrics: Literal["auto"] | list[str] = Field(
@@ -163,6 +178,7 @@ class EvalSection(Section):
     max_examples: int | None = Field(None, gt=0, description="cap on held-out examples scored")
     bootstrap_samples: int = Field(1000, ge=100, description="paired bootstrap resamples for the CIs")
     confidence: float = Field(0.95, gt=0.5, lt=1, description="confidence level of the intervals")
+    general: GeneralSection = Field(default_factory=GeneralSection)
 
 
 class DistributedSection(Section):
@@ -289,6 +305,9 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     else:
         recipe.data.train = local(recipe.data.train)
     recipe.data.heldout = local(recipe.data.heldout)
+    general = recipe.eval.general
+    general.prompts = local(general.prompts)
+    general.benchmarks = [local(b) for b in general.benchmarks]
     if recipe.model.chat_template is not None:
         recipe.model.chat_template = (base / recipe.model.chat_template).resolve()
     if (base / recipe.model.base).is_dir():  # a local folder, not an alias or hub id
