@@ -24,12 +24,12 @@ the fine-tuned column runs on, so a delta is the adapter's doing and nothing els
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from eval.base_cache import cache_key, read_cached, store
 from eval.columns import TransformersColumn, padded_batch, row_batches
 from eval.heldout import Item
 from eval.metrics import parse_json_object
@@ -37,7 +37,6 @@ from eval.stats import mean_interval
 from finetune.data import is_categorical
 from finetune.errors import UserError
 from finetune.recipe import Recipe
-from finetune.run import cache_root, write_json
 
 GENERAL_FORMAT = 1  # bump when the general section's scoring changes: cached base answers are redone
 
@@ -321,20 +320,8 @@ def multiple_choice_correct(items: list[ChoiceItem], logliks: list[list[float]])
 # --- the base's answers, cached ------------------------------------------------------------------
 
 def base_answers_key(base_identity: list, recipe: Recipe, items: list[Item]) -> str:
-    payload = [GENERAL_FORMAT, base_identity, recipe.model.revision, recipe.quantization.model_dump(),
-               recipe.eval.general.max_new_tokens, [i.prompt_ids for i in items]]
-    return hashlib.sha256(json.dumps(payload, default=str).encode()).hexdigest()[:20]
-
-
-def cached_answers(key: str) -> list[GeneralAnswer] | None:
-    path = cache_root() / "eval" / f"general-base-{key}.json"
-    if not path.is_file():
-        return None
-    return [GeneralAnswer(**a) for a in json.loads(path.read_text(encoding="utf-8"))]
-
-
-def store_answers(key: str, answers: list[GeneralAnswer]) -> None:
-    write_json(cache_root() / "eval" / f"general-base-{key}.json", [asdict(a) for a in answers])
+    return cache_key([GENERAL_FORMAT, base_identity, recipe.model.revision, recipe.quantization.model_dump(),
+                      recipe.eval.general.max_new_tokens, [i.prompt_ids for i in items]])
 
 
 def answers_of(column: TransformersColumn, items: list[Item]) -> list[GeneralAnswer]:
@@ -351,12 +338,13 @@ def evaluate_general(recipe: Recipe, model, prep, references: list[str], base_id
     common = dict(tokenizer=prep.tokenizer, end_of_turn_ids=eot, batch_size=ev.batch_size,
                   max_new_tokens=section.max_new_tokens)
     key = base_answers_key(base_identity, recipe, items)
-    base = cached_answers(key) if use_cache else None
+    rows = read_cached("general-base", key) if use_cache else None
+    base = [GeneralAnswer(**a) for a in rows] if rows is not None else None
     cached = base is not None
     if base is None:
         progress(f"general: the base answers {len(items)} general prompts (cached for later runs)")
         base = answers_of(TransformersColumn("base", model, adapter=False, **common), items)
-        store_answers(key, base)
+        store("general-base", key, [asdict(a) for a in base])
     progress(f"general: the fine-tune answers {len(items)} general prompts")
     tuned = answers_of(TransformersColumn("fine-tuned", model, adapter=True, **common), items)
     shape = job_shape(references)

@@ -8,12 +8,11 @@ reused across fine-tunes.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict
 from pathlib import Path
 
 from eval import general as general_mod
+from eval.base_cache import cache_key, read_cached, store
 from eval import metrics as metrics_mod
 from eval import report as report_mod
 from eval.columns import Column, GGUFColumn, TransformersColumn
@@ -24,8 +23,7 @@ from export.merge import Adapter
 from finetune.data import Example, Splits
 from finetune.errors import GateFailed, UserError
 from finetune.recipe import Recipe, load_recipe
-from finetune.run import RunDir, write_json
-from finetune.run import cache_root
+from finetune.run import RunDir
 
 EVAL_FORMAT = 1  # bump when scoring changes, so cached base columns are recomputed
 
@@ -95,20 +93,8 @@ def base_identity(path: str) -> list:
 
 
 def base_cache_key(recipe: Recipe, base_path: str, items: list[Item]) -> str:
-    payload = [EVAL_FORMAT, base_identity(base_path), recipe.model.revision, recipe.quantization.model_dump(),
-               recipe.eval.max_new_tokens, items_digest(items)]
-    return hashlib.sha256(json.dumps(payload, default=str).encode()).hexdigest()[:20]
-
-
-def cached_base(key: str) -> list[Outcome] | None:
-    path = cache_root() / "eval" / f"base-{key}.json"
-    if not path.is_file():
-        return None
-    return [Outcome(**o) for o in json.loads(path.read_text(encoding="utf-8"))]
-
-
-def store_base(key: str, outcomes: list[Outcome]) -> None:
-    write_json(cache_root() / "eval" / f"base-{key}.json", [asdict(o) for o in outcomes])
+    return cache_key([EVAL_FORMAT, base_identity(base_path), recipe.model.revision, recipe.quantization.model_dump(),
+                      recipe.eval.max_new_tokens, items_digest(items)])
 
 
 def shipped_gguf(run: RunDir, recipe: Recipe) -> Path:
@@ -150,11 +136,12 @@ def evaluate(run: RunDir, overrides: list[str] = (), use_cache: bool = True, ggu
     common = dict(tokenizer=prep.tokenizer, end_of_turn_ids=eot, batch_size=recipe.eval.batch_size,
                   max_new_tokens=recipe.eval.max_new_tokens)
     key = base_cache_key(recipe, prep.base.path, items)
-    base = cached_base(key) if use_cache else None
+    rows = read_cached("base", key) if use_cache else None
+    base = [Outcome(**o) for o in rows] if rows is not None else None
     cached = base is not None
     if base is None:
         base = run_column(TransformersColumn(report_mod.BASE, model, adapter=False, **common), items)
-        store_base(key, base)
+        store("base", key, [asdict(o) for o in base])
     tuned = run_column(TransformersColumn(report_mod.TUNED, model, adapter=True, **common), items)
     outcomes = {report_mod.BASE: base, report_mod.TUNED: tuned}
     if gguf_path:

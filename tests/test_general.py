@@ -16,7 +16,6 @@ import torch
 
 from eval import general as G
 from eval.stats import mean_interval
-from finetune.errors import UserError
 from finetune.recipe import load_recipe
 from tests.conftest import ROOT, run_ft
 
