@@ -9,7 +9,8 @@ each base vs fine-tuned on the same items with a paired bootstrap interval:
   system text, where it has one, applies, as it does for any client that sends none), and the
   share of answers that take the job's answer shape (one JSON object when the held-out answers
   are JSON objects; one of the job's labels when they are class labels; free-text jobs have no
-  shape to leak), beside the share that end cleanly;
+  shape to leak), over the prompts that do not ask for JSON themselves (kind "json"), beside the
+  share that end cleanly;
 - drift, without labels: on the base's own greedy answers to those prompts, the fine-tune's mean
   per-token loss minus the base's, and the mean per-token KL(base ‖ fine-tuned) (as peft's
   method comparison measures forgetting: `disable_adapter()` is the base);
@@ -39,6 +40,7 @@ from finetune.errors import UserError
 from finetune.recipe import Recipe
 
 GENERAL_FORMAT = 1  # bump when the general section's scoring changes: cached base answers are redone
+ASKS_FOR_JSON = "json"  # the kind of general prompt that asks for JSON: left out of leakage
 
 
 @dataclass
@@ -356,12 +358,14 @@ def evaluate_general(recipe: Recipe, model, prep, references: list[str], base_id
                       for p, b, t in zip(prompts, base, tuned)]
     n, conf = ev.bootstrap_samples, ev.confidence
     if shape:
+        # a prompt that asks for JSON (kind "json") is answered right in JSON: it cannot leak
+        free = [k for k, p in enumerate(prompts) if p.kind != ASKS_FOR_JSON]
         result.rows.append(paired_row("general.leakage", "leakage: answers in the job's shape", False,
-                                      [float(shape.matches(a.text)) for a in base],
-                                      [float(shape.matches(a.text)) for a in tuned], n, conf))
-        result.examples = [{"where": p.where, "prompt": p.text, "base": b.text, "fine-tuned": t.text}
-                           for p, b, t in zip(prompts, base, tuned)
-                           if shape.matches(t.text) and not shape.matches(b.text)][:3]
+                                      [float(shape.matches(base[k].text)) for k in free],
+                                      [float(shape.matches(tuned[k].text)) for k in free], n, conf))
+        result.examples = [{"where": prompts[k].where, "prompt": prompts[k].text, "base": base[k].text,
+                            "fine-tuned": tuned[k].text}
+                           for k in free if shape.matches(tuned[k].text) and not shape.matches(base[k].text)][:3]
     result.rows.append(paired_row("general.clean_stop", "clean stop", True, [float(a.stopped) for a in base],
                                   [float(a.stopped) for a in tuned], n, conf))
     per_item = drift(model, prep.tokenizer, answered_items(items, base), ev.batch_size)

@@ -157,8 +157,12 @@ class GeneralSection(Section):
     prompts: str | None = Field(None, description="JSON Lines file of {prompt, kind} rows: general prompts "
                                 "added to ft's own 170 (or in their place, with replace_prompts)")
     replace_prompts: bool = Field(False, description="use only eval.general.prompts, not ft's own set")
-    max_prompts: int | None = Field(None, gt=0, description="cap on the general prompts asked (the first N)")
-    max_new_tokens: int = Field(128, ge=1, description="generation budget per general prompt")
+    # 64 prompts: one CPU batch of the demo's eval.batch_size; the set is interleaved by kind, so
+    # the first 64 cover every kind. null asks all 170 (more power, about 3x the time).
+    max_prompts: int | None = Field(64, gt=0, description="general prompts asked: the first N of the set "
+                                    "(null: all)")
+    # 64 tokens: a leaked JSON object or label fits, and drift needs only the answers' opening tokens
+    max_new_tokens: int = Field(64, ge=1, description="generation budget per general prompt")
     benchmarks: list[str] = Field(
         default_factory=list, description="multiple-choice JSON Lines files of {query, choices, gold} rows "
         "(llm-foundry's eval format), scored 0-shot by log-likelihood: acc and acc_norm")

@@ -99,6 +99,8 @@ def test_a_json_trained_adapter_leaks_its_format_and_drifts(qwen_run):
     assert general.shape.startswith("one JSON object")
     leakage = general.row("general.leakage")
     assert leakage.base == 0.0 and leakage.tuned >= 0.5 and leakage.lost, leakage
+    asks_for_json = sum(p.kind == "json" for p in G.general_prompts(recipe))
+    assert asks_for_json and leakage.items == 24 - asks_for_json  # a prompt asking for JSON cannot leak
     kl = general.row("general.drift_kl")
     assert general.row("general.drift_loss").lost and kl.low > 0 and not kl.lost  # KL has a size, no side
     assert "leakage: answers in the job's shape (+" in general.verdict()
