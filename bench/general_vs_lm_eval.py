@@ -27,7 +27,7 @@ from pathlib import Path
 
 from bench.common import SHARED, cache_dir, machine, table, write_result
 
-LM_EVAL = "lm-eval==0.4.13"
+LM_EVAL = "lm-eval[hf]==0.4.13"  # [hf]: transformers and accelerate for `--model hf`
 TORCH = "torch==2.13.0"  # the CPU wheel; an open range pulls CUDA
 TASK = """task: {name}
 dataset_path: json
@@ -54,8 +54,8 @@ def lm_eval_venv() -> Path:
     python = venv / "bin" / "python"
     if not python.is_file():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", TORCH], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", LM_EVAL], check=True)
+    # pip returns at once when both are installed
+    subprocess.run([str(python), "-m", "pip", "install", "-q", TORCH, LM_EVAL], check=True)
     return python
 
 
