@@ -62,7 +62,7 @@ class Chat:
         """Answer `text`, streaming the answer's text as it is decoded; returns the answer."""
         self.messages.append({"role": "user", "content": text})
         try:
-            prompt = self.tokenizer(self.renderer.served_prompt(self.messages), add_special_tokens=False)["input_ids"]
+            prompt = self.renderer.served_prompt_ids(self.messages)
             answer: list[int] = []
             shown = ""
             for token in self.engine.tokens(prompt, self.max_new_tokens, self.stop_ids):

@@ -148,7 +148,7 @@ def job_shape(references: list[str]) -> JobShape | None:
 # --- measures -----------------------------------------------------------------------------------
 
 @dataclass
-class Row:
+class GeneralRow:
     """One line of the general section: each column's value, and the paired delta."""
 
     key: str  # what eval.require names it by: general.leakage, general.drift_kl, general.<benchmark>.acc
@@ -180,9 +180,9 @@ class Row:
 
 
 def paired_row(key: str, name: str, higher_is_better: bool, base: list[float], tuned: list[float], samples: int,
-               confidence: float) -> Row:
+               confidence: float) -> GeneralRow:
     delta, low, high = mean_interval([t - b for b, t in zip(base, tuned)], samples, confidence)
-    return Row(key, name, higher_is_better, sum(base) / max(len(base), 1), sum(tuned) / max(len(tuned), 1),
+    return GeneralRow(key, name, higher_is_better, sum(base) / max(len(base), 1), sum(tuned) / max(len(tuned), 1),
                delta, low, high, len(base))
 
 
@@ -199,12 +199,12 @@ class General:
 
     prompts: int
     shape: str | None  # the job shape leakage is tested against (None: a free-text job)
-    rows: list[Row] = field(default_factory=list)
+    rows: list[GeneralRow] = field(default_factory=list)
     examples: list[dict] = field(default_factory=list)  # a few prompts the fine-tune answers in the job's shape
     answers: list[dict] = field(default_factory=list)  # every prompt and both answers (eval/general.jsonl)
     base_cached: bool = False
 
-    def row(self, key: str) -> Row | None:
+    def row(self, key: str) -> GeneralRow | None:
         return next((r for r in self.rows if r.key == key), None)
 
     def verdict(self) -> str:
@@ -239,7 +239,7 @@ def prompt_items(prompts: list[GeneralPrompt], renderer) -> list[Item]:
     items = []
     for p in prompts:
         messages = [{"role": "user", "content": p.text}]
-        ids = renderer._ids(renderer.served_prompt(messages))
+        ids = renderer.served_prompt_ids(messages)
         items.append(Item(p.where, messages, "", ids, ids, [-100] * len(ids)))
     return items
 

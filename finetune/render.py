@@ -65,6 +65,10 @@ class Renderer:
     def served_prompt(self, messages: list[dict]) -> str:
         return self._render(messages, self.served, generation_prompt=True)[0]
 
+    def served_prompt_ids(self, messages: list[dict]) -> list[int]:
+        """The served prompt's token ids: what a model is asked, in ft eval, ft chat and the GGUF."""
+        return self._ids(self.served_prompt(messages))
+
     def rows(self, example: Example) -> list[Row]:
         """The example as one row with every assistant turn labelled when its rendered history is
         token-for-token what was served before each turn; otherwise one row per assistant turn."""

@@ -97,8 +97,9 @@ def test_the_general_section_measures_what_the_real_fine_tune_lost(trained):
     away from its own (drift: loss on the base's answers up, with an interval wholly on the losing
     side; KL from the base has a size), and its answers to general prompts take the job's JSON
     shape no less often than the base's. Measured on this budget (64 prompts, 2-core EPYC):
-    leakage 0 → 0.06, drift loss +0.27 [+0.23, +0.32] nats a token, KL 0.35, clean stops
-    0.30 → 0.95 (the base rambles past 64 tokens)."""
+    leakage 0 → 1 of the 59 prompts that do not ask for JSON ("How can I save money on
+    groceries?" → a JSON object), drift loss +0.27 [+0.23, +0.32] nats a token, KL 0.35, clean
+    stops 0.30 → 0.95 (the base rambles past 64 tokens)."""
     general = json.loads((trained.eval_dir / "report.json").read_text())["general"]
     rows = {r["key"]: r for r in general["rows"]}
     assert set(rows) == {"general.leakage", "general.clean_stop", "general.drift_loss", "general.drift_kl"}
