@@ -289,12 +289,25 @@ def apply_override(data: dict, item: str) -> None:
     except yaml.YAMLError:
         value = raw
     node = data
-    parts = key.split(".")
+    parts = _override_path(key)
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise UserError(f"'{part}' is not a section", f"--set {key}", "override a key inside a section")
     node[parts[-1]] = value
+
+
+def _override_path(key: str) -> list[str]:
+    """The dotted key split where the schema has sections; inside a map (eval.require) the rest is
+    one map key, dots and all: `eval.require.json.category.accuracy` gates `json.category.accuracy`."""
+    parts, model = key.split("."), Recipe
+    for depth, part in enumerate(parts[:-1]):
+        field = model.model_fields.get(part) if model is not None else None
+        annotation = field.annotation if field is not None else None
+        if typing.get_origin(annotation) is dict:
+            return parts[:depth + 1] + [".".join(parts[depth + 1:])]
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return parts
 
 
 def resolve_paths(recipe: Recipe, base: Path) -> Recipe:

@@ -167,7 +167,7 @@ def test_ft_eval_reports_the_general_section_and_gates_on_it(qwen_run, tmp_path)
     assert set(rows) == {"general.leakage", "general.clean_stop", "general.drift_loss", "general.drift_kl"}
     assert report["general"]["prompts"] == 24 and not report["general"]["base_cached"]
     assert "## Beside the job" in (run.eval_dir / "report.md").read_text()
-    gated = run_ft("eval", str(run.root), "--set", "eval.require={general.leakage: -0.02}", env=cache)
+    gated = run_ft("eval", str(run.root), "--set", "eval.require.general.leakage=-0.02", env=cache)
     assert gated.returncode == 3 and "general.leakage at its interval's worst end" in gated.stdout + gated.stderr
     again = json.loads((run.eval_dir / "report.json").read_text())["general"]
     assert again["base_cached"] and again["rows"] == report["general"]["rows"]  # same answers from the cache

@@ -127,3 +127,13 @@ def test_custom_template_without_generation_markers_is_refused(tmp_path):
     result = run_ft("validate", str(path))
     assert result.returncode == 2
     assert "no {% generation %}" in result.stderr and "t.jinja" in result.stderr
+
+
+def test_override_inside_a_map_keeps_the_rest_of_the_key_whole():
+    """`--set eval.require.json.category.accuracy=0.5` gates the metric `json.category.accuracy`:
+    inside a map (eval.require) the rest of the dotted key is one key, not more sections."""
+    recipe = load_recipe(ROOT / "recipes" / "tiny-support.yaml",
+                         ["eval.require.json.category.accuracy=0.5", "eval.require.general.leakage=-0.02",
+                          "eval.general.max_prompts=8"])
+    assert recipe.eval.require == {"json.category.accuracy": 0.5, "general.leakage": -0.02}
+    assert recipe.eval.general.max_prompts == 8
