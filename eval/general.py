@@ -31,7 +31,7 @@ from importlib import resources
 from pathlib import Path
 
 from eval.base_cache import cache_key, read_cached, store
-from eval.columns import TransformersColumn, padded_batch, row_batches
+from eval.columns import Generation, TransformersColumn, padded_batch, row_batches
 from eval.heldout import Item
 from eval.metrics import parse_json_object
 from eval.stats import mean_interval
@@ -170,27 +170,16 @@ class GeneralRow:
         return self.high < 0 if self.higher_is_better else self.low > 0
 
     @property
-    def improvement(self) -> float:
-        return self.delta if self.higher_is_better else -self.delta
-
-    @property
     def worst_improvement(self) -> float:
         """The interval's end on the losing side, as an improvement (what a gate bounds)."""
         return self.low if self.higher_is_better else -self.high
 
 
 def paired_row(key: str, name: str, higher_is_better: bool, base: list[float], tuned: list[float], samples: int,
-               confidence: float) -> GeneralRow:
+               confidence: float, sided: bool = True) -> GeneralRow:
     delta, low, high = mean_interval([t - b for b, t in zip(base, tuned)], samples, confidence)
-    return GeneralRow(key, name, higher_is_better, sum(base) / max(len(base), 1), sum(tuned) / max(len(tuned), 1),
-               delta, low, high, len(base))
-
-
-@dataclass
-class GeneralAnswer:
-    text: str
-    stopped: bool
-    tokens: list[int]  # as generated (drift is measured on these very tokens, not a re-encoding)
+    return GeneralRow(key, name, higher_is_better, sum(base) / max(len(base), 1),
+                      sum(tuned) / max(len(tuned), 1), delta, low, high, len(base), sided)
 
 
 @dataclass
@@ -227,11 +216,11 @@ def planned_keys(recipe: Recipe, references: list[str]) -> list[str]:
     return keys
 
 
-def check_benchmarks(recipe: Recipe) -> None:
-    """Every benchmark file read strictly before any weights load: a bad row stops `ft train`
-    before training, not after."""
-    for path in recipe.eval.general.benchmarks:
-        read_benchmark(Path(path))
+def read_benchmarks(recipe: Recipe) -> dict[str, list[ChoiceItem]]:
+    """Every eval.general.benchmarks file by name, read strictly and capped: called before any
+    weights load, so a bad row stops `ft train` before training, not after."""
+    cap = recipe.eval.general.benchmark_max_items
+    return {Path(path).stem: read_benchmark(Path(path))[:cap] for path in recipe.eval.general.benchmarks}
 
 
 def prompt_items(prompts: list[GeneralPrompt], renderer) -> list[Item]:
@@ -244,9 +233,10 @@ def prompt_items(prompts: list[GeneralPrompt], renderer) -> list[Item]:
     return items
 
 
-def answered_items(items: list[Item], answers: list[GeneralAnswer]) -> list[Item]:
+def answered_items(items: list[Item], answers: list[Generation]) -> list[Item]:
     """The base's answers after their prompts, the answer's tokens labelled: what drift is
-    measured on (teacher forcing, both models on the same tokens the base generated)."""
+    measured on (teacher forcing, both models on the very tokens the base generated, not a
+    re-encoding of its text)."""
     return [Item(i.where, i.messages, a.text, i.prompt_ids, i.prompt_ids + a.tokens,
                  [-100] * len(i.prompt_ids) + a.tokens) for i, a in zip(items, answers)]
 
@@ -326,13 +316,11 @@ def base_answers_key(base_identity: list, recipe: Recipe, items: list[Item]) -> 
                       recipe.eval.general.max_new_tokens, [i.prompt_ids for i in items]])
 
 
-def answers_of(column: TransformersColumn, items: list[Item]) -> list[GeneralAnswer]:
-    return [GeneralAnswer(g.text, g.stopped, g.tokens) for g in column.generate(items)]
-
-
 def evaluate_general(recipe: Recipe, model, prep, references: list[str], base_identity: list,
-                     use_cache: bool = True, progress=lambda line: None) -> General:
-    """The general section for a loaded base+adapter (`model`, a peft model)."""
+                     benchmarks: dict[str, list[ChoiceItem]], use_cache: bool = True,
+                     progress=lambda line: None) -> General:
+    """The general section for a loaded base+adapter (`model`, a peft model); `benchmarks`:
+    read_benchmarks' files."""
     section, ev = recipe.eval.general, recipe.eval
     prompts = general_prompts(recipe)
     items = prompt_items(prompts, prep.renderer)
@@ -341,14 +329,14 @@ def evaluate_general(recipe: Recipe, model, prep, references: list[str], base_id
                   max_new_tokens=section.max_new_tokens)
     key = base_answers_key(base_identity, recipe, items)
     rows = read_cached("general-base", key) if use_cache else None
-    base = [GeneralAnswer(**a) for a in rows] if rows is not None else None
+    base = [Generation(**a) for a in rows] if rows is not None else None
     cached = base is not None
     if base is None:
         progress(f"general: the base answers {len(items)} general prompts (cached for later runs)")
-        base = answers_of(TransformersColumn("base", model, adapter=False, **common), items)
+        base = TransformersColumn("base", model, adapter=False, **common).generate(items)
         store("general-base", key, [asdict(a) for a in base])
     progress(f"general: the fine-tune answers {len(items)} general prompts")
-    tuned = answers_of(TransformersColumn("fine-tuned", model, adapter=True, **common), items)
+    tuned = TransformersColumn("fine-tuned", model, adapter=True, **common).generate(items)
     shape = job_shape(references)
     result = General(len(items), shape.description if shape else None, base_cached=cached)
     result.answers = [{"where": p.where, "kind": p.kind, "prompt": p.text,
@@ -369,21 +357,18 @@ def evaluate_general(recipe: Recipe, model, prep, references: list[str], base_id
     result.rows.append(paired_row("general.clean_stop", "clean stop", True, [float(a.stopped) for a in base],
                                   [float(a.stopped) for a in tuned], n, conf))
     per_item = drift(model, prep.tokenizer, answered_items(items, base), ev.batch_size)
-    result.rows.append(paired_row("general.drift_loss", "drift: loss on the base's answers", False, [b for b, _, _ in per_item],
-                                  [t for _, t, _ in per_item], n, conf))
-    kl = paired_row("general.drift_kl", "drift: KL(base ‖ fine-tuned)", False, [0.0] * len(per_item),
-                    [k for _, _, k in per_item], n, conf)
-    kl.sided = False  # every adapter moves away from its base: the size is the news, not the sign
-    result.rows.append(kl)
-    for path in section.benchmarks:
-        bench = read_benchmark(Path(path))
-        bench = bench[: section.benchmark_max_items] if section.benchmark_max_items else bench
-        name = Path(path).stem
+    result.rows.append(paired_row("general.drift_loss", "drift: loss on the base's answers", False,
+                                  [b for b, _, _ in per_item], [t for _, t, _ in per_item], n, conf))
+    # every adapter moves away from its base: the KL's size is the news, not its sign
+    result.rows.append(paired_row("general.drift_kl", "drift: KL(base ‖ fine-tuned)", False, [0.0] * len(per_item),
+                                  [k for _, _, k in per_item], n, conf, sided=False))
+    for name, bench in benchmarks.items():
         progress(f"general: {name}, {len(bench)} multiple-choice items, base and fine-tuned")
         base_acc, base_norm = multiple_choice_correct(
             bench, choice_logliks(model, prep.tokenizer, bench, ev.batch_size, adapter=False))
         tuned_acc, tuned_norm = multiple_choice_correct(
             bench, choice_logliks(model, prep.tokenizer, bench, ev.batch_size, adapter=True))
         result.rows.append(paired_row(f"general.{name}.acc", f"{name}: acc", True, base_acc, tuned_acc, n, conf))
-        result.rows.append(paired_row(f"general.{name}.acc_norm", f"{name}: acc_norm", True, base_norm, tuned_norm, n, conf))
+        result.rows.append(paired_row(f"general.{name}.acc_norm", f"{name}: acc_norm", True, base_norm, tuned_norm,
+                                      n, conf))
     return result

@@ -20,7 +20,7 @@ from eval import metrics as metrics_mod
 from eval.columns import GGUFColumn
 from eval.heldout import build_items
 from eval.report import GGUF
-from eval.runner import planned_metrics, run_column
+from eval.runner import planned_metrics, run_column, scored_heldout
 from eval.stats import paired_bootstrap
 from finetune.errors import UserError
 from finetune.recipe import Recipe
@@ -52,7 +52,7 @@ def chooser(recipe: Recipe, prep, out: Path, progress=print) -> Callable:
     report). `prep`: the run's data as export read it (once, for every step)."""
 
     def choose(sixteen: Path, quantize_to) -> tuple[str, Path, dict]:
-        heldout = prep.splits.heldout[: recipe.eval.max_examples] if recipe.eval.max_examples else prep.splits.heldout
+        heldout = scored_heldout(recipe, prep.splits.heldout)
         items = build_items(heldout, prep.renderer)
         metrics = planned_metrics(recipe, prep.splits.heldout)
         eot = [prep.tokenizer.convert_tokens_to_ids(t) for t in prep.base.family.end_of_turn]

@@ -28,11 +28,20 @@ from finetune.run import RunDir
 EVAL_FORMAT = 1  # bump when scoring changes, so cached base columns are recomputed
 
 
+def scored_heldout(recipe: Recipe, heldout: list[Example]) -> list[Example]:
+    """The held-out examples `ft eval` scores (eval.max_examples caps them)."""
+    return heldout[: recipe.eval.max_examples]  # None: all
+
+
+def references_of(recipe: Recipe, heldout: list[Example]) -> list[str]:
+    return [e.messages[-1]["content"] for e in scored_heldout(recipe, heldout)]
+
+
 def planned_metrics(recipe: Recipe, heldout: list[Example]) -> list[metrics_mod.Metric]:
     """The metrics `ft eval` will compute: known from the held-out answers alone, before any
     weights load (so `ft train` can refuse a gate on a metric that will not exist)."""
-    scored = heldout[: recipe.eval.max_examples] if recipe.eval.max_examples else heldout
-    references = [e.messages[-1]["content"] for e in scored]
+    scored = scored_heldout(recipe, heldout)
+    references = references_of(recipe, heldout)
     if recipe.eval.metrics == "auto":
         return metrics_mod.detect_metrics(references, all(e.label is not None for e in scored))
     try:
@@ -60,18 +69,13 @@ def check_required(recipe: Recipe, metrics: list[metrics_mod.Metric], references
                         + (f"; the general section's: {', '.join(general)}" if general else ""))
 
 
-def references_of(recipe: Recipe, heldout: list[Example]) -> list[str]:
-    scored = heldout[: recipe.eval.max_examples] if recipe.eval.max_examples else heldout
-    return [e.messages[-1]["content"] for e in scored]
-
-
 def check_before_training(recipe: Recipe, splits: Splits) -> str:
     """`ft train` and `ft validate` call this before any weights load: the metrics and the gates
     must be computable, or the run would train for nothing (finetune cannot import eval, so the
     CLI hands it over)."""
     metrics = planned_metrics(recipe, splits.heldout)
     check_required(recipe, metrics, references_of(recipe, splits.heldout))
-    general_mod.check_benchmarks(recipe)
+    general_mod.read_benchmarks(recipe)
     gates = ", ".join(f"{k} {v:+g}" for k, v in recipe.eval.require.items())
     return (f"eval: {', '.join(m.name for m in metrics)} on {len(splits.heldout)} held-out examples"
             + (f"; gates {gates}" if gates else ""))
@@ -122,11 +126,11 @@ def evaluate(run: RunDir, overrides: list[str] = (), use_cache: bool = True, ggu
     recipe = load_recipe(run.recipe, overrides)
     gguf_path = shipped_gguf(run, recipe) if gguf else None  # fail before any model work
     prep = prepare(recipe, base_of_run(run))
-    heldout = prep.splits.heldout[: recipe.eval.max_examples] if recipe.eval.max_examples else prep.splits.heldout
+    heldout = scored_heldout(recipe, prep.splits.heldout)
     items = build_items(heldout, prep.renderer)
     metrics = planned_metrics(recipe, heldout)
     check_required(recipe, metrics, [i.reference for i in items])
-    general_mod.check_benchmarks(recipe)
+    benchmarks = general_mod.read_benchmarks(recipe)  # before the weights load: a bad row fails fast
     eot = [prep.tokenizer.convert_tokens_to_ids(t) for t in prep.base.family.end_of_turn]
 
     base_dir = local_snapshot(prep.base.path, recipe.model.revision)
@@ -155,7 +159,7 @@ def evaluate(run: RunDir, overrides: list[str] = (), use_cache: bool = True, ggu
     general = None
     if recipe.eval.general.enabled:
         general = general_mod.evaluate_general(recipe, model, prep, [i.reference for i in items],
-                                               base_identity(prep.base.path), use_cache, progress)
+                                               base_identity(prep.base.path), benchmarks, use_cache, progress)
     report = report_mod.compare(metrics, outcomes, recipe.eval.require, recipe.eval.bootstrap_samples,
                                 recipe.eval.confidence, general)
     report.regressed = report_mod.regressions(metrics, items, outcomes)

@@ -80,7 +80,7 @@ def test_a_zero_adapter_against_its_base_gives_zero_deltas(qwen_run):
     recipe, prep, model = peft_model(qwen_run, zero=True)
     recipe = load_recipe(qwen_run.recipe, ["eval.general.max_prompts=12", "eval.general.max_new_tokens=16"])
     refs = [e.messages[-1]["content"] for e in prep.splits.heldout]
-    general = G.evaluate_general(recipe, model, prep, refs, ["zero-adapter"], use_cache=False)
+    general = G.evaluate_general(recipe, model, prep, refs, ["zero-adapter"], {}, use_cache=False)
     assert [r.key for r in general.rows] == ["general.leakage", "general.clean_stop", "general.drift_loss",
                                              "general.drift_kl"]
     for row in general.rows:
@@ -95,7 +95,7 @@ def test_a_json_trained_adapter_leaks_its_format_and_drifts(qwen_run):
     recipe, prep, model = peft_model(qwen_run)
     recipe = load_recipe(qwen_run.recipe, ["eval.general.max_prompts=24", "eval.general.max_new_tokens=48"])
     refs = [e.messages[-1]["content"] for e in prep.splits.heldout]
-    general = G.evaluate_general(recipe, model, prep, refs, ["json-twin"], use_cache=False)
+    general = G.evaluate_general(recipe, model, prep, refs, ["json-twin"], {}, use_cache=False)
     assert general.shape.startswith("one JSON object")
     leakage = general.row("general.leakage")
     assert leakage.base == 0.0 and leakage.tuned >= 0.5 and leakage.lost, leakage
@@ -219,3 +219,26 @@ def test_ft_chat_without_a_system_prompt_is_the_general_sections_chat(qwen_run, 
     chat = run_ft("chat", str(run.root), "--prompt", first["prompt"], "--no-system-prompt", "--max-new-tokens", "32")
     assert chat.returncode == 0, chat.stderr[-2000:]
     assert chat.stdout.strip() == first["fine-tuned"]["text"]
+
+
+def test_ft_eval_adds_a_benchmark_to_an_existing_runs_report(qwen_run, tmp_path):
+    """`ft eval RUN --set eval.general.benchmarks=[FILE]`: the file's acc and acc_norm rows join the
+    section, each over the file's items (capped by benchmark_max_items), base and fine-tuned."""
+    import shutil
+
+    from finetune.run import RunDir
+
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(qwen_run.root, run.root, ignore=shutil.ignore_patterns("checkpoints"))
+    bench = tmp_path / "colors.jsonl"
+    bench.write_text("".join(json.dumps({"query": i.query, "choices": i.choices, "gold": i.gold}) + "\n"
+                             for i in ITEMS * 3))
+    result = run_ft("eval", str(run.root), "--set", "eval.general.max_prompts=2",
+                    "--set", f"eval.general.benchmarks=[{bench}]", "--set", "eval.general.benchmark_max_items=5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r["key"]: r for r in json.loads((run.eval_dir / "report.json").read_text())["general"]["rows"]}
+    for metric in ("acc", "acc_norm"):
+        row = rows[f"general.colors.{metric}"]
+        assert row["items"] == 5 and 0 <= row["base"] <= 1 and 0 <= row["fine-tuned"] <= 1
+        assert row["delta"] == pytest.approx(row["fine-tuned"] - row["base"])
+    assert "colors: acc" in (run.eval_dir / "report.md").read_text()
