@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 
 from finetune.run import cache_root, write_json
 
@@ -21,3 +23,27 @@ def read_cached(kind: str, key: str) -> list[dict] | None:
 
 def store(kind: str, key: str, rows: list[dict]) -> None:
     write_json(cache_root() / "eval" / f"{kind}-{key}.json", rows)
+
+
+def read_cached_tensor(kind: str, key: str):
+    """A tensor stored beside a cached column (safetensors: no pickle), or None."""
+    from safetensors.torch import load_file
+
+    path = cache_root() / "eval" / f"{kind}-{key}.safetensors"
+    return load_file(str(path))["tensor"] if path.is_file() else None
+
+
+def store_tensor(kind: str, key: str, tensor) -> None:
+    """Written beside the target and renamed, as every file ft writes."""
+    from safetensors.torch import save_file
+
+    folder = cache_root() / "eval"
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{kind}-{key}.", dir=folder)
+    os.close(fd)
+    try:
+        save_file({"tensor": tensor.contiguous()}, tmp)
+        os.replace(tmp, folder / f"{kind}-{key}.safetensors")
+    except BaseException:
+        os.unlink(tmp)
+        raise

@@ -119,6 +119,7 @@ class TransformersColumn:
                 generated = self.model.generate(
                     input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                     max_new_tokens=self.max_new_tokens, eos_token_id=self.eot, pad_token_id=pad,
+                    use_cache=True,  # a model set up for training (gradient checkpointing) turns it off
                     temperature=None, top_p=None, top_k=None,
                 )
                 for row, i in enumerate(chunk):

@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from eval.base_cache import cache_key, read_cached, store
-from eval.columns import Generation, TransformersColumn, padded_batch, row_batches
+from eval.base_cache import cache_key, read_cached, read_cached_tensor, store, store_tensor
+from eval.columns import SCORE_LOGITS_BYTES, Generation, TransformersColumn, padded_batch, row_batches
 from eval.heldout import Item
 from eval.metrics import parse_json_object
 from eval.stats import mean_interval
@@ -39,7 +39,7 @@ from finetune.data import is_categorical
 from finetune.errors import UserError
 from finetune.recipe import Recipe
 
-GENERAL_FORMAT = 1  # bump when the general section's scoring changes: cached base answers are redone
+GENERAL_FORMAT = 2  # bump when the general section's scoring changes: cached base answers are redone
 ASKS_FOR_JSON = "json"  # the kind of general prompt that asks for JSON: left out of leakage
 
 
@@ -91,14 +91,30 @@ def read_prompts(path: Path) -> list[GeneralPrompt]:
     return prompts
 
 
-def general_prompts(recipe: Recipe) -> list[GeneralPrompt]:
-    """ft's own set, replaced or extended by the recipe's file, capped by eval.general.max_prompts."""
+def whole_prompt_set(recipe: Recipe) -> list[GeneralPrompt]:
+    """ft's own set, replaced or extended by the recipe's file."""
     section = recipe.eval.general
     own = resources.files("eval").joinpath("general_prompts.jsonl")
     prompts = [] if (section.prompts and section.replace_prompts) else read_prompts(Path(str(own)))
     if section.prompts:
         prompts += read_prompts(Path(section.prompts))
-    return prompts[: section.max_prompts] if section.max_prompts else prompts
+    return prompts
+
+
+def general_prompts(recipe: Recipe) -> list[GeneralPrompt]:
+    """What the general section asks: the set's first eval.general.max_prompts."""
+    prompts = whole_prompt_set(recipe)
+    return prompts[: recipe.eval.general.max_prompts] if recipe.eval.general.max_prompts else prompts
+
+
+def rehearsal_prompts(recipe: Recipe) -> list[GeneralPrompt]:
+    """What rehearsal trains on: the set's prompts after those the general section asks (drift
+    measured on answers the fine-tune was trained to give would flatter it), at most
+    train.rehearsal_prompts."""
+    asked = recipe.eval.general.max_prompts
+    if asked is None:
+        return []
+    return whole_prompt_set(recipe)[asked: asked + recipe.train.rehearsal_prompts]
 
 
 def read_benchmark(path: Path) -> list[ChoiceItem]:
@@ -241,28 +257,57 @@ def answered_items(items: list[Item], answers: list[Generation]) -> list[Item]:
                  [-100] * len(i.prompt_ids) + a.tokens) for i, a in zip(items, answers)]
 
 
-def drift(model, tokenizer, items: list[Item], batch_size: int) -> list[tuple[float, float, float]]:
-    """Per item: (base loss per token, fine-tuned loss per token, KL(base ‖ fine-tuned) per token)
-    over the answer's tokens; one padded batch through the model twice, adapter off then on."""
+def answer_states(model, tokenizer, items: list[Item], batch_size: int, adapter: bool):
+    """The last hidden state (what the LM head reads) at every position that predicts an answer
+    token, all items' positions concatenated in order, and those tokens. The decoder runs without
+    its LM head: the head's [positions, vocabulary] product is the dearest part of a small model's
+    forward, and only answer positions need it."""
+    import contextlib
+
     import torch
 
-    results: list[tuple[float, float, float]] = [(0.0, 0.0, 0.0)] * len(items)
-    vocab = model.config.get_text_config().vocab_size
-    with torch.no_grad():
-        for chunk in row_batches(items, batch_size, vocab, copies=3):
+    decoder = model.get_base_model().get_decoder()
+    states = [None] * len(items)
+    switch = contextlib.nullcontext() if adapter else model.disable_adapter()
+    with torch.no_grad(), switch:
+        for chunk in row_batches(items, batch_size, vocab=1):  # no logits held: rows by batch size
             ids, mask, labels = padded_batch([items[i] for i in chunk], tokenizer.pad_token_id, model.device)
-            with model.disable_adapter():
-                base = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
-            tuned = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
-            target = labels[:, 1:]
-            valid = target != -100
-            index = target.clamp(min=0).unsqueeze(-1)
-            n = valid.sum(1).clamp(min=1)
-            base_nll = -(base.gather(-1, index).squeeze(-1) * valid).sum(1) / n
-            tuned_nll = -(tuned.gather(-1, index).squeeze(-1) * valid).sum(1) / n
-            kl = ((base.exp() * (base - tuned)).sum(-1) * valid).sum(1) / n
+            hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+            valid = labels[:, 1:] != -100  # position t predicts token t+1
             for row, i in enumerate(chunk):
-                results[i] = (float(base_nll[row]), float(tuned_nll[row]), float(kl[row]))
+                states[i] = hidden[row][valid[row]].float()
+    return torch.cat(states), torch.cat([torch.tensor(i.labels[1:])[torch.tensor(i.labels[1:]) != -100]
+                                         for i in items])
+
+
+def drift(model, tokenizer, items: list[Item], base_states, batch_size: int) -> list[tuple[float, float, float]]:
+    """Per item: (base loss per token, fine-tuned loss per token, KL(base ‖ fine-tuned) per token)
+    over the answer's tokens. `base_states`: answer_states of the base (cached with its answers:
+    they depend only on the base and the prompts), so only the fine-tune runs its decoder here;
+    both go through the same LM head, in slices of positions that bound the logits' memory."""
+    import torch
+
+    tuned_states, targets = answer_states(model, tokenizer, items, batch_size, adapter=True)
+    head = model.get_base_model().get_output_embeddings()
+    vocab = model.config.get_text_config().vocab_size
+    per_position = torch.zeros(3, len(targets))
+    step = max(1, SCORE_LOGITS_BYTES // (vocab * 4 * 3))
+    with torch.no_grad():
+        for start in range(0, len(targets), step):
+            part = slice(start, start + step)
+            with model.disable_adapter():  # a recipe may put LoRA on the head too
+                base = torch.log_softmax(head(base_states[part].to(head.weight.dtype)).float(), -1)
+            tuned = torch.log_softmax(head(tuned_states[part].to(head.weight.dtype)).float(), -1)
+            index = targets[part].unsqueeze(-1)
+            per_position[0, part] = -base.gather(-1, index).squeeze(-1)
+            per_position[1, part] = -tuned.gather(-1, index).squeeze(-1)
+            per_position[2, part] = (base.exp() * (base - tuned)).sum(-1)
+    results, start = [], 0
+    for item in items:
+        n = sum(1 for label in item.labels[1:] if label != -100)
+        mean = per_position[:, start:start + n].sum(1) / max(n, 1)
+        results.append((float(mean[0]), float(mean[1]), float(mean[2])))
+        start += n
     return results
 
 
@@ -316,6 +361,14 @@ def base_answers_key(base_identity: list, recipe: Recipe, items: list[Item]) -> 
                       recipe.eval.general.max_new_tokens, [i.prompt_ids for i in items]])
 
 
+def cached_base(key: str):
+    """The base's general answers and its hidden states at their tokens, or (None, None)."""
+    rows, states = read_cached("general-base", key), read_cached_tensor("general-base", key)
+    if rows is None or states is None:
+        return None, None
+    return [Generation(**a) for a in rows], states
+
+
 def evaluate_general(recipe: Recipe, model, prep, references: list[str], base_identity: list,
                      benchmarks: dict[str, list[ChoiceItem]], use_cache: bool = True,
                      progress=lambda line: None) -> General:
@@ -328,12 +381,14 @@ def evaluate_general(recipe: Recipe, model, prep, references: list[str], base_id
     common = dict(tokenizer=prep.tokenizer, end_of_turn_ids=eot, batch_size=ev.batch_size,
                   max_new_tokens=section.max_new_tokens)
     key = base_answers_key(base_identity, recipe, items)
-    rows = read_cached("general-base", key) if use_cache else None
-    base = [Generation(**a) for a in rows] if rows is not None else None
+    base, base_states = cached_base(key) if use_cache else (None, None)
     cached = base is not None
     if base is None:
         progress(f"general: the base answers {len(items)} general prompts (cached for later runs)")
         base = TransformersColumn("base", model, adapter=False, **common).generate(items)
+        base_states, _ = answer_states(model, prep.tokenizer, answered_items(items, base), ev.batch_size,
+                                       adapter=False)
+        store_tensor("general-base", key, base_states)  # before the answers: they mark the entry whole
         store("general-base", key, [asdict(a) for a in base])
     progress(f"general: the fine-tune answers {len(items)} general prompts")
     tuned = TransformersColumn("fine-tuned", model, adapter=True, **common).generate(items)
@@ -356,7 +411,7 @@ def evaluate_general(recipe: Recipe, model, prep, references: list[str], base_id
                            for k in free if shape.matches(tuned[k].text) and not shape.matches(base[k].text)][:3]
     result.rows.append(paired_row("general.clean_stop", "clean stop", True, [float(a.stopped) for a in base],
                                   [float(a.stopped) for a in tuned], n, conf))
-    per_item = drift(model, prep.tokenizer, answered_items(items, base), ev.batch_size)
+    per_item = drift(model, prep.tokenizer, answered_items(items, base), base_states, ev.batch_size)
     result.rows.append(paired_row("general.drift_loss", "drift: loss on the base's answers", False,
                                   [b for b, _, _ in per_item], [t for _, t, _ in per_item], n, conf))
     # every adapter moves away from its base: the KL's size is the news, not its sign

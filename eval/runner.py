@@ -15,6 +15,7 @@ from eval import general as general_mod
 from eval.base_cache import cache_key, read_cached, store
 from eval import metrics as metrics_mod
 from eval import report as report_mod
+from eval import rehearsal as rehearsal_mod
 from eval.columns import Column, GGUFColumn, TransformersColumn
 from eval.heldout import Item, build_items, items_digest
 from eval.metrics import Outcome
@@ -76,9 +77,10 @@ def check_before_training(recipe: Recipe, splits: Splits) -> str:
     metrics = planned_metrics(recipe, splits.heldout)
     check_required(recipe, metrics, references_of(recipe, splits.heldout))
     general_mod.read_benchmarks(recipe)
+    rehearsal = rehearsal_mod.check(recipe, splits)
     gates = ", ".join(f"{k} {v:+g}" for k, v in recipe.eval.require.items())
     return (f"eval: {', '.join(m.name for m in metrics)} on {len(splits.heldout)} held-out examples"
-            + (f"; gates {gates}" if gates else ""))
+            + (f"; gates {gates}" if gates else "") + (f"; {rehearsal}" if rehearsal else ""))
 
 
 def run_column(column: Column, items: list[Item]) -> list[Outcome]:

@@ -63,7 +63,7 @@ def train(
     if main_rank:
         err.print(f"[bold]ft train[/bold] {loaded.name} → {run.root}")
     summary = run_training(loaded, run, resume=resume, overwrite=overwrite, console=err if main_rank else None,
-                           checks=[_eval_can_run])
+                           checks=[_eval_can_run], rehearsal=_rehearsal_rows)
     if not main_rank:
         return  # rank 0 reports, evaluates and writes; the others are done
     import gc
@@ -98,6 +98,14 @@ def _eval_can_run(recipe, splits) -> str:
     from eval.runner import check_before_training
 
     return check_before_training(recipe, splits)
+
+
+def _rehearsal_rows(recipe, model, prep, progress):
+    """train.rehearsal's rows, made by eval (its generation and general prompts), handed to finetune."""
+    from eval.rehearsal import rehearsal_rows
+    from eval.runner import base_identity
+
+    return rehearsal_rows(recipe, model, prep, base_identity(prep.base.path), progress)
 
 
 def _launch(recipe, args: list[str], nproc: int, nnodes: int, node_rank: int, addr: str, port: int) -> None:
@@ -275,12 +283,32 @@ def _show(recipe, prep, count: int, split: str, tokens: bool) -> None:
         else:
             out.print(show_mod.as_text(show_mod.segments(prep.tokenizer, row.input_ids, row.labels), markers),
                       highlight=False)
+    if split == "train" and recipe.train.rehearsal:
+        _show_rehearsal(recipe, prep, count, markers)
     available = len(prep.splits.train if split == "train" else prep.splits.heldout)
     if len(rows) < count:
         out.print(f"(the {split} split has {available} examples: {len(rows)} rows shown)", markup=False,
                   highlight=False)
     if split == "train":
         out.print(show_mod.summarize(prep, recipe).line(), markup=False, highlight=False)
+
+
+def _show_rehearsal(recipe, prep, count: int, markers: bool) -> None:
+    """train.rehearsal's rows after the job's: their share of `count`, at least one."""
+    import math
+
+    from eval.rehearsal import shown_rows
+    from eval.runner import base_identity
+    from finetune import show as show_mod
+
+    rows = shown_rows(recipe, prep, max(1, math.ceil(count * recipe.train.rehearsal)), base_identity(prep.base.path))
+    out.print(f"train.rehearsal {recipe.train.rehearsal:g}: rows of the base's own answers to general prompts "
+              "(no system message), mixed into the training rows", markup=False, highlight=False)
+    for index, row in enumerate(rows, 1):
+        out.print(show_mod.header(row, index, prep.base.family.end_of_turn, prep.tokenizer), markup=False,
+                  highlight=False)
+        out.print(show_mod.as_text(show_mod.segments(prep.tokenizer, row.input_ids, row.labels), markers),
+                  highlight=False)
 
 
 @app.command()

@@ -146,6 +146,12 @@ class TrainSection(Section):
     save_total_limit: int = Field(2, ge=1, description="checkpoints kept (oldest deleted)")
     logging_steps: int = Field(5, ge=1, description="metrics.jsonl row every N steps")
     eval_steps: int | None = Field(None, ge=1, description="held-out loss every N steps")
+    # rehearsal: README, "Rehearsal"; the default follows the with/without measurement there
+    rehearsal: float = Field(0.0, ge=0, lt=1, description="share of training rows that are the base's own "
+                             "answers to ft's general prompts (self-synthesised rehearsal: keeps general answers "
+                             "off the job's format); 0: off")
+    rehearsal_prompts: int = Field(64, ge=1, description="general prompts rehearsal answers: the set's prompts "
+                                   "after the first eval.general.max_prompts (never those the general section asks)")
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=list, description="also send the training curves to these trackers (installed "
         "separately); tensorboard writes into the run folder's tensorboard/")
@@ -157,12 +163,14 @@ class GeneralSection(Section):
     prompts: str | None = Field(None, description="JSON Lines file of {prompt, kind} rows: general prompts "
                                 "added to ft's own 170 (or in their place, with replace_prompts)")
     replace_prompts: bool = Field(False, description="use only eval.general.prompts, not ft's own set")
-    # 64 prompts: one CPU batch of the demo's eval.batch_size; the set is interleaved by kind, so
-    # the first 64 cover every kind. null asks all 170 (more power, about 3x the time).
-    max_prompts: int | None = Field(64, gt=0, description="general prompts asked: the first N of the set "
+    # 32 prompts × 48 tokens: what the section can ask within about a third of the demo's ft eval
+    # on 2 CPU cores (bench/RESULTS.md 12); the set is interleaved by kind, so the first 32 cover
+    # every kind. A format that takes over shows at 32; a subtle leak needs more (null: all 170).
+    max_prompts: int | None = Field(32, gt=0, description="general prompts asked: the first N of the set "
                                     "(null: all)")
-    # 64 tokens: a leaked JSON object or label fits, and drift needs only the answers' opening tokens
-    max_new_tokens: int = Field(64, ge=1, description="generation budget per general prompt")
+    # 48 tokens: a leaked JSON object or label fits, and drift needs only the answers' opening tokens
+    max_new_tokens: int = Field(48, ge=1, description="generation budget per general prompt (and per "
+                                "rehearsal answer)")
     benchmarks: list[str] = Field(
         default_factory=list, description="multiple-choice JSON Lines files of {query, choices, gold} rows "
         "(llm-foundry's eval format), scored 0-shot by log-likelihood: acc and acc_norm")

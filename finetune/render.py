@@ -197,6 +197,25 @@ def tokenize_all(renderer: Renderer, examples: list[Example], max_length: int, t
     return ds, report
 
 
+def rehearsal_row_count(train_rows: int, share: float) -> int:
+    """Rehearsal rows that make `share` of the mixed split: r / (train + r) = share."""
+    return round(train_rows * share / (1 - share))
+
+
+def mixed_with(dataset, rows: list[Row], share: float):
+    """The training rows with rehearsal rows added (train.rehearsal): the rehearsal rows repeated
+    in order until they are `share` of the whole; the trainer's shuffle spreads them, so each
+    batch holds that share on average."""
+    import datasets
+
+    count = rehearsal_row_count(len(dataset), share) if rows else 0
+    if not count:
+        return dataset, 0
+    taken = [rows[k % len(rows)] for k in range(count)]
+    extra = datasets.Dataset.from_dict({"input_ids": [r.input_ids for r in taken], "labels": [r.labels for r in taken]})
+    return datasets.concatenate_datasets([dataset, extra.cast(dataset.features)]), count
+
+
 # --- template check ---------------------------------------------------------------------------
 
 PROBE = [

@@ -109,6 +109,15 @@ class PackingRecord(Record):
     linear_attention: str | None = None
 
 
+class RehearsalRecord(Record):
+    """train.rehearsal as it ran: the base's answers mixed into the training rows."""
+
+    share: float  # train.rehearsal
+    prompts: int  # distinct general prompts answered
+    rows: int  # rehearsal rows added to the training split
+    cached: bool  # the base's answers came from the cache (else generated at the start of this run)
+
+
 class TrainSummary(Record):
     """What a finished (or finishing) run measured; None until measured."""
 
@@ -144,6 +153,7 @@ class Manifest(Record):
     process: ProcessRecord | None = None
     loaded: dict[str, Any] | None = None  # what the backend loaded (finetune/train/backends.loaded_facts)
     packing: PackingRecord | None = None
+    rehearsal: RehearsalRecord | None = None
     summary: TrainSummary = Field(default_factory=TrainSummary)
 
 

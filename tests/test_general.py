@@ -107,6 +107,32 @@ def test_a_json_trained_adapter_leaks_its_format_and_drifts(qwen_run):
     assert general.examples and all(json.loads(e["fine-tuned"]) for e in general.examples)
 
 
+def test_drift_equals_a_hand_computation_from_the_full_logits(qwen_run):
+    """drift() runs the decoder without its LM head, takes the base's side from stored hidden
+    states and the head only at answer positions: its figures must equal loss and KL computed the
+    plain way, from each model's full logits over one unpadded sequence."""
+    recipe, prep, model = peft_model(qwen_run)
+    items = G.prompt_items(G.general_prompts(load_recipe(qwen_run.recipe, ["eval.general.max_prompts=5"])),
+                           prep.renderer)
+    answers = [G.Generation("", False, [11 + k, 200 + k, 7, 300 + 2 * k][: 2 + k % 3]) for k in range(len(items))]
+    answered = G.answered_items(items, answers)
+    states, _ = G.answer_states(model, prep.tokenizer, answered, batch_size=2, adapter=False)
+    got = G.drift(model, prep.tokenizer, answered, states, batch_size=2)
+    for item, (base_loss, tuned_loss, kl) in zip(answered, got):
+        ids = torch.tensor([item.input_ids])
+        with torch.no_grad():
+            with model.disable_adapter():
+                base = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+            tuned = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        positions = [t for t in range(len(item.labels) - 1) if item.labels[t + 1] != -100]
+        targets = [item.labels[t + 1] for t in positions]
+        want_base = -float(base[positions, targets].mean())
+        want_tuned = -float(tuned[positions, targets].mean())
+        want_kl = float((base[positions].exp() * (base[positions] - tuned[positions])).sum(-1).mean())
+        assert (base_loss, tuned_loss, kl) == pytest.approx((want_base, want_tuned, want_kl), rel=1e-4, abs=1e-5)
+    assert got[0][2] > 0  # the trained adapter moves the distribution: the check is not 0 == 0
+
+
 def test_the_job_shape_follows_the_held_out_answers():
     assert G.job_shape(['{"a": 1}', '{"a": 2}']).matches('{"b": 3}')
     labels = G.job_shape(["billing", "technical"] * 10)

@@ -21,7 +21,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from finetune import logs
 from finetune.adapter import AdapterInfo, save_adapter
@@ -30,10 +30,14 @@ from finetune.distributed import barrier, check_resume, shards, start, world
 from finetune.errors import Interrupted, UserError
 from finetune.loading import lora_targets, on_gpu
 from finetune.recipe import Recipe
-from finetune.run import (BaseRecord, DistributedRecord, PackingRecord, ProcessRecord, RunDir, TrainSummary,
-                          atomic_write_text, checkpoint_step, data_hashes, failure_recorded, git_commit, hardware,
+from finetune.run import (BaseRecord, DistributedRecord, PackingRecord, ProcessRecord, RehearsalRecord, RunDir,
+                          TrainSummary, atomic_write_text, checkpoint_step, data_hashes, failure_recorded, git_commit, hardware,
                           last_complete_checkpoint, now, package_versions, recipe_sha256, start_run)
 from finetune.train.plan import StageCheck, TrainingPlan, plan_training
+
+# train.rehearsal's rows for the model about to train: (rows, whether the base's answers were
+# cached). Made by eval (its generation and general prompts); the CLI hands it in.
+RehearsalSource = Callable[..., tuple[list, bool]]
 
 
 def base_record(base: ResolvedBase) -> BaseRecord:
@@ -50,11 +54,12 @@ def say(console, line: str) -> None:
 
 
 def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = False, console=None,
-          checks: Sequence[StageCheck] = ()) -> TrainSummary:
+          checks: Sequence[StageCheck] = (), rehearsal: RehearsalSource | None = None) -> TrainSummary:
     """Train the recipe into `run`. In a multi-process launch every rank calls this; rank 0 alone
     writes the run folder (the others pass console=None and write nothing but their share of
     each checkpoint's RNG state). Everything knowable without the weights is checked before the
-    folder is made: `checks` are later stages' (the CLI hands in eval's metric and gate check)."""
+    folder is made: `checks` are later stages' (the CLI hands in eval's metric and gate check),
+    `rehearsal` makes train.rehearsal's rows once the model is loaded."""
     w = world()
     plan = plan_training(recipe, run.root, w.size, checks)  # imports unsloth first when it trains
     start(w)  # the process group: nothing above is collective
@@ -65,7 +70,7 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False, overwrite: bool = F
     say(console, f"  {plan.data_line()}")
     checkpoint = open_run(recipe, run, plan, resume, overwrite, console)
     with failure_recorded(run, w.main):
-        return fit_and_finish(recipe, run, plan, checkpoint, console)
+        return fit_and_finish(recipe, run, plan, checkpoint, console, rehearsal)
 
 
 def open_run(recipe: Recipe, run: RunDir, plan: TrainingPlan, resume: bool, overwrite: bool,
@@ -115,12 +120,13 @@ class Fitted:
 
 
 def fit_and_finish(recipe: Recipe, run: RunDir, plan: TrainingPlan, checkpoint: Path | None,
-                   console) -> TrainSummary:
-    fitted = fit(recipe, run, plan, checkpoint, console)
+                   console, rehearsal: RehearsalSource | None = None) -> TrainSummary:
+    fitted = fit(recipe, run, plan, checkpoint, console, rehearsal)
     return finish(recipe, run, plan, fitted, checkpoint)
 
 
-def fit(recipe: Recipe, run: RunDir, plan: TrainingPlan, checkpoint: Path | None, console) -> Fitted:
+def fit(recipe: Recipe, run: RunDir, plan: TrainingPlan, checkpoint: Path | None, console,
+        rehearsal: RehearsalSource | None = None) -> Fitted:
     """Load the model, build the trainer and train (or restore a finished checkpoint). Divergence
     and signals end here, each recorded in the manifest."""
     from finetune.train.backends import check_loaded, loaded_facts
@@ -144,11 +150,12 @@ def fit(recipe: Recipe, run: RunDir, plan: TrainingPlan, checkpoint: Path | None
         linear_attention = kernels.describe() if on_gpu() else "ft's PyTorch version (CPU)"
     if w.main:
         run.update_manifest(loaded=loaded, packing=PackingRecord(enabled=packed, linear_attention=linear_attention))
+    train_dataset = with_rehearsal(recipe, run, plan, model, rehearsal, console)
     nonfinite, stop = StopOnNonFiniteLoss(), StopOnSignal()
     progress = RichProgress(console) if w.main else None
     start_loss = HeldoutLossAtStart(run if w.main else None)
     callbacks = [MetricsCallback(run), nonfinite, start_loss, stop] + ([progress] if progress else [])
-    trainer = make_trainer(model, args, prep, plan.train_dataset, plan.heldout_dataset, callbacks, packed)
+    trainer = make_trainer(model, args, prep, train_dataset, plan.heldout_dataset, callbacks, packed)
     try:
         result = restore_finished(trainer, checkpoint) if checkpoint is not None else None
         if result is None:
@@ -174,6 +181,29 @@ def fit(recipe: Recipe, run: RunDir, plan: TrainingPlan, checkpoint: Path | None
             run.update_manifest(status="interrupted", ended=now())
         raise Interrupted(stop.received, trainer.state.global_step, last_complete_checkpoint(run))
     return Fitted(trainer, loaded, result.training_loss, result.metrics.get("train_runtime"), start_loss.loss)
+
+
+def with_rehearsal(recipe: Recipe, run: RunDir, plan: TrainingPlan, model, rehearsal: RehearsalSource | None,
+                   console):
+    """The training rows, with train.rehearsal's mixed in. Rank 0 makes them (the base's answers
+    are generated once and cached); the others read them after it."""
+    from finetune.render import mixed_with
+
+    if not recipe.train.rehearsal or rehearsal is None:
+        return plan.train_dataset
+    w = world()
+    if w.main:
+        rows, cached = rehearsal(recipe, model, plan.prep, lambda line: say(console, f"  {line}"))
+    barrier()
+    if not w.main:
+        rows, cached = rehearsal(recipe, model, plan.prep, lambda line: say(console, f"  {line}"))
+    dataset, count = mixed_with(plan.train_dataset, rows, recipe.train.rehearsal)
+    say(console, f"  rehearsal: {count} rows of the base's own answers to {len(rows)} general prompts "
+                 f"({count / len(dataset):.0%} of {len(dataset)} rows)")
+    if w.main:
+        run.update_manifest(rehearsal=RehearsalRecord(share=recipe.train.rehearsal, prompts=len(rows), rows=count,
+                                                      cached=cached))
+    return dataset
 
 
 def finish(recipe: Recipe, run: RunDir, plan: TrainingPlan, fitted: Fitted, checkpoint: Path | None) -> TrainSummary:
