@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from rich.table import Table
 
 from eval.general import General
+from eval.served import Divergence, Speed
 from eval.heldout import Item
 from eval.metrics import JSON_SHAPES, Metric, Outcome, json_shape
 from eval.stats import paired_bootstrap
 from finetune.run import Record, RunDir, atomic_write_text, write_json
 
-BASE, TUNED, GGUF = "base", "fine-tuned", "gguf"
+BASE, TUNED, GGUF, SERVED = "base", "fine-tuned", "gguf", "served"
 
 
 @dataclass
@@ -79,6 +80,21 @@ class EvalSettings(Record):
     base_cache_key: str | None = None
     template_kwargs: dict[str, bool] = {}  # pydantic copies a mutable default per record
     gguf: str | None = None  # the file the GGUF column answered with
+    served_url: str | None = None  # the server the served column asked (ft eval --served)
+    served_model: str | None = None
+
+
+@dataclass
+class Served:
+    """The served column beside the others: each task metric's delta against the base, with its
+    paired interval (a chat API gives no loss), the answers that differ from the shipped file's,
+    and the speed the application sees."""
+
+    url: str
+    model: str
+    rows: list[MetricRow]  # values: {"served": v}; delta, low, high: served − base
+    divergence: Divergence
+    speed: Speed
 
 
 @dataclass
@@ -91,19 +107,36 @@ class Report:
     settings: EvalSettings | None = None
     json_shapes: dict[str, dict[str, int]] = field(default_factory=dict)  # column → shape → answers
     general: General | None = None  # what the fine-tune kept and lost beside the job (eval/general.py)
+    served: Served | None = None  # ft eval --served (eval/served.py)
 
     def row(self, name: str) -> MetricRow | None:
         return next((r for r in self.rows if r.name == name), None)
 
 
+NOT_SERVED = ("loss", "perplexity")  # need the model's probabilities: a chat API returns none
+
+
+def served_rows(metrics: list[Metric], outcomes: dict[str, list[Outcome]], samples: int,
+                confidence: float) -> list[MetricRow]:
+    """The served column against the base, paired on the same prompts, as the fine-tuned one is."""
+    rows = []
+    for m in metrics:
+        if m.name in NOT_SERVED:
+            continue
+        delta, low, high = paired_bootstrap(m, outcomes[BASE], outcomes[SERVED], samples, confidence)
+        rows.append(MetricRow(m.name, m.higher_is_better, {SERVED: m.compute(outcomes[SERVED])}, delta, low, high))
+    return rows
+
+
 def compare(metrics: list[Metric], outcomes: dict[str, list[Outcome]], require: dict[str, float],
-            samples: int, confidence: float, general: General | None = None) -> Report:
+            samples: int, confidence: float, general: General | None = None,
+            served: Served | None = None) -> Report:
     rows = []
     for m in metrics:
         delta, low, high = paired_bootstrap(m, outcomes[BASE], outcomes[TUNED], samples, confidence)
         rows.append(MetricRow(m.name, m.higher_is_better, {c: m.compute(o) for c, o in outcomes.items()},
                               delta, low, high))
-    report = Report(rows, list(outcomes), len(outcomes[BASE]))
+    report = Report(rows, list(outcomes), len(outcomes[BASE]), served=served)
     if any(m.name == "json_valid" for m in metrics):
         for column, answers in outcomes.items():
             shapes = [json_shape(o.output, o.stopped) for o in answers]
@@ -117,6 +150,10 @@ def compare(metrics: list[Metric], outcomes: dict[str, list[Outcome]], require: 
         r = report.row(name)
         report.gates.append(Gate(name, required, r.improvement if r else None,
                                  r.values[BASE] if r else None, r.values[TUNED] if r else None))
+        # the served column must hold the same gate: what the application gets, after every upgrade
+        s = next((x for x in served.rows if x.name == name), None) if served else None
+        if s is not None:
+            report.gates.append(Gate(f"{name} (served)", required, s.improvement, r.values[BASE], s.values[SERVED]))
     return report
 
 
@@ -145,6 +182,8 @@ def markdown(report: Report, title: str, confidence: float) -> str:
         lines += ["", json_shapes_note(report)]
     if report.general:
         lines += ["", *general_markdown(report.general, pct)]
+    if report.served:
+        lines += ["", *served_markdown(report.served, pct)]
     if report.gates:
         lines += ["", "## Gates", ""] + [f"- {g.message()}" for g in report.gates]
     lines += ["", f"Examples where the fine-tune scored lower than the base on a task metric: "
@@ -175,6 +214,42 @@ def general_markdown(general: General, pct: str) -> list[str]:
     for e in general.examples:
         lines += ["", f"- {e['prompt']!r}: base {e['base'][:120]!r}; fine-tuned {e['fine-tuned'][:120]!r}"]
     return lines
+
+
+def served_lines(served: Served) -> list[str]:
+    """Divergence and speed, in words: under the table in the terminal and in report.md."""
+    d, sp = served.divergence, served.speed
+    first = (f", first token p50 {sp.first_token_p50_s:.2f} s / p95 {sp.first_token_p95_s:.2f} s"
+             if sp.first_token_p50_s is not None else "")
+    return [f"served ({served.model} at {served.url}): {d.differ} of {d.total} answers differ from the GGUF "
+            f"column's" + (" (the server answers as the shipped file does)" if not d.differ else ""),
+            f"served speed: {sp.requests} requests, {sp.concurrency} at once: latency p50 {sp.latency_p50_s:.2f} s / "
+            f"p95 {sp.latency_p95_s:.2f} s{first}; {sp.tokens_per_s:.1f} output tokens/s "
+            f"({sp.output_tokens} tokens in {sp.wall_s:.1f} s)"]
+
+
+def served_markdown(served: Served, pct: str) -> list[str]:
+    lines = ["## What the server answers", "", *[f"- {line}" for line in served_lines(served)], "",
+             f"| metric | {SERVED} | served − base | {pct} CI |", "|---|---|---|---|"]
+    for r in served.rows:
+        lines.append(f"| {r.name}{'' if r.higher_is_better else ' ↓'} | {fmt(r.values[SERVED])} | {r.delta:+.4f} "
+                     f"| [{r.low:+.4f}, {r.high:+.4f}] |")
+    lines.append("")
+    lines.append("Loss and perplexity: not available (a chat API returns no probabilities).")
+    for e in served.divergence.examples:
+        lines += ["", f"- {e['where']}: {e['likely_cause']}", f"  - gguf: {e['gguf'][:200]!r}",
+                  f"  - served: {e['served'][:200]!r}"]
+    return lines
+
+
+def served_json(served: Served) -> dict:
+    from dataclasses import asdict
+
+    return {"url": served.url, "model": served.model,
+            "metrics": [{"name": r.name, "value": r.values[SERVED], "delta": r.delta, "ci": [r.low, r.high]}
+                        for r in served.rows],
+            "divergence": asdict(served.divergence), "speed": {**asdict(served.speed),
+                                                                "tokens_per_s": served.speed.tokens_per_s}}
 
 
 SHAPE_WORDS = {"fenced": "inside a ``` fence", "with_text": "with text around the object",
@@ -228,7 +303,7 @@ def plot(report: Report, path, title: str) -> None:
     axes[0].set_title("task metrics (higher is better)")
     axes[0].legend()
     if loss:
-        axes[1].bar(report.columns, [loss.values[c] for c in report.columns], color=["C0", "C1", "C2"][: len(report.columns)])
+        axes[1].bar(report.columns, [loss.values[c] for c in report.columns], color=["C0", "C1", "C2", "C3"][: len(report.columns)])
         axes[1].set_title("held-out loss (lower is better)")
     fig.suptitle(title)
     fig.tight_layout()
@@ -281,6 +356,7 @@ def write(run: RunDir, report: Report, metrics: list[Metric], items: list[Item],
         "regressed": report.regressed,
         "json_shapes": report.json_shapes,
         "general": general_json(report.general) if report.general else None,
+        "served": served_json(report.served) if report.served else None,
     })
     atomic_write_text(out / "report.md", markdown(report, title, report.settings.confidence))
     plot(report, out / "comparison.png", title)

@@ -8,7 +8,7 @@ reused across fine-tunes.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from eval import general as general_mod
@@ -16,9 +16,10 @@ from eval.base_cache import cache_key, read_cached, store
 from eval import metrics as metrics_mod
 from eval import report as report_mod
 from eval import rehearsal as rehearsal_mod
-from eval.columns import Column, GGUFColumn, TransformersColumn
+from eval.columns import Column, Generation, GGUFColumn, TransformersColumn
 from eval.heldout import Item, build_items, items_digest
 from eval.metrics import Outcome
+from eval.served import ServedColumn, divergence
 from export.checkpoint import Checkpoint, local_snapshot
 from export.merge import Adapter
 from finetune.data import Example, Splits
@@ -115,8 +116,18 @@ def shipped_gguf(run: RunDir, recipe: Recipe) -> Path:
     raise UserError(f"no exported GGUF in {run.export_dir}", "--gguf", f"run `ft export {run.root}` first")
 
 
+@dataclass
+class ServedRequest:
+    """ft eval --served: where the application's server is, and how hard to ask it."""
+
+    url: str
+    model: str | None = None  # None: the one model the server lists
+    concurrency: int = 1
+    timeout_s: float = 300.0
+
+
 def evaluate(run: RunDir, overrides: list[str] = (), use_cache: bool = True, gguf: bool = False,
-             progress=lambda line: None) -> report_mod.Report:
+             progress=lambda line: None, served: ServedRequest | None = None) -> report_mod.Report:
     from peft import PeftModel
 
     from finetune.adapter import base_of_run
@@ -126,7 +137,8 @@ def evaluate(run: RunDir, overrides: list[str] = (), use_cache: bool = True, ggu
         raise UserError(f"the run has no trained adapter: {run.adapter}", str(run.root),
                         "finish training first (ft train RECIPE, or --resume)")
     recipe = load_recipe(run.recipe, overrides)
-    gguf_path = shipped_gguf(run, recipe) if gguf else None  # fail before any model work
+    # the served column is compared with the shipped file's answers: it brings the GGUF column
+    gguf_path = shipped_gguf(run, recipe) if gguf or served else None  # fail before any model work
     prep = prepare(recipe, base_of_run(run))
     heldout = scored_heldout(recipe, prep.splits.heldout)
     items = build_items(heldout, prep.renderer)
@@ -134,6 +146,10 @@ def evaluate(run: RunDir, overrides: list[str] = (), use_cache: bool = True, ggu
     check_required(recipe, metrics, [i.reference for i in items])
     benchmarks = general_mod.read_benchmarks(recipe)  # before the weights load: a bad row fails fast
     eot = [prep.tokenizer.convert_tokens_to_ids(t) for t in prep.base.family.end_of_turn]
+    served_column = None
+    if served:  # the server answers, speaks the API and has the model: checked before weights load
+        served_column = ServedColumn(report_mod.SERVED, served.url, served.model, prep.tokenizer,
+                                     recipe.eval.max_new_tokens, served.concurrency, served.timeout_s)
 
     base_dir = local_snapshot(prep.base.path, recipe.model.revision)
     Adapter(run.adapter).check(Checkpoint.open(base_dir), base_dir)  # a run from another base: clear error
@@ -157,18 +173,31 @@ def evaluate(run: RunDir, overrides: list[str] = (), use_cache: bool = True, ggu
             outcomes[report_mod.GGUF] = run_column(column, items)
         finally:
             column.close()
+    served_section = None
+    if served_column:
+        progress(f"served: {len(items)} held-out prompts to {served_column.model} at {served_column.base_url}, "
+                 f"{served_column.concurrency} at once")
+        answers = served_column.generate(items)
+        outcomes[report_mod.SERVED] = [Outcome(i.reference, a.text, a.stopped, 0.0, 0) for i, a in zip(items, answers)]
+        gguf_answers = [Generation(o.output, o.stopped) for o in outcomes[report_mod.GGUF]]
+        served_section = report_mod.Served(
+            served_column.base_url, served_column.model,
+            report_mod.served_rows(metrics, outcomes, recipe.eval.bootstrap_samples, recipe.eval.confidence),
+            divergence(items, gguf_answers, answers, list(prep.base.family.end_of_turn)), served_column.speed)
 
     general = None
     if recipe.eval.general.enabled:
         general = general_mod.evaluate_general(recipe, model, prep, [i.reference for i in items],
                                                base_identity(prep.base.path), benchmarks, use_cache, progress)
     report = report_mod.compare(metrics, outcomes, recipe.eval.require, recipe.eval.bootstrap_samples,
-                                recipe.eval.confidence, general)
+                                recipe.eval.confidence, general, served_section)
     report.regressed = report_mod.regressions(metrics, items, outcomes)
     report.settings = report_mod.EvalSettings(
         max_new_tokens=recipe.eval.max_new_tokens, bootstrap_samples=recipe.eval.bootstrap_samples,
         confidence=recipe.eval.confidence, base_column_cached=cached, base_cache_key=key,
-        template_kwargs=prep.template_kwargs, gguf=str(gguf_path) if gguf_path else None)
+        template_kwargs=prep.template_kwargs, gguf=str(gguf_path) if gguf_path else None,
+        served_url=served_column.base_url if served_column else None,
+        served_model=served_column.model if served_column else None)
     report_mod.write(run, report, metrics, items, outcomes, recipe.name)
     return report
 

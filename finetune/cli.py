@@ -127,19 +127,22 @@ def _launch(recipe, args: list[str], nproc: int, nnodes: int, node_rank: int, ad
         sys.exit(code)
 
 
-def _evaluate(run, overrides: list[str] = (), gguf: bool = False) -> None:
-    from eval.report import json_shapes_note, table
+def _evaluate(run, overrides: list[str] = (), gguf: bool = False, served=None) -> None:
+    from eval.report import json_shapes_note, served_lines, table
     from eval.runner import check_gates, evaluate
 
-    err.print("[bold]ft eval[/bold]: base vs fine-tuned" + (" vs the exported GGUF" if gguf else "")
-              + " on the held-out set")
-    report = evaluate(run, overrides=overrides, gguf=gguf,
+    err.print("[bold]ft eval[/bold]: base vs fine-tuned" + (" vs the exported GGUF" if gguf or served else "")
+              + (f" vs the server at {served.url}" if served else "") + " on the held-out set")
+    report = evaluate(run, overrides=overrides, gguf=gguf, served=served,
                       progress=lambda line: err.print(f"  {line}", markup=False, highlight=False))
     out.print(table(report, run.root.name))
     if report.json_shapes:
         out.print(json_shapes_note(report), markup=False, highlight=False)
     if report.general:
         out.print(report.general.verdict(), markup=False, highlight=False)
+    if report.served:
+        for line in served_lines(report.served):
+            out.print(line, markup=False, highlight=False)
     for gate in report.gates:
         out.print(gate.message())
     out.print(f"report: {run.eval_dir / 'report.md'}")
@@ -151,8 +154,15 @@ def eval_(
     run: Optional[str] = typer.Argument(None, help="run folder (default: the newest under runs/)"),
     set_: list[str] = typer.Option([], "--set", help="override an eval key, e.g. --set eval.require.json_valid=0.5"),
     gguf: bool = typer.Option(False, "--gguf", help="add the exported GGUF (run ft export first) as a column"),
+    served_url: Optional[str] = typer.Option(None, "--served", help="also ask a running OpenAI-compatible server "
+                                             "(Ollama: http://localhost:11434) and compare it with the GGUF"),
+    model: Optional[str] = typer.Option(None, "--model", help="--served: the server's model name (default: the "
+                                        "one it lists)"),
+    concurrency: int = typer.Option(1, "--concurrency", min=1, help="--served: requests in flight at once"),
+    timeout: float = typer.Option(300.0, "--timeout", min=1, help="--served: seconds to wait for one answer"),
 ):
     """Compare base and fine-tuned on the held-out set; exit 3 if a recipe gate fails."""
+    from eval.runner import ServedRequest
     from finetune.run import find_run
 
     bad = [o for o in set_ if not o.startswith("eval.")]
@@ -161,7 +171,8 @@ def eval_(
                         "change training settings in the recipe and train again")
     chosen = find_run(run)
     logs.attach(chosen.root / "logs" / "eval.log")
-    _evaluate(chosen, set_, gguf)
+    served = ServedRequest(served_url, model, concurrency, timeout) if served_url else None
+    _evaluate(chosen, set_, gguf, served)
 
 
 @app.command()

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -84,6 +87,34 @@ olmo_run = session_run("tiny-olmo3")
 qwen_hub_run = session_run("tiny-qwen3.5-hub")
 qwen_tied_run = session_run("tiny-qwen3.5-tied-hub")
 olmo_yarn_run = session_run("tiny-olmo3-yarn")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(gguf: Path, *extra: str):
+    """llama-cpp-python's OpenAI-compatible server on loopback; returns (process, base URL)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+                             "--port", str(port), "--n_ctx", "2048", "--verbose", "False", "--model_alias", "support",
+                             # by default this server cuts a streaming answer short when the next request
+                             # arrives: with --concurrency above 1 every answer but the last came back empty
+                             "--interrupt_requests", "False", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url + "/v1/models", timeout=2).read()
+            return proc, url
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError("the server exited at start")
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("the server did not start in 120 s")
 
 
 def needs_shared(*parts: str) -> Path:

@@ -332,6 +332,30 @@ def ollama_options(modelfile: str, drop: tuple[str, ...] = ()) -> dict:
     return options
 
 
+def test_a_real_server_serves_what_ft_evaluated(exported):
+    """`ft eval --served` on the README's demo: the shipped file behind llama-cpp-python's
+    OpenAI-compatible server (the pinned llama.cpp) answers every held-out ticket as the GGUF
+    column did, greedy, through the chat API with the job's system message: no divergence, the
+    same task metrics, and the speed the application would see."""
+    from tests.conftest import start_server
+
+    run, _ = exported
+    proc, url = start_server(run.export_dir / "smollm2-support-q4_k_m.gguf")
+    try:
+        result = run_ft("eval", str(run.root), "--served", url, "--set", "eval.general.enabled=false")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((run.eval_dir / "report.json").read_text())
+    served = report["served"]
+    assert served["divergence"]["differ"] == 0, served["divergence"]["examples"]
+    for metric in report["metrics"]:
+        if metric["name"] not in ("loss", "perplexity"):
+            assert metric["values"]["served"] == metric["values"]["gguf"], metric
+    assert served["speed"]["output_tokens"] > 0 and served["speed"]["first_token_p50_s"] > 0
+
+
 def test_ollama_answers_what_ft_evaluated(exported):
     """The shipped file under Ollama's sampling: with the Modelfile's parameters the answers are
     the greedy ones `ft eval --gguf` scored; under the old default repeat_penalty 1.1 (a Modelfile
