@@ -171,6 +171,9 @@ def eval_(
                         "change training settings in the recipe and train again")
     chosen = find_run(run)
     logs.attach(chosen.root / "logs" / "eval.log")
+    if not served_url and (model is not None or concurrency != 1 or timeout != 300.0):
+        raise UserError("--model, --concurrency and --timeout apply to --served", "--served",
+                        "add --served URL (the server to ask), or drop them")
     served = ServedRequest(served_url, model, concurrency, timeout) if served_url else None
     _evaluate(chosen, set_, gguf, served)
 

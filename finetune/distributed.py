@@ -132,6 +132,16 @@ def trainer_arguments(recipe: Recipe, decoder_layer: str) -> dict:
                           "gradient_clipping": "auto", "train_batch_size": "auto"}}
 
 
+def fsdp_environment(decoder_layer: str) -> dict[str, str]:
+    """What FSDP needs in the environment, which `accelerate launch --multi_gpu` (ft's launcher)
+    does not set: transformers loads with FSDP's low-RAM path (rank 0 reads, the others get meta
+    tensors) only when the launcher said FSDP; and peft's fsdp_auto_wrap_policy, which the Trainer
+    applies, wraps every class in the model's `_no_split_modules` unless told otherwise: Qwen3.5's
+    text-only model inherits "Qwen3_5VisionBlock" there and has no such block, so the policy
+    raises "Could not find the transformer layer class to wrap" before step 1."""
+    return {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1", "FSDP_TRANSFORMER_CLS_TO_WRAP": decoder_layer}
+
+
 def check_resume(old, recipe: Recipe, world_size: int) -> str | None:
     """None when resuming under this N is fine; otherwise raises. Returns a note when N changed.
     `old`: the run's Manifest (finetune/run.py), or None."""

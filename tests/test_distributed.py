@@ -128,3 +128,28 @@ def test_killed_two_process_run_resumes(tmp_path):
     assert manifest["resumed_from"].split("checkpoint-")[1] in {"3", "6", "9"}
     ranks = [int(p.name.split("_")[2].split(".")[0]) for p in (run / "checkpoints" / "checkpoint-12").glob("rng_state_*")]
     assert sorted(ranks) == [0, 1]
+
+
+def test_fsdp_wraps_a_text_only_qwen35_by_its_decoder_layer(qwen_twin, monkeypatch):
+    """peft's own fsdp_auto_wrap_policy, as the Trainer applies it under FSDP, on the Qwen3.5 twin
+    with LoRA: by the model's _no_split_modules it looks for Qwen3_5VisionBlock, which a text-only
+    model lacks, and raises; with the environment ft sets it wraps the decoder layers."""
+    from peft import LoraConfig, get_peft_model
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from transformers import AutoModelForCausalLM
+
+    from finetune.distributed import fsdp_environment
+    from finetune.models import family_for_model_type
+
+    base = AutoModelForCausalLM.from_pretrained(str(qwen_twin))
+    family = family_for_model_type(base.config.model_type, str(qwen_twin))
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert any("Vision" in name for name in model.base_model.model._no_split_modules)  # what the reading found
+    monkeypatch.delenv("FSDP_TRANSFORMER_CLS_TO_WRAP", raising=False)
+    with pytest.raises(TypeError, match="Could not find the transformer layer class"):
+        fsdp_auto_wrap_policy(model)
+    for key, value in fsdp_environment(family.decoder_layer).items():
+        monkeypatch.setenv(key, value)
+    policy = fsdp_auto_wrap_policy(model)
+    layer = next(m for m in model.modules() if type(m).__name__ == family.decoder_layer)
+    assert policy(module=layer, recurse=False, nonwrapped_numel=0)  # a decoder layer is its own FSDP unit

@@ -133,6 +133,29 @@ def at_value_heads(query, key, value):
     return query.repeat_interleave(ratio, dim=2), key.repeat_interleave(ratio, dim=2)
 
 
+def pytorch_of(function):
+    """transformers' own PyTorch function beneath its hub-kernel wrappers. Where fla imports (any
+    CUDA box, the GPU kit included), `use_kernel_func_from_hub_with_fallback` sends calls to fla's
+    Triton kernel, with CPU tensors too in transformers 5.17 ("0 active drivers"); in 5.25 the
+    wrapper is also held by a `kernels` Func module. The reference must be the PyTorch code itself."""
+    import inspect
+
+    forward = getattr(type(function), "forward", None)
+    if isinstance(function, torch.nn.Module) and forward is not None and forward.__closure__:
+        cells = dict(zip(forward.__code__.co_freevars, forward.__closure__))
+        function = cells["func"].cell_contents
+    return inspect.unwrap(function)
+
+
+def test_the_reference_is_transformers_pytorch_delta_rule():
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as qwen
+
+    segment_aware_linear_attention()  # keeps transformers' function (as imported) in _ft_originals
+    reference = pytorch_of(qwen._ft_originals[1])
+    assert reference.__module__ == qwen.__name__ and reference.__name__ == "torch_chunk_gated_delta_rule"
+    assert isinstance(reference, type(pytorch_of)) and not hasattr(reference, "__wrapped__")
+
+
 def fla_contract(query, key, value, g, beta, cu_seqlens=None, use_qk_l2norm_in_kernel=False, **kwargs):
     """What fla's chunk_gated_delta_rule computes with cu_seqlens, asserting what it demands:
     one row, and each sequence run on its own from a zero state."""
@@ -140,7 +163,7 @@ def fla_contract(query, key, value, g, beta, cu_seqlens=None, use_qk_l2norm_in_k
 
     assert query.shape[0] == 1, "fla takes cu_seqlens only for a batch of one"
     segment_aware_linear_attention()
-    original = qwen._ft_originals[1]  # transformers' own PyTorch delta rule, unwrapped
+    original = pytorch_of(qwen._ft_originals[1])  # transformers' own PyTorch delta rule
     assert not kwargs.get("initial_state") and not kwargs.get("output_final_state")
     query, key = at_value_heads(query, key, value)
     bounds = cu_seqlens.tolist()
@@ -216,8 +239,8 @@ def test_gated_deltanet_pieces_restart_at_every_sequence():
     packed = chunk_gated_delta_rule_segments(q, k, v, g, beta, segment)
     torch.testing.assert_close(packed, one_by_one, rtol=1e-4, atol=1e-5)
     # one sequence, no boundary: identical to transformers' own implementation
-    reference, _ = qwen.torch_chunk_gated_delta_rule(*at_value_heads(q, k, v), v, g=g, beta=beta,
-                                                     use_qk_l2norm_in_kernel=True)
+    reference, _ = pytorch_of(qwen._ft_originals[1])(*at_value_heads(q, k, v), v, g=g, beta=beta,
+                                                    use_qk_l2norm_in_kernel=True)
     torch.testing.assert_close(chunk_gated_delta_rule_segments(q, k, v, g, beta, torch.zeros_like(segment)),
                                reference, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(reference, one_by_one, atol=1e-3)  # without boundaries, state leaks

@@ -7,7 +7,7 @@ import difflib
 import json
 from pathlib import Path
 
-from finetune.distributed import BatchPlan, trainer_arguments
+from finetune.distributed import BatchPlan, fsdp_environment, trainer_arguments
 from finetune.errors import UserError
 from finetune.loading import Prepared, on_gpu
 from finetune.models import Family
@@ -52,10 +52,7 @@ def sft_config(recipe: Recipe, run: RunDir, plan: BatchPlan, family: Family, eva
     t, gpu = recipe.train, on_gpu()
     extra = trainer_arguments(recipe, family.decoder_layer) if plan.world_size > 1 else {}
     if recipe.distributed.strategy == "fsdp" and plan.world_size > 1:
-        # transformers loads with FSDP's low-RAM path (rank 0 reads, the others get meta tensors)
-        # only when accelerate's launcher said FSDP; `accelerate launch --multi_gpu` does not
-        os.environ["ACCELERATE_USE_FSDP"] = "true"
-        os.environ["FSDP_VERSION"] = "1"
+        os.environ.update(fsdp_environment(family.decoder_layer))
     return SFTConfig(
         output_dir=str(run.checkpoints),
         per_device_train_batch_size=plan.micro_batch,
