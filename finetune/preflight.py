@@ -88,15 +88,25 @@ def check_disk(needs: list[Need], action: str) -> list[str]:
     return lines
 
 
-def logits_bytes(tokens: int, vocab: int) -> int:
-    """The loss's logits, forward and backward in fp32. TRL >= 1.16 computes log-probabilities in
-    [4096 token, 32768 vocabulary] tiles (trl/kernels/chunked_logprob.py) and never builds the
-    full [tokens, vocabulary] array; older TRL (unsloth's pin, 1.15) does."""
+def trl_version() -> str:
     from importlib.metadata import version
 
+    return version("trl")
+
+
+def lm_head_tiled(gpu: bool) -> bool:
+    """Whether TRL's loss never builds the full [tokens, vocabulary] logits: TRL >= 1.16 computes
+    log-probabilities in tiles everywhere (trl/kernels/chunked_logprob.py); TRL 1.15 (unsloth's pin,
+    and the GPU image's) always uses its tiled Triton LM head on CUDA, and the full logits on a CPU."""
     from packaging.version import Version
 
-    if Version(version("trl")) >= Version("1.16"):
+    return Version(trl_version()) >= Version("1.16") or gpu
+
+
+def logits_bytes(tokens: int, vocab: int, gpu: bool) -> int:
+    """The loss's logits, forward and backward in fp32: one [4096 token, 32768 vocabulary] tile
+    where TRL tiles them, else the whole array."""
+    if lm_head_tiled(gpu):
         return min(tokens, 4096) * min(vocab, 32768) * 4 * 2
     return tokens * vocab * 4 * 2
 
@@ -107,7 +117,7 @@ class TrainPlan:
     gradient_checkpointing: bool  # train.gradient_checkpointing with "auto" decided
 
 
-def preflight_train(recipe, base, skeleton, run_root: Path, targets: list[str]) -> TrainPlan:
+def preflight_train(recipe, base, skeleton, run_root: Path, targets: list[str], backend: str = "hf") -> TrainPlan:
     """The estimate, and whether to recompute activations; raises UserError when the run or its
     export cannot fit. `skeleton`: finetune.loading.skeleton(recipe, base)."""
     local = Path(base.path).is_dir()
@@ -135,7 +145,7 @@ def preflight_train(recipe, base, skeleton, run_root: Path, targets: list[str]) 
     available = torch.cuda.mem_get_info()[0] if gpu else available_ram()
 
     def estimate(checkpointing: bool) -> Memory:
-        return memory_estimate(recipe, text_config, params, embed, lora, gpu, checkpointing)
+        return memory_estimate(recipe, text_config, params, embed, lora, gpu, checkpointing, backend)
 
     checkpointing = recipe.train.gradient_checkpointing
     if checkpointing == "auto":  # recomputation costs a third of the step: only when memory asks for it
@@ -169,26 +179,30 @@ class Memory:
 
 
 def memory_estimate(recipe, text_config, params: int, embed: int, lora: int, gpu: bool,
-                    checkpointing: bool) -> Memory:
+                    checkpointing: bool, backend: str = "hf") -> Memory:
     """The estimate preflight prints, for a model of this config on a GPU (bf16 compute) or a CPU
-    (fp32); also what README's per-size table is computed from (finetune/sizes.py)."""
+    (fp32); also what README's per-size table is computed from (finetune/sizes.py, the hf backend)."""
     dense_bytes = 2 if gpu else 4  # compute dtype: bf16 on GPU, fp32 on CPU
     four_bit = recipe.quantization.load_in_4bit
     # peft's prepare_model_for_kbit_training upcasts every parameter it cannot quantize to fp32:
-    # the embedding and lm_head above all (2.03 B parameters, about 8 GB, in Qwen3.5-9B).
-    embed_bytes = 4 if four_bit else dense_bytes
+    # the embedding and lm_head above all (2.03 B parameters, about 8 GB, in Qwen3.5-9B). unsloth
+    # does not prepare the model that way: its frozen embeddings stay bf16.
+    embed_bytes = 2 if (gpu and backend == "unsloth") else (4 if four_bit else dense_bytes)
     weights = int((params - embed) * (NF4_BYTES_PER_PARAM if four_bit else dense_bytes) + embed * embed_bytes)
     hidden = getattr(text_config, "hidden_size", 0)
     layers = getattr(text_config, "num_hidden_layers", 0)
     tokens = recipe.train.batch_size * recipe.data.max_length
-    logits = logits_bytes(tokens, getattr(text_config, "vocab_size", 0))
+    logits = logits_bytes(tokens, getattr(text_config, "vocab_size", 0), gpu)
     # Measured at the real widths and vocabularies (bench/full_size.py): the process itself (torch,
     # transformers, TRL, peft, bitsandbytes) takes about 0.5 GiB, and while the model loads, the
     # largest tensor kept out of 4-bit exists in 16-bit beside its fp32 upcast.
     largest = max(getattr(text_config, "vocab_size", 0), 1) * hidden * 2
     process = (512 << 20) + (largest if four_bit else 0)
     activations = tokens * hidden * layers * (4 if checkpointing else 34) * (dense_bytes // 2)
-    return Memory(weights, activations, logits, process, lora * 16)
+    # Adapters with AdamW: weight, gradient and two moments. On a GPU TRL casts a quantized
+    # model's trainable parameters to bf16, and torch's AdamW keeps its moments in the parameter's
+    # dtype: 8 bytes a parameter; fp32 on a CPU: 16.
+    return Memory(weights, activations, logits, process, lora * (8 if gpu else 16))
 
 
 def preflight_export(base_dir: Path, out: Path, quant: str, hf: bool, verify_logits: int = 0) -> list[str]:
