@@ -71,7 +71,10 @@ def train(
     gc.collect()  # the trained model (trainer, callbacks and model refer to each other) before eval loads another
     release_freed_memory()
     start, end = summary.heldout_loss_start, summary.heldout_loss_end
-    out.print(f"held-out loss: {start:.4f} → {end:.4f}" if start is not None else f"held-out loss: {end:.4f}")
+    if end is None:  # a sharded run finished from its last checkpoint (runner.finish)
+        out.print("held-out loss after training: not measured on this resume (ft eval measures it)")
+    else:
+        out.print(f"held-out loss: {start:.4f} → {end:.4f}" if start is not None else f"held-out loss: {end:.4f}")
     out.print(f"adapter: {run.adapter}")
     if loaded.eval.after_train:
         _evaluate(run)

@@ -103,6 +103,38 @@ def test_killed_after_the_last_checkpoint_resumes_without_training_more(tmp_path
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_a_sharded_run_finished_from_its_last_checkpoint_is_never_prepared_outside_train(tmp_path, monkeypatch):
+    """Under FSDP or ZeRO-2 the model may only be prepared inside train(); a run killed after its
+    last checkpoint resumes without train() (restore_finished). Here, as under a sharded launch
+    (runner.shards true), evaluating or gathering the model there fails the test, as FSDP1 and
+    ZeRO-2 fail the run: the resume must neither evaluate nor gather, and rank 0 must save the
+    restored adapter, equal to the checkpoint's."""
+    from safetensors.torch import load_file
+
+    from finetune.recipe import load_recipe
+    from finetune.train import guard, runner
+
+    recipe = load_recipe(TINY, ["data.limit=40", "train.max_steps=2", "train.save_steps=2", "eval.after_train=false"])
+    run = RunDir(tmp_path / "run")
+    runner.train(recipe, run)
+    shutil.rmtree(run.adapter)  # killed after checkpoint-2, before the adapter was written
+    manifest = json.loads(run.manifest.read_text())
+    run.manifest.write_text(json.dumps({**manifest, "status": "running"}))
+
+    def unprepared(self, *args, **kwargs):
+        raise AssertionError("the model was prepared outside train() (FSDP1 / ZeRO-2 fail here)")
+
+    monkeypatch.setattr(runner, "shards", lambda recipe: True)
+    monkeypatch.setattr(guard.SafeTrainer, "evaluate", unprepared)
+    monkeypatch.setattr(guard.SafeTrainer, "save_model", unprepared)
+    summary = runner.train(recipe, run, resume=True)
+    assert summary.heldout_loss_end is None and summary.steps == 2
+    saved = load_file(str(run.adapter / "adapter_model.safetensors"))
+    checkpoint = load_file(str(run.checkpoints / "checkpoint-2" / "adapter_model.safetensors"))
+    assert saved.keys() == checkpoint.keys() and all(saved[k].equal(checkpoint[k]) for k in saved)
+    assert run.read_manifest().status == "complete"
+
+
 def test_sigint_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     out = tmp_path / "run"
     proc = start(train_args(out, "train.max_steps=200", "train.save_steps=100"))

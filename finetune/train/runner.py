@@ -117,6 +117,7 @@ class Fitted:
     training_loss: float | None
     runtime_s: float | None
     heldout_loss_start: float | None
+    restored: bool = False  # finished from the last checkpoint: train() never ran
 
 
 def fit_and_finish(recipe: Recipe, run: RunDir, plan: TrainingPlan, checkpoint: Path | None,
@@ -158,6 +159,7 @@ def fit(recipe: Recipe, run: RunDir, plan: TrainingPlan, checkpoint: Path | None
     trainer = make_trainer(model, args, prep, train_dataset, plan.heldout_dataset, callbacks, packed)
     try:
         result = restore_finished(trainer, checkpoint) if checkpoint is not None else None
+        restored = result is not None
         if result is None:
             result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except NonFiniteWeights as exc:
@@ -180,7 +182,8 @@ def fit(recipe: Recipe, run: RunDir, plan: TrainingPlan, checkpoint: Path | None
         if w.main:
             run.update_manifest(status="interrupted", ended=now())
         raise Interrupted(stop.received, trainer.state.global_step, last_complete_checkpoint(run))
-    return Fitted(trainer, loaded, result.training_loss, result.metrics.get("train_runtime"), start_loss.loss)
+    return Fitted(trainer, loaded, result.training_loss, result.metrics.get("train_runtime"), start_loss.loss,
+                  restored=restored)
 
 
 def with_rehearsal(recipe: Recipe, run: RunDir, plan: TrainingPlan, model, rehearsal: RehearsalSource | None,
@@ -211,7 +214,14 @@ def finish(recipe: Recipe, run: RunDir, plan: TrainingPlan, fitted: Fitted, chec
     w, trainer, prep = world(), fitted.trainer, plan.prep
     # a resumed run measured its starting loss when it first started (the manifest kept it)
     start_loss = fitted.heldout_loss_start if checkpoint is None else run.read_manifest().summary.heldout_loss_start
-    summary = TrainSummary(heldout_loss_start=start_loss, heldout_loss_end=trainer.evaluate()["eval_loss"],
+    # A sharded run finished from its last checkpoint never ran train(), so the model was never
+    # prepared for its strategy: evaluating or gathering it now would prepare it outside train(),
+    # where FSDP1 ("Must flatten tensors with uniform requires_grad") and ZeRO-2 (an inference
+    # engine) fail. Every rank restored the whole adapter; rank 0 saves it as it is, and the
+    # held-out loss after training is left to ft eval.
+    unprepared = fitted.restored and shards(recipe)
+    summary = TrainSummary(heldout_loss_start=start_loss,
+                           heldout_loss_end=None if unprepared else trainer.evaluate()["eval_loss"],
                            train_loss=fitted.training_loss, steps=trainer.state.global_step,
                            train_runtime_s=fitted.runtime_s)
     if on_gpu():  # what the README's GPU sizes are measured by
@@ -219,7 +229,7 @@ def finish(recipe: Recipe, run: RunDir, plan: TrainingPlan, fitted: Fitted, chec
 
         summary.peak_gpu_memory_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     gathered = None
-    if shards(recipe):
+    if shards(recipe) and not unprepared:
         # FSDP / DeepSpeed hold the adapter in shards: save_model gathers it (every rank takes part)
         gathered = run.root / ".adapter.gathered"
         trainer.save_model(str(gathered))
