@@ -85,7 +85,13 @@ def run_ft(recipe_path: Path, out: Path, backend: str) -> dict:
     run = RunDir(out)
     manifest = run.read_manifest()
     tokens = run.trained_tokens()
-    return dict(runtime=manifest.summary.train_runtime_s, tokens=int(tokens), adapter=run.adapter,
+    # the Trainer's clock includes the held-out loss ft measures at step 0 (eval_on_start); the
+    # TRL script evaluates nothing, so that time is not training time here. The last evaluation
+    # logged is the one after train() returned (runner.finish): outside the clock already.
+    evaluations = [r["eval_runtime"] for r in run.read_metrics() if "eval_runtime" in r]
+    evaluating = sum(evaluations[:-1])
+    return dict(runtime=manifest.summary.train_runtime_s - evaluating, start_eval=evaluating, tokens=int(tokens),
+                adapter=run.adapter,
                 vram=manifest.summary.peak_gpu_memory_gib, rss=m["peak_rss_mib"], loaded=manifest.loaded,
                 kernels=manifest.packing.linear_attention if manifest.packing else None)
 
@@ -100,6 +106,12 @@ def run_trl(data: Path, base: Path, out: Path, recipe: dict, targets: list[str])
     line = json.loads(m["output"].strip().splitlines()[-1])
     return dict(runtime=line["train_runtime_s"], tokens=int(line["tokens"]), adapter=out,
                 vram=line["peak_gpu_memory_gib"], rss=m["peak_rss_mib"])
+
+
+def write_atomically(path: Path, record: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    tmp.replace(path)
 
 
 def main() -> None:
@@ -123,9 +135,16 @@ def main() -> None:
     print(f"machine: {machine()}\nmodel: {base} ({args.size}{f', {args.layers} layers' if args.layers else ''}); {args.steps} steps × {args.batch_size} × "
           f"{recipe['train'].get('grad_accum', 1)} accumulation, max_length {args.max_length}\n")
 
-    results = {"ft (hf backend)": run_ft(recipe_path, work / "ft-hf", "hf"),
-               "ft (unsloth backend)": run_ft(recipe_path, work / "ft-unsloth", "unsloth"),
-               "TRL docs QLoRA script": run_trl(trl_data(work, recipe), base, work / "trl", recipe, targets)}
+    contenders = {"ft (hf backend)": lambda: run_ft(recipe_path, work / "ft-hf", "hf"),
+                  "ft (unsloth backend)": lambda: run_ft(recipe_path, work / "ft-unsloth", "unsloth"),
+                  "TRL docs QLoRA script": lambda: run_trl(trl_data(work, recipe), base, work / "trl", recipe, targets)}
+    results = {}
+    for name, contender in contenders.items():
+        results[name] = contender()
+        if args.out:  # each contender's figures as soon as it finishes: an overrun later keeps them
+            partial = {k: {f: v[f] for f in ("runtime", "tokens", "vram", "rss", "skipped") if f in v}
+                       for k, v in results.items()}
+            write_atomically(Path(args.out).with_suffix(".partial.json"), {"contenders": partial})
     ran = {k: v for k, v in results.items() if "skipped" not in v}
     losses = heldout_losses(recipe_path, {k: v["adapter"] for k, v in ran.items()})
     ft_tps = ran["ft (hf backend)"]["tokens"] / ran["ft (hf backend)"]["runtime"]
@@ -144,14 +163,16 @@ def main() -> None:
                                           real_tokens_per_s=round(tps, 1), peak_gpu_memory_gib=r["vram"],
                                           peak_rss_mib=round(r["rss"]), heldout_loss=round(losses[name], 4),
                                           ft_hf_speedup=round(ft_tps / tps, 3),
-                                          **{k: r[k] for k in ("loaded", "kernels") if r.get(k)})
+                                          **{k: r[k] for k in ("loaded", "kernels") if r.get(k)},
+                                          **({"start_eval_excluded_s": round(r["start_eval"], 2)}
+                                             if "start_eval" in r else {}))
         assert math.isfinite(losses[name]), (name, losses[name])
     print(table(["contender", "real tokens", "train s", "real tok/s", "peak memory", "held-out loss",
                  "ft (hf) speed ×"], rows))
     for note in notes:
         print(note)
     if args.out:
-        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+        write_atomically(Path(args.out), record)
         print(f"\nwritten: {args.out}")
     else:
         print(f"\nwritten: {write_result(f'gpu_train_{args.size}', record)}")

@@ -37,6 +37,11 @@ def test_gpu_train_bench_runs_every_contender_it_can(tmp_path):
     assert ft["loaded"]["quant_type"] == ["nf4"] and "default" not in ft["loaded"]["kept_16bit"]
     import torch
 
+    # each contender's figures were on disk as soon as it finished (an overrun keeps them)
+    partial = json.loads(out.with_suffix(".partial.json").read_text())["contenders"]
+    assert partial["ft (hf backend)"]["tokens"] == ft["real_tokens"]
+    # ft's clock leaves out the held-out loss it measures at step 0 (the TRL script measures none)
+    assert ft["start_eval_excluded_s"] > 0 and "start_eval_excluded_s" not in trl
     if not torch.cuda.is_available():
         assert "cannot run here" in contenders["ft (unsloth backend)"]["skipped"]
         assert "not run (1)" in result.stdout and "ft (unsloth backend) not run:" in result.stdout
