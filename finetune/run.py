@@ -142,6 +142,7 @@ class Manifest(Record):
     base: BaseRecord | None = None
     data: dict[str, Any] = Field(default_factory=dict)  # split and token counts (a report: not read back)
     backend: str | None = None
+    backend_fallback: str | None = None  # why train.backend auto trained with hf on a GPU (unsloth did not import)
     seed: int | None = None
     versions: dict[str, str] = Field(default_factory=dict)
     git_commit: str | None = None

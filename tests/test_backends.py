@@ -222,3 +222,24 @@ def test_missing_linear_attention_kernels_are_said_before_training():
     assert missing_kernels_note(QWEN3_5, gpu=True, kernels=VarlenKernels(conv=print, delta_rule=print)) is None
     assert missing_kernels_note(QWEN3_5, gpu=False, kernels=VarlenKernels()) is None  # no kernels on a CPU
     assert missing_kernels_note(OLMO3, gpu=True, kernels=VarlenKernels()) is None  # nothing to miss
+
+
+def test_auto_says_why_it_fell_back_when_unsloth_does_not_import(monkeypatch):
+    """`backend: auto` on a CUDA machine with an unsloth that fails to import trains with hf: the
+    reason is said (preflight's lines, printed once by ft train) and kept in manifest.json. On a
+    CPU, or where the recipe rules unsloth out, falling back is by design and nothing is said."""
+    import sys
+
+    import torch
+
+    from finetune.train.backends import auto_fallback, pick_backend
+
+    recipe = load_recipe(RECIPE)
+    assert auto_fallback(recipe, "hf") is None or torch.cuda.is_available()  # a CPU: by design
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "unsloth", None)  # `import unsloth` raises ImportError
+    assert pick_backend(recipe) == "hf"
+    note = auto_fallback(recipe, "hf")
+    assert note.startswith("train.backend auto: trained with hf, not unsloth: unsloth does not import (ModuleNotFoundError")
+    assert auto_fallback(load_recipe(RECIPE, ["lora.dora=true"]), "hf") is None  # ruled out by the recipe
+    assert auto_fallback(load_recipe(RECIPE, ["train.backend=hf"]), "hf") is None

@@ -64,6 +64,25 @@ def pick_backend(recipe: Recipe) -> str:
     return "hf"
 
 
+def auto_fallback(recipe: Recipe, backend: str) -> str | None:
+    """Why `backend: auto` trains with hf on a CUDA machine where unsloth would have been chosen,
+    when the reason is an unsloth that does not import (installed but broken, or absent): said
+    once by ft train and kept in manifest.json, since the run is then slower than the user
+    expects. None when nothing fell back, or the fallback is by design (CPU, sharding, settings)."""
+    import torch
+
+    if recipe.train.backend != "auto" or backend != "hf" or not torch.cuda.is_available():
+        return None
+    if unsloth_cannot_honour(recipe) or shards(recipe):
+        return None
+    try:
+        import unsloth  # noqa: F401  (pick_backend tried first: this only reads the same failure)
+    except Exception as exc:
+        return (f"train.backend auto: trained with hf, not unsloth: unsloth does not import "
+                f"({type(exc).__name__}: {exc})").splitlines()[0][:300]
+    return None
+
+
 def unsloth_cannot_honour(recipe: Recipe) -> list[tuple[str, str, str, str]]:
     """(recipe key, its value, why, the setting that works) for each setting unsloth would change."""
     q, problems = recipe.quantization, []

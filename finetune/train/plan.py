@@ -24,7 +24,7 @@ from finetune.loading import Prepared, check_weights_format, on_gpu, prepare, sk
 from finetune.loading import lora_targets
 from finetune.preflight import TrainPlan, preflight_train
 from finetune.recipe import Recipe
-from finetune.train.backends import pick_backend
+from finetune.train.backends import auto_fallback, pick_backend
 from finetune.train.lora import check_module_settings
 from finetune.train.packing import missing_kernels_note
 from finetune.train.trainer import check_optimizer, check_trackers, check_trl_can_train_here
@@ -46,6 +46,7 @@ class TrainingPlan:
     prep: Prepared | None = None  # tokenizer, template, renderer (None when not_checked)
     preflight: TrainPlan | None = None
     slow_kernels: str | None = None
+    backend_fallback: str | None = None  # why auto did not get unsloth on a GPU (backends.auto_fallback)
     train_dataset: object = None  # datasets.Dataset of input_ids and labels, as TRL takes them
     heldout_dataset: object = None
     train_tokens: dict = field(default_factory=dict)  # render.tokenize_all's report
@@ -55,6 +56,8 @@ class TrainingPlan:
     def estimate(self) -> list[str]:
         """preflight's lines and the slow-kernel note: printed by `ft train` and kept in the manifest."""
         lines = list(self.preflight.lines) if self.preflight else []
+        if self.backend_fallback:
+            lines.append(self.backend_fallback)
         if self.slow_kernels:
             lines.append(self.slow_kernels)
         if self.batches.world_size > 1:
@@ -85,7 +88,8 @@ def plan_training(recipe: Recipe, run_root: Path, world_size: int = 1, checks: S
     never takes it (it downloads them, or fails saying why)."""
     backend = pick_backend(recipe)  # first: unsloth must be imported before transformers
     logs.quiet_hf_libraries()  # then transformers' and datasets' bars off before any data is read
-    checked = [f"train.backend {recipe.train.backend}: {backend}"]
+    fallback = auto_fallback(recipe, backend)
+    checked = [f"train.backend {recipe.train.backend}: {backend}" + (f" ({fallback})" if fallback else "")]
     base = resolve_base(recipe.model.base)
     check_weights_format(base, recipe)
     checked.append(f"model: {recipe.model.base} → {base.path} (family {base.family.name})")
@@ -103,7 +107,8 @@ def plan_training(recipe: Recipe, run_root: Path, world_size: int = 1, checks: S
     check_optimizer(recipe)
     checked.append(f"train.optimizer {recipe.train.optimizer}: known to transformers and installed"
                    + (f"; trackers {', '.join(recipe.train.report_to)} installed" if recipe.train.report_to else ""))
-    plan = TrainingPlan(backend, base, splits, batch_plan(recipe, world_size), checked, stage_checks, prep=prep)
+    plan = TrainingPlan(backend, base, splits, batch_plan(recipe, world_size), checked, stage_checks, prep=prep,
+                        backend_fallback=fallback)
     if prep is None:
         template, where = training_template(recipe, base.family)
         render.check_template(template, base.family, render.template_kwargs(base.family, recipe), where, None)

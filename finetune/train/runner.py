@@ -97,7 +97,7 @@ def open_run(recipe: Recipe, run: RunDir, plan: TrainingPlan, resume: bool, over
         name=recipe.name, status="running", started=old.started if old and old.started else now(), ended=None,
         recipe_sha256=recipe_sha256(recipe), data_sha256=data_hashes(recipe), base=base_record(plan.base),
         data={**plan.splits.stats, "train_tokens": plan.train_tokens, "heldout_tokens": plan.heldout_tokens},
-        backend=plan.backend, seed=recipe.train.seed, versions=package_versions(),
+        backend=plan.backend, backend_fallback=plan.backend_fallback, seed=recipe.train.seed, versions=package_versions(),
         git_commit=git_commit(Path(__file__).parent), hardware=hardware(),
         resumed_from=str(checkpoint) if checkpoint else None, preflight=plan.estimate,
         linear_attention_kernels_missing=plan.slow_kernels,
