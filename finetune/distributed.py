@@ -47,6 +47,20 @@ def barrier() -> None:
         dist.barrier()
 
 
+def any_rank(flag: bool, device=None) -> bool:
+    """True on every rank when it is true on any. A decision that stops the run must be taken by
+    all ranks together: a rank that raises alone leaves the others waiting in the next collective
+    for ever (under FSDP each rank sees only its shard of the adapters)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    vote = torch.tensor([1.0 if flag else 0.0], device=device or "cpu")
+    dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+    return bool(vote.item())
+
+
 def start(w: World) -> None:
     """Join the process group (gloo on CPU, nccl on GPU) before anything collective runs."""
     if w.size > 1:

@@ -153,3 +153,32 @@ def test_fsdp_wraps_a_text_only_qwen35_by_its_decoder_layer(qwen_twin, monkeypat
     policy = fsdp_auto_wrap_policy(model)
     layer = next(m for m in model.modules() if type(m).__name__ == family.decoder_layer)
     assert policy(module=layer, recurse=False, nonwrapped_numel=0)  # a decoder layer is its own FSDP unit
+
+
+def _vote(rank: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    from finetune.distributed import any_rank
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        results[rank] = (any_rank(rank == 1), any_rank(False))  # only rank 1 sees a non-finite shard
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_non_finite_shard_on_one_rank_stops_every_rank():
+    """The checkpoint's non-finite check under FSDP sees each rank's own shard: the decision is
+    taken together (finetune.distributed.any_rank, which SafeTrainer._save_checkpoint asks), so a
+    rank never raises alone while the other waits in the next collective. Two real gloo processes."""
+    import inspect
+
+    import torch.multiprocessing as mp
+
+    from finetune.train import guard
+    from tests.conftest import free_port
+
+    results = mp.Manager().dict()
+    mp.spawn(_vote, args=(free_port(), results), nprocs=2, join=True)
+    assert dict(results) == {0: (True, False), 1: (True, False)}
+    assert "any_rank(" in inspect.getsource(guard.SafeTrainer._save_checkpoint)

@@ -15,6 +15,7 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
+from finetune.distributed import any_rank
 from finetune.run import complete_checkpoints
 from finetune.train.packing import REAL_TOKENS
 
@@ -49,7 +50,8 @@ class SafeTrainer(SFTTrainer):
     def _save_checkpoint(self, model, trial) -> None:
         # Several processes: every rank writes its part (its RNG state, shards under FSDP or
         # DeepSpeed) into staging; rank 0 alone clears staging before and renames it after.
-        if any(not torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+        local = any(not torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
+        if any_rank(local, self.args.device):  # every rank stops, or none: see distributed.any_rank
             raise NonFiniteWeights(self.state.global_step)
         final = Path(self.args.output_dir)
         staging = final / STAGING
