@@ -117,7 +117,7 @@ class TrainPlan:
     gradient_checkpointing: bool  # train.gradient_checkpointing with "auto" decided
 
 
-def preflight_train(recipe, base, skeleton, run_root: Path, targets: list[str], backend: str = "hf") -> TrainPlan:
+def preflight_train(recipe, base, skeleton, run_root: Path, targets: list[str]) -> TrainPlan:
     """The estimate, and whether to recompute activations; raises UserError when the run or its
     export cannot fit. `skeleton`: finetune.loading.skeleton(recipe, base)."""
     local = Path(base.path).is_dir()
@@ -145,7 +145,7 @@ def preflight_train(recipe, base, skeleton, run_root: Path, targets: list[str], 
     available = torch.cuda.mem_get_info()[0] if gpu else available_ram()
 
     def estimate(checkpointing: bool) -> Memory:
-        return memory_estimate(recipe, text_config, params, embed, lora, gpu, checkpointing, backend)
+        return memory_estimate(recipe, text_config, params, embed, lora, gpu, checkpointing)
 
     checkpointing = recipe.train.gradient_checkpointing
     if checkpointing == "auto":  # recomputation costs a third of the step: only when memory asks for it
@@ -179,15 +179,15 @@ class Memory:
 
 
 def memory_estimate(recipe, text_config, params: int, embed: int, lora: int, gpu: bool,
-                    checkpointing: bool, backend: str = "hf") -> Memory:
+                    checkpointing: bool) -> Memory:
     """The estimate preflight prints, for a model of this config on a GPU (bf16 compute) or a CPU
-    (fp32); also what README's per-size table is computed from (finetune/sizes.py, the hf backend)."""
+    (fp32); also what README's per-size table is computed from (finetune/sizes.py)."""
     dense_bytes = 2 if gpu else 4  # compute dtype: bf16 on GPU, fp32 on CPU
     four_bit = recipe.quantization.load_in_4bit
-    # peft's prepare_model_for_kbit_training upcasts every parameter it cannot quantize to fp32:
-    # the embedding and lm_head above all (2.03 B parameters, about 8 GB, in Qwen3.5-9B). unsloth
-    # does not prepare the model that way: its frozen embeddings stay bf16.
-    embed_bytes = 2 if (gpu and backend == "unsloth") else (4 if four_bit else dense_bytes)
+    # What the 4-bit quantizer leaves out (the embedding and lm_head above all: 2.03 B parameters
+    # in Qwen3.5-9B) stays in the compute dtype: bf16 on a GPU (ft skips peft's fp32 upcast there,
+    # train/lora.py; unsloth keeps it bf16 too), fp32 on a CPU.
+    embed_bytes = dense_bytes
     weights = int((params - embed) * (NF4_BYTES_PER_PARAM if four_bit else dense_bytes) + embed * embed_bytes)
     hidden = getattr(text_config, "hidden_size", 0)
     layers = getattr(text_config, "num_hidden_layers", 0)
@@ -197,7 +197,7 @@ def memory_estimate(recipe, text_config, params: int, embed: int, lora: int, gpu
     # transformers, TRL, peft, bitsandbytes) takes about 0.5 GiB, and while the model loads, the
     # largest tensor kept out of 4-bit exists in 16-bit beside its fp32 upcast.
     largest = max(getattr(text_config, "vocab_size", 0), 1) * hidden * 2
-    process = (512 << 20) + (largest if four_bit else 0)
+    process = (512 << 20) + (largest if four_bit and not gpu else 0)  # no fp32 upcast on a GPU
     activations = tokens * hidden * layers * (4 if checkpointing else 34) * (dense_bytes // 2)
     # Adapters with AdamW: weight, gradient and two moments. On a GPU TRL casts a quantized
     # model's trainable parameters to bf16, and torch's AdamW keeps its moments in the parameter's

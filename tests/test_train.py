@@ -262,3 +262,29 @@ def test_a_trl_that_cannot_train_on_this_machine_is_said_before_loading(monkeypa
     with pytest.raises(UserError, match="cannot train on a CPU") as refused:
         check_trl_can_train_here(gpu=False)
     assert refused.value.problems[0].where == "installed packages"
+
+
+def test_bf16_compute_keeps_norms_embeddings_and_the_residual_stream_in_bf16(qwen_twin):
+    """On a GPU compute is bf16: peft's k-bit preparation would upcast norms and embeddings to fp32
+    and with them the whole residual stream (twice the activation memory preflight counts, and not
+    what the published model, unsloth or the served GGUF compute). Loaded here as a GPU loads it
+    (compute dtype bf16; bitsandbytes' 4-bit layers run on a CPU too): every frozen tensor outside
+    the 4-bit layers is bf16, and so is what each decoder layer hands the next. Not exercised here:
+    the CUDA kernels themselves."""
+    import torch
+
+    from finetune import loading
+    from finetune.train.lora import load_model
+
+    recipe = load_recipe(ROOT / "recipes" / "tiny-support.yaml", ["train.gradient_checkpointing=false"])
+    prep = loading.prepare(recipe)
+    model = load_model(recipe, prep, "hf", checkpointing=False, dtype=torch.bfloat16)
+    frozen = {n: p.dtype for n, p in model.named_parameters()
+              if not p.requires_grad and p.dtype.is_floating_point}
+    assert frozen and set(frozen.values()) == {torch.bfloat16}, {n: d for n, d in frozen.items() if d != torch.bfloat16}
+    seen = []
+    layer = next(m for m in model.modules() if type(m).__name__ == prep.base.family.decoder_layer)
+    layer.register_forward_hook(lambda module, args, out: seen.append((out[0] if isinstance(out, tuple) else out).dtype))
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 2, 3, 4]]))
+    assert seen == [torch.bfloat16]

@@ -27,9 +27,16 @@ def load_model(recipe: Recipe, prep: Prepared, backend: str, checkpointing: bool
                             dtype, world().local_rank, checkpointing)
     from peft import get_peft_model
 
+    import torch
+
+    dtype = dtype or compute_dtype()
     model = load_base_model(recipe, prep.base, dtype)
-    prepare_for_training(model, upcast_for_kbit=recipe.quantization.load_in_4bit and not shards(recipe),
-                         checkpointing=checkpointing, reentrant=shards(recipe))
+    # peft's k-bit preparation upcasts norms and embeddings to fp32, which makes the residual stream
+    # fp32: twice the activation memory preflight counts, and not what the published bf16 model,
+    # unsloth, TRL's bf16 script or the served GGUF compute. Where compute is bf16 (a GPU) they
+    # stay bf16; on a CPU the model is fp32 already.
+    prepare_for_training(model, upcast_for_kbit=recipe.quantization.load_in_4bit and not shards(recipe)
+                         and dtype == torch.float32, checkpointing=checkpointing, reentrant=shards(recipe))
     check_lora_targets(model, targets, explicit=recipe.lora.targets != "auto")
     from transformers import set_seed
 

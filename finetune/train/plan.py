@@ -129,7 +129,7 @@ def plan_training(recipe: Recipe, run_root: Path, world_size: int = 1, checks: S
     check_module_settings(recipe, base.family, shape.model)
     targets = lora_targets(recipe, base.family)
     checked.append(f"lora.targets: {', '.join(targets)} (each a module of this model)")
-    plan.preflight = preflight_train(recipe, base, shape, run_root, targets, backend)
+    plan.preflight = preflight_train(recipe, base, shape, run_root, targets)
     plan.slow_kernels = missing_kernels_note(base.family, on_gpu())
     checked += [f"preflight {line}" for line in plan.estimate]
     return plan
