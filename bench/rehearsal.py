@@ -1,13 +1,14 @@
 """train.rehearsal on the README's demo: the same run with and without it.
 
-    python -m bench.rehearsal [--share 0.125] [--steps 60] [--benchmark-items 200]
+    python -m bench.rehearsal [--share 0.125] [--steps 60] [--benchmark-items 200] [--without RUN]
 
 Trains recipes/smollm2-support.yaml twice (same seed, same steps), once with train.rehearsal 0 and
 once with the share given, each followed by `ft eval` with ARC-Easy and PIQA from
 ../shared/data/general/ as general benchmarks (the first N items each). Printed: every job metric
 and every general row of both runs with their paired intervals against the base, and whether each
 job metric of the rehearsed run lies within the interval of the run without rehearsal (what
-decides the default: rehearsal must not cost the job).
+decides the default: rehearsal must not cost the job). `--without RUN`: a finished run without
+rehearsal from an earlier call (same steps and benchmarks), instead of training it again.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def main() -> None:
     ap.add_argument("--share", type=float, default=0.125)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--benchmark-items", type=int, default=200)
+    ap.add_argument("--without", help="a finished run without rehearsal, from an earlier call")
     args = ap.parse_args()
     benchmarks = [SHARED / "data" / "general" / f"{name}.jsonl" for name in ("arc_easy", "piqa")]
     if not all(b.is_file() for b in benchmarks):
@@ -42,6 +44,10 @@ def main() -> None:
     reports, walls = {}, {}
     for name, share in (("without", 0.0), ("with", args.share)):
         run = work / f"smollm2-support-{name}"
+        if name == "without" and args.without:
+            reports[name] = json.loads((Path(args.without) / "eval" / "report.json").read_text())
+            walls[name] = float("nan")
+            continue
         result = measured(python("-m", "finetune", "train", str(ROOT / "recipes" / "smollm2-support.yaml"),
                                  "--output", str(run), "--set", f"train.rehearsal={share}", *common), check=False)
         if result["returncode"] not in (0, 3):  # 3: a gate failed; the report is still written

@@ -311,14 +311,31 @@ def drift(model, tokenizer, items: list[Item], base_states, batch_size: int) -> 
     return results
 
 
-def choice_logliks(model, tokenizer, items: list[ChoiceItem], batch_size: int, adapter: bool) -> list[list[float]]:
-    """Each choice's summed log-likelihood after its query, as lm-evaluation-harness computes it
-    (`_encode_pair`: the context encoded alone, the continuation as what the whole adds to it; no
-    special tokens; `target_delimiter` " ")."""
+def target_logprobs(model, states, targets, adapter: bool):
+    """log p(target) at each position from its last hidden state, through the LM head in slices
+    of positions that bound the logits' memory."""
     import contextlib
 
     import torch
 
+    head = model.get_base_model().get_output_embeddings()
+    vocab = model.config.get_text_config().vocab_size
+    step = max(1, SCORE_LOGITS_BYTES // (vocab * 4 * 2))
+    picked = torch.zeros(len(targets))
+    switch = contextlib.nullcontext() if adapter else model.disable_adapter()
+    with torch.no_grad(), switch:
+        for start in range(0, len(targets), step):
+            part = slice(start, start + step)
+            logp = torch.log_softmax(head(states[part].to(head.weight.dtype)).float(), -1)
+            picked[part] = logp.gather(-1, targets[part].unsqueeze(-1)).squeeze(-1)
+    return picked
+
+
+def choice_logliks(model, tokenizer, items: list[ChoiceItem], batch_size: int, adapter: bool) -> list[list[float]]:
+    """Each choice's summed log-likelihood after its query, as lm-evaluation-harness computes it
+    (`_encode_pair`: the context encoded alone, the continuation as what the whole adds to it; no
+    special tokens; `target_delimiter` " "). The LM head runs only where a continuation token is
+    predicted (answer_states)."""
     pairs = []
     for k, item in enumerate(items):
         context = tokenizer.encode(item.query, add_special_tokens=False)
@@ -326,19 +343,14 @@ def choice_logliks(model, tokenizer, items: list[ChoiceItem], batch_size: int, a
             whole = tokenizer.encode(item.query + " " + choice, add_special_tokens=False)
             pairs.append((k, c, whole, len(context)))
     scored = [Item("", [], "", [], whole, [-100] * start + whole[start:]) for _, _, whole, start in pairs]
+    states, targets = answer_states(model, tokenizer, scored, batch_size, adapter)
+    picked = target_logprobs(model, states, targets, adapter)
     sums = [[0.0] * len(item.choices) for item in items]
-    vocab = model.config.get_text_config().vocab_size
-    switch = contextlib.nullcontext() if adapter else model.disable_adapter()
-    with torch.no_grad(), switch:
-        for chunk in row_batches(scored, batch_size, vocab, copies=2):
-            ids, mask, labels = padded_batch([scored[i] for i in chunk], tokenizer.pad_token_id, model.device)
-            logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
-            target = labels[:, 1:]
-            valid = target != -100
-            picked = (logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * valid).sum(1)
-            for row, i in enumerate(chunk):
-                k, c = pairs[i][0], pairs[i][1]
-                sums[k][c] = float(picked[row])
+    start = 0
+    for (k, c, whole, begin) in pairs:
+        n = len(whole) - begin
+        sums[k][c] = float(picked[start:start + n].sum())
+        start += n
     return sums
 
 

@@ -41,6 +41,23 @@ def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def native_bf16_cpu() -> bool:
+    """The CPU multiplies bf16 in hardware (AVX512-BF16 or AMX tiles); elsewhere torch emulates it,
+    slower than fp32."""
+    import torch
+
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def cpu_bf16(recipe: Recipe) -> bool:
+    """train.cpu_bf16 decided: bf16 autocast for a CPU run's matmuls (never on a GPU, which computes
+    in bf16 throughout)."""
+    if on_gpu():
+        return False
+    choice = recipe.train.cpu_bf16
+    return native_bf16_cpu() if choice == "auto" else choice
+
+
 def training_template(recipe: Recipe, family: Family) -> tuple[str, str]:
     """(template text, where it came from) used to render and mask training examples."""
     if recipe.model.chat_template is None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from finetune.distributed import BatchPlan, fsdp_environment, trainer_arguments
 from finetune.errors import UserError
-from finetune.loading import Prepared, on_gpu
+from finetune.loading import Prepared, cpu_bf16, on_gpu
 from finetune.models import Family
 from finetune.recipe import Recipe
 from finetune.run import RunDir
@@ -76,7 +76,7 @@ def sft_config(recipe: Recipe, run: RunDir, plan: BatchPlan, family: Family, eva
         eval_on_start=evaluate_first,
         seed=t.seed,
         data_seed=t.seed,
-        bf16=gpu,
+        bf16=gpu or cpu_bf16(recipe),  # on a CPU: autocast, fp32 weights and optimizer
         use_cpu=not gpu,
         gradient_checkpointing=False,  # already set up by load_model (peft needs it first)
         max_length=recipe.data.max_length,
