@@ -66,7 +66,7 @@ def synthetic_run(work: Path, base: Path) -> Path:
     run = work / "run"
     recipe = ROOT / "recipes" / "tiny-support.yaml"
     subprocess.run(python("-m", "finetune", "train", str(recipe), "--output", str(run), "--set", "train.max_steps=1",
-                          "--set", "data.limit=8", "--set", "eval.after_train=false"), check=True, cwd=ROOT,
+                          "--set", "data.limit=8", "--set", "eval.after_train=false", "--set", "train.rehearsal=0"), check=True, cwd=ROOT,
                    capture_output=True)
     info = json.loads((run / "adapter" / "ft_adapter.json").read_text())
     info.update(base_path=str(base), base_model=str(base))

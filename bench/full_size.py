@@ -120,13 +120,14 @@ def recipe_for(work: Path, base: Path, name: str) -> Path:
 
 SETTINGS = ["data.limit=8", "data.heldout_max=8", "data.max_length=256", "data.too_long=drop",
             "train.max_steps=2", "train.batch_size=1", "train.save_steps=2", "train.logging_steps=1",
-            "eval.max_examples=2", "eval.batch_size=2", "eval.max_new_tokens=4", "train.gradient_checkpointing=true"]
+            "eval.max_examples=2", "eval.batch_size=2", "eval.max_new_tokens=4", "train.gradient_checkpointing=true",
+            "train.rehearsal=0"]  # memory of training itself: no rehearsal generation on 2 cores
 # the 0.8B trains at recipes/laptop-qwen3.5-0.8b.yaml's batch and length: its README estimate is
 # measured at the settings it was made for (2 steps)
 LAPTOP_SETTINGS = ["data.limit=16", "data.heldout_max=4", "data.max_length=512", "data.too_long=drop",
                    "train.max_steps=2", "train.batch_size=4", "train.grad_accum=2", "lora.r=16", "train.packing=false",
                    "train.save_steps=2", "train.logging_steps=1", "eval.max_examples=2", "eval.batch_size=2",
-                   "eval.max_new_tokens=4", "train.gradient_checkpointing=true"]
+                   "eval.max_new_tokens=4", "train.gradient_checkpointing=true", "train.rehearsal=0"]
 # model → (the twin whose tokenizer and layout it takes, its config, the settings it trains at)
 MODELS = {"qwen3.5-9b": ("tiny-qwen3.5-hub", QWEN35_9B, SETTINGS), "olmo3-7b": ("tiny-olmo3-yarn", OLMO3_7B, SETTINGS),
           "qwen3.5-0.8b": ("tiny-qwen3.5-tied-hub", QWEN35_0_8B, LAPTOP_SETTINGS)}

@@ -55,7 +55,8 @@ def bench_recipe(work: Path, base: Path, steps: int, batch: int, max_length: int
     for split in ("train", "heldout"):
         recipe["data"][split] = str((SUPPORT.parent / recipe["data"][split]).resolve())
     recipe["data"].update(max_length=max_length, too_long="truncate")  # the TRL script truncates too
-    recipe["train"].update(max_steps=steps, batch_size=batch, save_steps=1_000_000, logging_steps=1)
+    # rehearsal off: the TRL script trains the job's rows only
+    recipe["train"].update(max_steps=steps, batch_size=batch, save_steps=1_000_000, logging_steps=1, rehearsal=0)
     recipe["eval"] = {"after_train": False}
     path = work / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))

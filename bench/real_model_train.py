@@ -36,7 +36,7 @@ def bench_recipe(work: Path, steps: int) -> Path:
     recipe["name"] = "bench-real"
     recipe["data"]["train"] = str(work / "train.jsonl")
     recipe["data"]["heldout"] = str(ROOT / "datasets" / "support" / "heldout.jsonl")
-    recipe["train"].update(max_steps=steps, save_steps=100_000)
+    recipe["train"].update(max_steps=steps, save_steps=100_000, rehearsal=0)  # the contenders' rows
     recipe["eval"]["after_train"] = False
     path = work / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))

@@ -65,7 +65,8 @@ def recipe(folder: Path, steps: int, batch: int, max_length: int) -> Path:
                  "max_length": max_length},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
         "train": {"max_steps": steps, "lr": 2e-3, "batch_size": batch, "warmup_ratio": 0.05,
-                  "gradient_checkpointing": False, "packing": True, "save_steps": 100_000, "logging_steps": 5},
+                  "gradient_checkpointing": False, "packing": True, "save_steps": 100_000, "logging_steps": 5,
+                  "rehearsal": 0},  # the same rows as the contenders
         "eval": {"after_train": False},
     }))
     return path

@@ -29,24 +29,30 @@ from eval.general import base_answers_key, prompt_items, rehearsal_prompts
 from finetune.data import Splits
 from finetune.errors import UserError
 from finetune.loading import Prepared
-from finetune.recipe import Recipe
+from finetune.recipe import AUTO_REHEARSAL, Recipe
 from finetune.render import Row, rehearsal_row_count
 
 CACHE_KIND = "rehearsal-base"
 
 
 def check(recipe: Recipe, splits: Splits) -> str | None:
-    """Before any weights load: rehearsal needs prompts the general section does not ask."""
-    if not recipe.train.rehearsal:
+    """Before any weights load: rehearsal needs prompts the general section does not ask. An
+    explicit share without them is refused; auto says it has none and trains without."""
+    chosen = recipe.train.rehearsal
+    if not chosen:
         return None
+    share = AUTO_REHEARSAL if chosen == "auto" else chosen
     prompts = rehearsal_prompts(recipe)
     if not prompts:
+        if chosen == "auto":
+            return "train.rehearsal auto: off (eval.general.max_prompts asks every general prompt)"
         raise UserError("train.rehearsal has no general prompts to rehearse: eval.general.max_prompts asks "
                         "every one", "train.rehearsal",
                         "set eval.general.max_prompts below the set's size, add prompts with "
                         "eval.general.prompts, or set train.rehearsal to 0")
-    return (f"train.rehearsal {recipe.train.rehearsal:g}: the base's own answers to {len(prompts)} general prompts "
-            f"({prompts[0].where} on), about {rehearsal_row_count(len(splits.train), recipe.train.rehearsal)} rows")
+    return (f"train.rehearsal {chosen if chosen == 'auto' else format(chosen, 'g')}: the base's own answers to "
+            f"{len(prompts)} general prompts ({prompts[0].where} on), about "
+            f"{rehearsal_row_count(len(splits.train), share)} rows")
 
 
 def cached_answers(recipe: Recipe, prep: Prepared, base_identity: list) -> tuple[list, str, list[Generation] | None]:

@@ -277,10 +277,10 @@ def validate(
         if validated.plan.prep is None:
             raise UserError(f"--show needs the base model's tokenizer: {validated.plan.not_checked}", "--show",
                             "run it where the model can be downloaded, or point model.base at a local folder")
-        _show(validated.recipe, validated.plan.prep, show, split, tokens)
+        _show(validated.recipe, validated.plan.prep, show, split, tokens, validated.plan.rehearsal_share)
 
 
-def _show(recipe, prep, count: int, split: str, tokens: bool) -> None:
+def _show(recipe, prep, count: int, split: str, tokens: bool, rehearsal: float = 0.0) -> None:
     from finetune import show as show_mod
 
     rows = (show_mod.training_rows(prep, recipe, count) if split == "train"
@@ -300,8 +300,8 @@ def _show(recipe, prep, count: int, split: str, tokens: bool) -> None:
         else:
             out.print(show_mod.as_text(show_mod.segments(prep.tokenizer, row.input_ids, row.labels), markers),
                       highlight=False)
-    if split == "train" and recipe.train.rehearsal:
-        _show_rehearsal(recipe, prep, count, markers)
+    if split == "train" and rehearsal:
+        _show_rehearsal(recipe, prep, count, markers, rehearsal)
     available = len(prep.splits.train if split == "train" else prep.splits.heldout)
     if len(rows) < count:
         out.print(f"(the {split} split has {available} examples: {len(rows)} rows shown)", markup=False,
@@ -310,7 +310,7 @@ def _show(recipe, prep, count: int, split: str, tokens: bool) -> None:
         out.print(show_mod.summarize(prep, recipe).line(), markup=False, highlight=False)
 
 
-def _show_rehearsal(recipe, prep, count: int, markers: bool) -> None:
+def _show_rehearsal(recipe, prep, count: int, markers: bool, share: float) -> None:
     """train.rehearsal's rows after the job's: their share of `count`, at least one."""
     import math
 
@@ -318,8 +318,8 @@ def _show_rehearsal(recipe, prep, count: int, markers: bool) -> None:
     from eval.runner import base_identity
     from finetune import show as show_mod
 
-    rows = shown_rows(recipe, prep, max(1, math.ceil(count * recipe.train.rehearsal)), base_identity(prep.base.path))
-    out.print(f"train.rehearsal {recipe.train.rehearsal:g}: rows of the base's own answers to general prompts "
+    rows = shown_rows(recipe, prep, max(1, math.ceil(count * share)), base_identity(prep.base.path))
+    out.print(f"train.rehearsal {share:g}: rows of the base's own answers to general prompts "
               "(no system message), mixed into the training rows", markup=False, highlight=False)
     for index, row in enumerate(rows, 1):
         out.print(show_mod.header(row, index, prep.base.family.end_of_turn, prep.tokenizer), markup=False,

@@ -12,7 +12,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -120,6 +120,13 @@ class QuantizationSection(Section):
     )
 
 
+# train.rehearsal auto's share, from the with/without measurement on the demo (README, Rehearsal;
+# bench/RESULTS.md 13): at 1/16 of the rows the job's format stopped leaking into general answers
+# (15 of 30 → 0) and drift vanished, with every job metric inside the interval of the run without
+# it; at 1/8 the job began to pay (category accuracy 0.87 → 0.78, one invalid JSON answer).
+AUTO_REHEARSAL = 0.0625
+
+
 class TrainSection(Section):
     backend: Literal["auto", "hf", "unsloth"] = Field(
         "auto", description="auto: unsloth when CUDA is present, it imports and it can honour the recipe "
@@ -149,10 +156,10 @@ class TrainSection(Section):
     save_total_limit: int = Field(2, ge=1, description="checkpoints kept (oldest deleted)")
     logging_steps: int = Field(5, ge=1, description="metrics.jsonl row every N steps")
     eval_steps: int | None = Field(None, ge=1, description="held-out loss every N steps")
-    # rehearsal: README, "Rehearsal"; the default follows the with/without measurement there
-    rehearsal: float = Field(0.0, ge=0, lt=1, description="share of training rows that are the base's own "
-                             "answers to ft's general prompts (self-synthesised rehearsal: keeps general answers "
-                             "off the job's format); 0: off")
+    rehearsal: Literal["auto"] | Annotated[float, Field(ge=0, lt=1)] = Field(
+        "auto", description="share of training rows that are the base's own answers to ft's general prompts "
+        f"(self-synthesised rehearsal: keeps general answers off the job's format); auto = {AUTO_REHEARSAL:g} on the "
+        "hf backend in one process or under ddp, off under fsdp/deepspeed and unsloth; 0: off")
     rehearsal_prompts: int = Field(64, ge=1, description="general prompts rehearsal answers: the set's prompts "
                                    "after the first eval.general.max_prompts (never those the general section asks)")
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
@@ -422,6 +429,8 @@ def _type_name(annotation) -> str:
     """A key's type as the README's table says it: `a / b` for choices, `list of T`, `map of K to V`,
     `{field, ...}` for a nested entry, `or null` for an optional key."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:  # a constrained type: its base type (the bounds are in the description)
+        return _type_name(args[0])
     if origin is Literal:
         return " / ".join(str(a) for a in args)
     if origin in (typing.Union, types.UnionType):

@@ -11,6 +11,8 @@ unsloth backend's generation (CUDA only).
 
 from __future__ import annotations
 
+import pytest
+
 from eval import general as G
 from eval import rehearsal as R
 from finetune import render
@@ -109,4 +111,27 @@ def test_validate_show_marks_rehearsal_rows_as_what_they_are():
     assert "train.rehearsal 0.5: rows of the base's own answers" in result.stdout
     assert "rehearsal: the base's answer to" in result.stdout and "general_prompts.jsonl:25" in result.stdout
 
-    assert R.check(load_recipe(RECIPE), None) is None  # off by default: no rows, nothing checked
+
+
+def test_auto_rehearses_where_the_base_can_answer_before_training(monkeypatch):
+    """auto: 1/16 of the rows on the hf backend in one process or under ddp; off, saying why,
+    under fsdp / deepspeed (the base is not on one device before the strategy places it) and on
+    unsloth; an explicit share under sharding is refused with the fix; 0 is off; auto with no
+    prompts left says so instead of refusing."""
+    from finetune.errors import UserError
+    from finetune.recipe import AUTO_REHEARSAL
+    from finetune.train.plan import rehearsal_share
+
+    assert rehearsal_share(load_recipe(RECIPE), "hf") == (AUTO_REHEARSAL, None)
+    assert rehearsal_share(load_recipe(RECIPE), "unsloth")[0] == 0.0
+    assert rehearsal_share(load_recipe(RECIPE, ["train.rehearsal=0"]), "hf") == (0.0, None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    share, why = rehearsal_share(load_recipe(RECIPE, ["distributed.strategy=fsdp"]), "hf")
+    assert share == 0.0 and "off under distributed.strategy fsdp" in why
+    assert rehearsal_share(load_recipe(RECIPE, ["distributed.strategy=ddp"]), "hf")[0] == AUTO_REHEARSAL
+    with pytest.raises(UserError, match="cannot run under distributed.strategy deepspeed"):
+        rehearsal_share(load_recipe(RECIPE, ["distributed.strategy=deepspeed", "train.rehearsal=0.1"]), "hf")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert R.check(load_recipe(RECIPE, ["train.rehearsal=0"]), None) is None
+    note = R.check(load_recipe(RECIPE, ["eval.general.max_prompts=null"]), None)
+    assert note.startswith("train.rehearsal auto: off")

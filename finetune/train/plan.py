@@ -19,7 +19,8 @@ from finetune import data as data_mod
 from finetune import logs
 from finetune import render
 from finetune.bases import ResolvedBase, hub_reachable, resolve_base
-from finetune.distributed import BatchPlan, batch_plan, check_strategy
+from finetune.distributed import BatchPlan, batch_plan, check_strategy, shards
+from finetune.errors import UserError
 from finetune.loading import Prepared, check_weights_format, on_gpu, prepare, skeleton, training_template
 from finetune.loading import lora_targets
 from finetune.preflight import TrainPlan, preflight_train
@@ -47,6 +48,7 @@ class TrainingPlan:
     preflight: TrainPlan | None = None
     slow_kernels: str | None = None
     backend_fallback: str | None = None  # why auto did not get unsloth on a GPU (backends.auto_fallback)
+    rehearsal_share: float = 0.0  # train.rehearsal decided (rehearsal_share)
     train_dataset: object = None  # datasets.Dataset of input_ids and labels, as TRL takes them
     heldout_dataset: object = None
     train_tokens: dict = field(default_factory=dict)  # render.tokenize_all's report
@@ -75,6 +77,29 @@ class TrainingPlan:
                 f"{tr['tokens']:,} tokens ({tr['trained_tokens']:,} trained)")
 
 
+def rehearsal_share(recipe: Recipe, backend: str) -> tuple[float, str | None]:
+    """train.rehearsal decided: (share, why auto turned it off). The base's answers are generated
+    when training starts, on the model about to train: under fsdp / deepspeed the base is not yet
+    on one device then (rank 0 holds it in CPU RAM until the strategy places it), and unsloth's
+    patched model is not exercised here; auto leaves those off, an explicit share is refused
+    where it cannot run."""
+    from finetune.recipe import AUTO_REHEARSAL
+
+    chosen = recipe.train.rehearsal
+    sharded = shards(recipe)
+    if chosen == "auto":
+        if sharded:
+            return 0.0, f"train.rehearsal auto: off under distributed.strategy {recipe.distributed.strategy}"
+        if backend != "hf":
+            return 0.0, "train.rehearsal auto: off on the unsloth backend"
+        return AUTO_REHEARSAL, None
+    if chosen and sharded:
+        raise UserError(f"train.rehearsal {chosen:g} cannot run under distributed.strategy "
+                        f"{recipe.distributed.strategy}: the base's answers are generated before the strategy "
+                        "places the model", "train.rehearsal", "set train.rehearsal: 0, or train with ddp")
+    return float(chosen), None
+
+
 def model_files_here(base: ResolvedBase) -> bool:
     """A local folder, or a hub checkpoint that is cached or can be downloaded."""
     return Path(base.path).is_dir() or hub_reachable(base.path)
@@ -90,6 +115,9 @@ def plan_training(recipe: Recipe, run_root: Path, world_size: int = 1, checks: S
     logs.quiet_hf_libraries()  # then transformers' and datasets' bars off before any data is read
     fallback = auto_fallback(recipe, backend)
     checked = [f"train.backend {recipe.train.backend}: {backend}" + (f" ({fallback})" if fallback else "")]
+    share, rehearsal_off = rehearsal_share(recipe, backend)
+    if rehearsal_off:
+        checked.append(rehearsal_off)
     base = resolve_base(recipe.model.base)
     check_weights_format(base, recipe)
     checked.append(f"model: {recipe.model.base} → {base.path} (family {base.family.name})")
@@ -108,7 +136,7 @@ def plan_training(recipe: Recipe, run_root: Path, world_size: int = 1, checks: S
     checked.append(f"train.optimizer {recipe.train.optimizer}: known to transformers and installed"
                    + (f"; trackers {', '.join(recipe.train.report_to)} installed" if recipe.train.report_to else ""))
     plan = TrainingPlan(backend, base, splits, batch_plan(recipe, world_size), checked, stage_checks, prep=prep,
-                        backend_fallback=fallback)
+                        backend_fallback=fallback, rehearsal_share=share)
     if prep is None:
         template, where = training_template(recipe, base.family)
         render.check_template(template, base.family, render.template_kwargs(base.family, recipe), where, None)

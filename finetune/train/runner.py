@@ -192,7 +192,8 @@ def with_rehearsal(recipe: Recipe, run: RunDir, plan: TrainingPlan, model, rehea
     are generated once and cached); the others read them after it."""
     from finetune.render import mixed_with
 
-    if not recipe.train.rehearsal or rehearsal is None:
+    share = plan.rehearsal_share
+    if not share or rehearsal is None:
         return plan.train_dataset
     w = world()
     if w.main:
@@ -200,11 +201,11 @@ def with_rehearsal(recipe: Recipe, run: RunDir, plan: TrainingPlan, model, rehea
     barrier()
     if not w.main:
         rows, cached = rehearsal(recipe, model, plan.prep, lambda line: say(console, f"  {line}"))
-    dataset, count = mixed_with(plan.train_dataset, rows, recipe.train.rehearsal)
+    dataset, count = mixed_with(plan.train_dataset, rows, share)
     say(console, f"  rehearsal: {count} rows of the base's own answers to {len(rows)} general prompts "
                  f"({count / len(dataset):.0%} of {len(dataset)} rows)")
     if w.main:
-        run.update_manifest(rehearsal=RehearsalRecord(share=recipe.train.rehearsal, prompts=len(rows), rows=count,
+        run.update_manifest(rehearsal=RehearsalRecord(share=share, prompts=len(rows), rows=count,
                                                       cached=cached))
     return dataset
 
