@@ -92,6 +92,7 @@ class Served:
 
     url: str
     model: str
+    request_fields: dict  # what --request-field added to every request
     rows: list[MetricRow]  # values: {"served": v}; delta, low, high: served − base
     divergence: Divergence
     speed: Speed
@@ -245,7 +246,7 @@ def served_markdown(served: Served, pct: str) -> list[str]:
 def served_json(served: Served) -> dict:
     from dataclasses import asdict
 
-    return {"url": served.url, "model": served.model,
+    return {"url": served.url, "model": served.model, "request_fields": served.request_fields,
             "metrics": [{"name": r.name, "value": r.values[SERVED], "delta": r.delta, "ci": [r.low, r.high]}
                         for r in served.rows],
             "divergence": asdict(served.divergence), "speed": {**asdict(served.speed),

@@ -8,7 +8,7 @@ reused across fine-tunes.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from eval import general as general_mod
@@ -124,6 +124,7 @@ class ServedRequest:
     model: str | None = None  # None: the one model the server lists
     concurrency: int = 1
     timeout_s: float = 300.0
+    extra_fields: dict = field(default_factory=dict)  # --request-field: added to every request body
 
 
 def evaluate(run: RunDir, overrides: list[str] = (), use_cache: bool = True, gguf: bool = False,
@@ -149,7 +150,8 @@ def evaluate(run: RunDir, overrides: list[str] = (), use_cache: bool = True, ggu
     served_column = None
     if served:  # the server answers, speaks the API and has the model: checked before weights load
         served_column = ServedColumn(report_mod.SERVED, served.url, served.model, prep.tokenizer,
-                                     recipe.eval.max_new_tokens, served.concurrency, served.timeout_s)
+                                     recipe.eval.max_new_tokens, served.concurrency, served.timeout_s,
+                                     served.extra_fields)
 
     base_dir = local_snapshot(prep.base.path, recipe.model.revision)
     Adapter(run.adapter).check(Checkpoint.open(base_dir), base_dir)  # a run from another base: clear error
@@ -181,7 +183,7 @@ def evaluate(run: RunDir, overrides: list[str] = (), use_cache: bool = True, ggu
         outcomes[report_mod.SERVED] = [Outcome(i.reference, a.text, a.stopped, 0.0, 0) for i, a in zip(items, answers)]
         gguf_answers = [Generation(o.output, o.stopped) for o in outcomes[report_mod.GGUF]]
         served_section = report_mod.Served(
-            served_column.base_url, served_column.model,
+            served_column.base_url, served_column.model, served_column.extra_fields,
             report_mod.served_rows(metrics, outcomes, recipe.eval.bootstrap_samples, recipe.eval.confidence),
             divergence(items, gguf_answers, answers, list(prep.base.family.end_of_turn)), served_column.speed)
 

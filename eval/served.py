@@ -80,8 +80,9 @@ class ServedColumn:
     """A running OpenAI-compatible server, asked over HTTP."""
 
     def __init__(self, name: str, url: str, model: str | None, tokenizer, max_new_tokens: int, concurrency: int = 1,
-                 timeout_s: float = 300.0):
+                 timeout_s: float = 300.0, extra_fields: dict | None = None):
         self.name, self.tokenizer = name, tokenizer
+        self.extra_fields = dict(extra_fields or {})  # what the application adds to each request
         self.base_url = url.rstrip("/").removesuffix("/v1")
         self.max_new_tokens, self.concurrency, self.timeout_s = max_new_tokens, concurrency, timeout_s
         self.model = self._check(model)
@@ -148,7 +149,7 @@ class ServedColumn:
 
     def _ask(self, item: Item) -> tuple[Generation, Timing]:
         body = {"model": self.model, "messages": item.messages, "temperature": 0, "seed": SEED,
-                "max_tokens": self.max_new_tokens, "stream": True}
+                "max_tokens": self.max_new_tokens, "stream": True, **self.extra_fields}
         text, finish, first = [], None, None
         start = time.monotonic()
         with self._open("/v1/chat/completions", body) as response:
@@ -218,7 +219,8 @@ def likely_cause(gguf: Generation, served: Generation, end_of_turn: list[str]) -
         return ("different from the first word: the server rendered another prompt (its template, or a "
                 "system message it adds)")
     return ("the same start, then apart: a sampling option the server adds (repeat penalty, temperature) "
-            "or different numerics")
+            "or other numerics (llama.cpp's results depend on its CPU kernels, the prompt's batch size and "
+            "the prefix a server reuses from the previous request)")
 
 
 def divergence(items: list[Item], gguf: list[Generation], served: list[Generation], end_of_turn: list[str],

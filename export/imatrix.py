@@ -146,12 +146,12 @@ def collect(gguf_path: Path, sequences: list[list[int]], log: Path | None = None
     decoder-block weight. Each sequence starts from an empty cache (no attention across them)."""
     from llama_cpp import Llama
 
-    from export.llama import default_params, native_log, plain_cpu_kernels
+    from export.llama import default_params, native_log, server_cpu_kernels
 
     collector = Collector()
     n_ctx = max(map(len, sequences))
     # cb_eval: llama.cpp calls it for every graph node (Llama does not expose it)
-    with native_log(log), plain_cpu_kernels(), default_params("llama_context_default_params",
+    with native_log(log), server_cpu_kernels(), default_params("llama_context_default_params",
                                                                cb_eval=collector.callback):
         # n_batch 64: llama-cpp-python keeps n_batch × vocabulary floats of logits (see GGUFModel)
         llm = Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=min(n_ctx, 64), logits_all=False,

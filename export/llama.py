@@ -51,13 +51,20 @@ def default_params(getter: str, **fields):
         setattr(capi, getter, default)
 
 
-def plain_cpu_kernels():
-    """Load with llama.cpp's "extra buffer types" off (`use_extra_bufts`): the AMX and
-    repacked-weight matmuls it picks by CPU. The llama.cpp in llama-cpp-python 0.3.36, built
+def server_cpu_kernels():
+    """The CPU kernels a llama.cpp server would run here. llama.cpp picks "extra buffer types" by
+    CPU (repacked quantized weights, AMX tiles), and their float results differ from the plain
+    kernels': on the demo's Q4_K_M file on an AVX512 EPYC, 17 of 60 greedy answers part ways
+    (`ft eval --served` against llama-cpp-python's server found it). llama-server, Ollama and
+    llama-cpp-python's server keep llama.cpp's choice, so the GGUF column, verification and
+    calibration keep it too. One exception: the llama.cpp in llama-cpp-python 0.3.36, built
     natively on a CPU with AMX (Sapphire Rapids and later), segfaults in ggml_backend_amx_mul_mat
-    on the first decode of a Q4_K_M file. The plain CPU kernels compute the same quantized dot
-    products on every machine, which is what verification and `ft eval --gguf` want; the shipped
-    file is unchanged."""
+    on the first decode of a Q4_K_M file; there the extra buffer types are turned off
+    (`use_extra_bufts`)."""
+    import torch
+
+    if not torch.cpu._is_amx_tile_supported():
+        return contextlib.nullcontext()
     return default_params("llama_model_default_params", use_extra_bufts=False)
 
 
@@ -66,7 +73,7 @@ class GGUFModel:
         from llama_cpp import Llama
 
         self.log = log
-        with native_log(log), plain_cpu_kernels():
+        with native_log(log), server_cpu_kernels():
             # n_batch 64: llama.cpp's output buffers are n_batch × vocabulary floats, 63 MB each for
             # a 248k vocabulary instead of 500 MB at 512; prompt processing is no slower on a CPU.
             self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 64), logits_all=True,

@@ -163,6 +163,8 @@ def eval_(
                                         "one it lists)"),
     concurrency: int = typer.Option(1, "--concurrency", min=1, help="--served: requests in flight at once"),
     timeout: float = typer.Option(300.0, "--timeout", min=1, help="--served: seconds to wait for one answer"),
+    request_field: list[str] = typer.Option([], "--request-field", help="--served: KEY=VALUE added to every request "
+                                            "as your application sends it (VALUE in YAML), e.g. repeat_penalty=1"),
 ):
     """Compare base and fine-tuned on the held-out set; exit 3 if a recipe gate fails."""
     from eval.runner import ServedRequest
@@ -174,11 +176,25 @@ def eval_(
                         "change training settings in the recipe and train again")
     chosen = find_run(run)
     logs.attach(chosen.root / "logs" / "eval.log")
-    if not served_url and (model is not None or concurrency != 1 or timeout != 300.0):
-        raise UserError("--model, --concurrency and --timeout apply to --served", "--served",
+    if not served_url and (model is not None or concurrency != 1 or timeout != 300.0 or request_field):
+        raise UserError("--model, --concurrency, --timeout and --request-field apply to --served", "--served",
                         "add --served URL (the server to ask), or drop them")
-    served = ServedRequest(served_url, model, concurrency, timeout) if served_url else None
+    served = (ServedRequest(served_url, model, concurrency, timeout, _request_fields(request_field))
+              if served_url else None)
     _evaluate(chosen, set_, gguf, served)
+
+
+def _request_fields(pairs: list[str]) -> dict:
+    import yaml
+
+    fields = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--request-field {pair!r} is not KEY=VALUE", "--request-field",
+                            "e.g. --request-field repeat_penalty=1")
+        fields[key] = yaml.safe_load(value)
+    return fields
 
 
 @app.command()

@@ -146,8 +146,9 @@ class TrainSection(Section):
     gradient_checkpointing: Literal["auto"] | bool = Field(
         "auto", description="recompute activations: less memory, ~30-45% slower; auto = on only when the "
         "preflight estimate without it would take over half the free memory")
+    # auto: 1.64× the tokens/s of fp32 on the demo at equal held-out loss (bench/RESULTS.md 14)
     cpu_bf16: Literal["auto"] | bool = Field(
-        False, description="on a CPU, matmuls in bf16 under autocast (weights, adapters and optimizer stay "
+        "auto", description="on a CPU, matmuls in bf16 under autocast (weights, adapters and optimizer stay "
         "fp32); auto = where the CPU computes bf16 natively (AVX512-BF16 or AMX), never where it is emulated")
     packing: bool = Field(True, description="padding-free packing: a batch's examples share rows, boundaries "
                           "kept (same result, less padding; hf backend)")

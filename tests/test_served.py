@@ -54,12 +54,17 @@ def report_of(run: RunDir) -> dict:
 
 
 def test_the_served_column_answers_as_the_shipped_file_does(exported, server):
-    result = run_ft("eval", str(exported.root), "--served", server, "--concurrency", "2", *FEW)
+    """llama-cpp-python's server applies its own default repeat penalty (1.1) to chat requests: an
+    application that wants the file's greedy answers sends repeat_penalty 1 (as ft's Modelfile sets
+    it for Ollama), and so does this check (`--request-field`)."""
+    result = run_ft("eval", str(exported.root), "--served", server, "--concurrency", "2",
+                    "--request-field", "repeat_penalty=1", *FEW)
     assert result.returncode == 0, result.stderr[-3000:]
     report = report_of(exported)
     assert report["columns"] == ["base", "fine-tuned", "gguf", "served"]
     served = report["served"]
     assert served["model"] == "support" and served["divergence"]["differ"] == 0, served["divergence"]
+    assert served["request_fields"] == {"repeat_penalty": 1}
     predictions = [json.loads(line) for line in (exported.eval_dir / "predictions.jsonl").read_text().splitlines()]
     for p in predictions:
         assert p["outputs"]["served"] == p["outputs"]["gguf"]  # text and clean stop, prompt by prompt
