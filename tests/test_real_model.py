@@ -93,20 +93,20 @@ def test_the_fine_tune_beats_its_real_base(trained):
 
 
 def test_the_general_section_measures_what_the_real_fine_tune_lost(trained):
-    """Beside the job, on the real base: 12 steps of JSON tickets move SmolLM2's general answers
-    away from its own (drift: loss on the base's answers up, with an interval wholly on the losing
-    side; KL from the base has a size), and its answers to general prompts take the job's JSON
-    shape no less often than the base's. Measured on this budget (64 prompts, 2-core EPYC):
-    leakage 0 → 1 of the 59 prompts that do not ask for JSON ("How can I save money on
-    groceries?" → a JSON object), drift loss +0.27 [+0.23, +0.32] nats a token, KL 0.35, clean
-    stops 0.30 → 0.95 (the base rambles past 64 tokens)."""
+    """Beside the job, on the real base: 12 steps of JSON tickets (1 row in 16 the base's own
+    rehearsed answers, train.rehearsal auto) move SmolLM2's general answers away from its own
+    (drift: loss on the base's answers up, with an interval wholly on the losing side; KL from the
+    base has a size), and its answers to general prompts take the job's JSON shape no more often
+    than the base's. Measured on this budget (32 prompts, 2-core EPYC): leakage 0 → 0 of 30, drift
+    loss +0.18 [+0.13, +0.23] nats a token, KL 0.27, clean stops 0.28 → 0.88. (Without rehearsal,
+    at 64 prompts: 1 of 59 leaked, drift +0.27, KL 0.35.)"""
     general = json.loads((trained.eval_dir / "report.json").read_text())["general"]
     rows = {r["key"]: r for r in general["rows"]}
     assert set(rows) == {"general.leakage", "general.clean_stop", "general.drift_loss", "general.drift_kl"}
     assert rows["general.drift_loss"]["lost"] and rows["general.drift_loss"]["ci"][0] > 0.05, rows
     assert rows["general.drift_kl"]["ci"][0] > 0.05 and not rows["general.drift_kl"]["lost"]
     assert rows["general.leakage"]["fine-tuned"] >= rows["general.leakage"]["base"]
-    assert general["prompts"] == 64 and "lost ground on" in general["verdict"]
+    assert general["prompts"] == 32 and "lost ground on" in general["verdict"]
 
 
 def test_ft_models_says_the_weights_went_through_4_bits():

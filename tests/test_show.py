@@ -127,7 +127,9 @@ def test_colour_on_a_terminal_markers_through_a_pipe(qwen_twin):
     text in green and no markers."""
     result = run_ft("validate", str(TINY), "--show", "2")
     assert result.returncode == 0, result.stderr
-    assert "\x1b[" not in result.stdout and result.stdout.count("── ") == 2
+    # two job rows, then the rehearsal row (train.rehearsal auto): its share of 2, at least one
+    assert "\x1b[" not in result.stdout and result.stdout.count("── ") == 3
+    assert result.stdout.index("rehearsal: the base's answer to") > result.stdout.index("── 2 · ")
     assert result.stdout.count(show_mod.TRAINED_OPEN) >= 2 and "<|im_end|>" + show_mod.TRAINED_CLOSE in result.stdout
     assert re.search(r"── 1 · \S+train\.jsonl:\d+ · \d+ tokens · \d+ trained · kept", result.stdout)
     assert re.search(r"training split: 800 examples → 800 rows, [\d,]+ tokens, [\d,]+ trained \(\d+%\)", result.stdout)
