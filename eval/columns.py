@@ -126,20 +126,6 @@ class TransformersColumn:
                     out[i] = self.finish(generated[row, width:].tolist())
         return out
 
-    def generate_within(self, items: list[Item], budgets: list[int]) -> list[Generation]:
-        """Each item answered within its own token budget, all in one set of batches: greedy
-        decoding is prefix-consistent, so an answer cut at its budget is the answer that budget
-        would have given. On a CPU each decoding step has a fixed cost of its own (about 0.16 s
-        for SmolLM2 on 2 cores), so two sets of prompts decoded together take fewer steps than
-        each on its own (`ft eval`'s held-out and general prompts)."""
-        longest = self.max_new_tokens
-        self.max_new_tokens = max(budgets)
-        try:
-            answers = self.generate(items)
-        finally:
-            self.max_new_tokens = longest
-        return [self.finish(a.tokens[:budget]) for a, budget in zip(answers, budgets)]
-
     def finish(self, new_tokens: list[int]) -> Generation:
         """Cut at the first end-of-turn token; no such token means the budget ran out."""
         for pos, token in enumerate(new_tokens):

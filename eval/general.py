@@ -381,17 +381,11 @@ def cached_base(key: str):
     return [Generation(**a) for a in rows], states
 
 
-def asked_items(recipe: Recipe, renderer) -> list[Item]:
-    """The general prompts the section asks, as items."""
-    return prompt_items(general_prompts(recipe), renderer)
-
-
 def evaluate_general(recipe: Recipe, model, prep, references: list[str], base_identity: list,
                      benchmarks: dict[str, list[ChoiceItem]], use_cache: bool = True,
-                     progress=lambda line: None, tuned_answers: list[Generation] | None = None) -> General:
+                     progress=lambda line: None) -> General:
     """The general section for a loaded base+adapter (`model`, a peft model); `benchmarks`:
-    read_benchmarks' files; `tuned_answers`: the fine-tune's answers to asked_items when the
-    caller generated them already (ft eval does, with its held-out prompts)."""
+    read_benchmarks' files."""
     section, ev = recipe.eval.general, recipe.eval
     prompts = general_prompts(recipe)
     items = prompt_items(prompts, prep.renderer)
@@ -408,10 +402,8 @@ def evaluate_general(recipe: Recipe, model, prep, references: list[str], base_id
                                        adapter=False)
         store_tensor("general-base", key, base_states)  # before the answers: they mark the entry whole
         store("general-base", key, [asdict(a) for a in base])
-    tuned = tuned_answers
-    if tuned is None:
-        progress(f"general: the fine-tune answers {len(items)} general prompts")
-        tuned = TransformersColumn("fine-tuned", model, adapter=True, **common).generate(items)
+    progress(f"general: the fine-tune answers {len(items)} general prompts")
+    tuned = TransformersColumn("fine-tuned", model, adapter=True, **common).generate(items)
     shape = job_shape(references)
     result = General(len(items), shape.description if shape else None, base_cached=cached)
     result.answers = [{"where": p.where, "kind": p.kind, "prompt": p.text,

@@ -166,15 +166,7 @@ def evaluate(run: RunDir, overrides: list[str] = (), use_cache: bool = True, ggu
     if base is None:
         base = run_column(TransformersColumn(report_mod.BASE, model, adapter=False, **common), items)
         store("base", key, [asdict(o) for o in base])
-    tuned_column = TransformersColumn(report_mod.TUNED, model, adapter=True, **common)
-    general_items = general_mod.asked_items(recipe, prep.renderer) if recipe.eval.general.enabled else []
-    # the fine-tune answers the held-out and the general prompts in one set of decoding steps
-    losses = tuned_column.score(items)
-    answers = tuned_column.generate_within(
-        items + general_items, [recipe.eval.max_new_tokens] * len(items)
-        + [recipe.eval.general.max_new_tokens] * len(general_items))
-    tuned_general = answers[len(items):]
-    tuned = [Outcome(i.reference, a.text, a.stopped, nll, n) for i, a, (nll, n) in zip(items, answers, losses)]
+    tuned = run_column(TransformersColumn(report_mod.TUNED, model, adapter=True, **common), items)
     outcomes = {report_mod.BASE: base, report_mod.TUNED: tuned}
     if gguf_path:
         n_ctx = max(len(i.input_ids) for i in items) + recipe.eval.max_new_tokens + 16
@@ -198,8 +190,7 @@ def evaluate(run: RunDir, overrides: list[str] = (), use_cache: bool = True, ggu
     general = None
     if recipe.eval.general.enabled:
         general = general_mod.evaluate_general(recipe, model, prep, [i.reference for i in items],
-                                               base_identity(prep.base.path), benchmarks, use_cache, progress,
-                                               tuned_answers=tuned_general)
+                                               base_identity(prep.base.path), benchmarks, use_cache, progress)
     report = report_mod.compare(metrics, outcomes, recipe.eval.require, recipe.eval.bootstrap_samples,
                                 recipe.eval.confidence, general, served_section)
     report.regressed = report_mod.regressions(metrics, items, outcomes)

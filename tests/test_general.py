@@ -268,23 +268,3 @@ def test_ft_eval_adds_a_benchmark_to_an_existing_runs_report(qwen_run, tmp_path)
         assert row["items"] == 5 and 0 <= row["base"] <= 1 and 0 <= row["fine-tuned"] <= 1
         assert row["delta"] == pytest.approx(row["fine-tuned"] - row["base"])
     assert "colors: acc" in (run.eval_dir / "report.md").read_text()
-
-
-def test_answers_within_their_own_budgets_equal_separate_generations(qwen_run):
-    """`ft eval` decodes the held-out and the general prompts together (columns.generate_within):
-    each answer cut at its own budget must be what that budget alone gives (text, clean stop,
-    tokens), since greedy decoding is prefix-consistent."""
-    from eval.columns import TransformersColumn
-
-    recipe, prep, model = peft_model(qwen_run)
-    items = G.asked_items(load_recipe(qwen_run.recipe, ["eval.general.max_prompts=4"]), prep.renderer)
-    eot = [prep.tokenizer.convert_tokens_to_ids(t) for t in prep.base.family.end_of_turn]
-
-    def column(budget):
-        return TransformersColumn("t", model, prep.tokenizer, eot, batch_size=4, max_new_tokens=budget)
-
-    joint = column(6)
-    together = joint.generate_within(items, [6, 20, 6, 20])
-    short, long = column(6).generate(items), column(20).generate(items)
-    assert together == [short[0], long[1], short[2], long[3]]
-    assert any(len(a.tokens) > 6 for a in long) and joint.max_new_tokens == 6  # its own budget restored
