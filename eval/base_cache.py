@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 
-from finetune.run import cache_root, write_json
+from finetune.run import atomic_write_bytes, cache_root, write_json
 
 
 def cache_key(payload: list) -> str:
@@ -34,16 +32,6 @@ def read_cached_tensor(kind: str, key: str):
 
 
 def store_tensor(kind: str, key: str, tensor) -> None:
-    """Written beside the target and renamed, as every file ft writes."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    folder = cache_root() / "eval"
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{kind}-{key}.", dir=folder)
-    os.close(fd)
-    try:
-        save_file({"tensor": tensor.contiguous()}, tmp)
-        os.replace(tmp, folder / f"{kind}-{key}.safetensors")
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write_bytes(cache_root() / "eval" / f"{kind}-{key}.safetensors", save({"tensor": tensor.contiguous()}))

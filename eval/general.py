@@ -276,32 +276,45 @@ def answer_states(model, tokenizer, items: list[Item], batch_size: int, adapter:
             valid = labels[:, 1:] != -100  # position t predicts token t+1
             for row, i in enumerate(chunk):
                 states[i] = hidden[row][valid[row]].float()
-    return torch.cat(states), torch.cat([torch.tensor(i.labels[1:])[torch.tensor(i.labels[1:]) != -100]
-                                         for i in items])
+    targets = [label for i in items for label in i.labels[1:] if label != -100]
+    return torch.cat(states), torch.tensor(targets, dtype=torch.long)
+
+
+def head_log_softmax(model, states, adapter: bool, copies: int):
+    """(slice, log-softmax of the LM head over those positions' hidden states), in slices of
+    positions that keep `copies` such [positions, vocabulary] arrays within SCORE_LOGITS_BYTES."""
+    import contextlib
+
+    import torch
+
+    head = model.get_base_model().get_output_embeddings()
+    vocab = model.config.get_text_config().vocab_size
+    step = max(1, SCORE_LOGITS_BYTES // (vocab * 4 * copies))
+    for start in range(0, len(states), step):
+        part = slice(start, start + step)
+        # the base's side with the adapter off: a recipe may put LoRA on the head too. Both
+        # contexts close before the yield: a suspended generator must not hold them open.
+        with torch.no_grad(), contextlib.nullcontext() if adapter else model.disable_adapter():
+            logp = torch.log_softmax(head(states[part].to(head.weight.dtype)).float(), -1)
+        yield part, logp
 
 
 def drift(model, tokenizer, items: list[Item], base_states, batch_size: int) -> list[tuple[float, float, float]]:
     """Per item: (base loss per token, fine-tuned loss per token, KL(base ‖ fine-tuned) per token)
     over the answer's tokens. `base_states`: answer_states of the base (cached with its answers:
     they depend only on the base and the prompts), so only the fine-tune runs its decoder here;
-    both go through the same LM head, in slices of positions that bound the logits' memory."""
+    both go through the same LM head, slice by slice."""
     import torch
 
     tuned_states, targets = answer_states(model, tokenizer, items, batch_size, adapter=True)
-    head = model.get_base_model().get_output_embeddings()
-    vocab = model.config.get_text_config().vocab_size
     per_position = torch.zeros(3, len(targets))
-    step = max(1, SCORE_LOGITS_BYTES // (vocab * 4 * 3))
-    with torch.no_grad():
-        for start in range(0, len(targets), step):
-            part = slice(start, start + step)
-            with model.disable_adapter():  # a recipe may put LoRA on the head too
-                base = torch.log_softmax(head(base_states[part].to(head.weight.dtype)).float(), -1)
-            tuned = torch.log_softmax(head(tuned_states[part].to(head.weight.dtype)).float(), -1)
-            index = targets[part].unsqueeze(-1)
-            per_position[0, part] = -base.gather(-1, index).squeeze(-1)
-            per_position[1, part] = -tuned.gather(-1, index).squeeze(-1)
-            per_position[2, part] = (base.exp() * (base - tuned)).sum(-1)
+    pairs = zip(head_log_softmax(model, base_states, adapter=False, copies=3),
+                head_log_softmax(model, tuned_states, adapter=True, copies=3))
+    for (part, base), (_, tuned) in pairs:
+        index = targets[part].unsqueeze(-1)
+        per_position[0, part] = -base.gather(-1, index).squeeze(-1)
+        per_position[1, part] = -tuned.gather(-1, index).squeeze(-1)
+        per_position[2, part] = (base.exp() * (base - tuned)).sum(-1)
     results, start = [], 0
     for item in items:
         n = sum(1 for label in item.labels[1:] if label != -100)
@@ -312,22 +325,12 @@ def drift(model, tokenizer, items: list[Item], base_states, batch_size: int) -> 
 
 
 def target_logprobs(model, states, targets, adapter: bool):
-    """log p(target) at each position from its last hidden state, through the LM head in slices
-    of positions that bound the logits' memory."""
-    import contextlib
-
+    """log p(target) at each position, from its last hidden state."""
     import torch
 
-    head = model.get_base_model().get_output_embeddings()
-    vocab = model.config.get_text_config().vocab_size
-    step = max(1, SCORE_LOGITS_BYTES // (vocab * 4 * 2))
     picked = torch.zeros(len(targets))
-    switch = contextlib.nullcontext() if adapter else model.disable_adapter()
-    with torch.no_grad(), switch:
-        for start in range(0, len(targets), step):
-            part = slice(start, start + step)
-            logp = torch.log_softmax(head(states[part].to(head.weight.dtype)).float(), -1)
-            picked[part] = logp.gather(-1, targets[part].unsqueeze(-1)).squeeze(-1)
+    for part, logp in head_log_softmax(model, states, adapter, copies=2):
+        picked[part] = logp.gather(-1, targets[part].unsqueeze(-1)).squeeze(-1)
     return picked
 
 
