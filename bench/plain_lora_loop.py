@@ -25,13 +25,14 @@ def main() -> None:
     ap.add_argument("--lr", type=float, required=True)
     ap.add_argument("--warmup-ratio", type=float, default=0.05)
     ap.add_argument("--targets", required=True)
+    ap.add_argument("--seed", type=int, default=0, help="LoRA initialisation and example order")
     args = ap.parse_args()
 
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.base)
     model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
@@ -44,7 +45,7 @@ def main() -> None:
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         ids = tokenizer(full.rstrip("\n"), add_special_tokens=False)["input_ids"]  # ends with <|im_end|>
         examples.append((ids, [-100] * len(prompt_ids) + ids[len(prompt_ids):]))
-    random.Random(0).shuffle(examples)
+    random.Random(args.seed).shuffle(examples)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     schedule = get_cosine_schedule_with_warmup(optimizer, round(args.warmup_ratio * args.steps), args.steps)
     pad = tokenizer.pad_token_id

@@ -64,7 +64,8 @@ def main() -> None:
     tokens = max(r.get("num_tokens", 0) for r in trainer.state.log_history)
     vram = round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
     print(json.dumps({"train_runtime_s": result.metrics["train_runtime"], "tokens": tokens,
-                      "steps": trainer.state.global_step, "peak_gpu_memory_gib": vram}))
+                      "steps": trainer.state.global_step, "peak_gpu_memory_gib": vram,
+                      "bf16": bool(trainer.args.bf16), "gradient_checkpointing": bool(trainer.args.gradient_checkpointing)}))
 
 
 if __name__ == "__main__":

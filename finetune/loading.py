@@ -20,6 +20,7 @@ from finetune.bases import ResolvedBase, resolve_base
 from finetune.distributed import shards, world
 from finetune.errors import UserError
 from finetune.models import Family
+from finetune.preflight import available_ram
 from finetune.recipe import Recipe
 
 
@@ -153,7 +154,25 @@ def load_base_model(recipe: Recipe, base: ResolvedBase, dtype=None):
         raise UserError(f"the base model's weights cannot be read: {exc}", f"model.base ({base.path})",
                         "copy or download the checkpoint again; every .safetensors file must be complete") from None
     keep_4bit_layers_differentiable(model)
+    if not gpu and recipe.quantization.load_in_4bit:
+        from finetune import dequantized
+
+        if keep_dequantized_copies(recipe, dequantized.copies_bytes(model, 4), available_ram()):
+            dequantized.keep_copies(model)
     return model
+
+
+def keep_dequantized_copies(recipe: Recipe, fp32_copies_bytes: int, available: int | None) -> bool:
+    """quantization.cpu_dequantized_copies decided (finetune/dequantized.py): never on a GPU, whose
+    fused 4-bit kernels need none; auto keeps them when their fp32 size fits in half the available
+    RAM (bf16 autocast keeps half that; the rest is the model, its activations and the system's).
+    Never under FSDP or DeepSpeed: each rank would keep the whole unsharded weight."""
+    if on_gpu() or not recipe.quantization.load_in_4bit or shards(recipe):
+        return False
+    choice = recipe.quantization.cpu_dequantized_copies
+    if choice != "auto":
+        return choice
+    return available is not None and fp32_copies_bytes <= available / 2
 
 
 def keep_4bit_layers_differentiable(model) -> int:

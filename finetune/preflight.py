@@ -144,8 +144,12 @@ def preflight_train(recipe, base, skeleton, run_root: Path, targets: list[str]) 
     where = "GPU" if gpu else "RAM"
     available = torch.cuda.mem_get_info()[0] if gpu else available_ram()
 
+    from finetune.loading import keep_dequantized_copies
+
+    copies = keep_dequantized_copies(recipe, (params - embed) * 4, available)
+
     def estimate(checkpointing: bool) -> Memory:
-        return memory_estimate(recipe, text_config, params, embed, lora, gpu, checkpointing)
+        return memory_estimate(recipe, text_config, params, embed, lora, gpu, checkpointing, copies)
 
     checkpointing = recipe.train.gradient_checkpointing
     if checkpointing == "auto":  # recomputation costs a third of the step: only when memory asks for it
@@ -153,6 +157,9 @@ def preflight_train(recipe, base, skeleton, run_root: Path, targets: list[str]) 
     memory = estimate(checkpointing)
     lines.append(f"gradient checkpointing: {'on' if checkpointing else 'off'}"
                  + (" (auto)" if recipe.train.gradient_checkpointing == "auto" else ""))
+    if not gpu and recipe.quantization.load_in_4bit:
+        lines.append(f"kept dequantized copies of the 4-bit weights: {'on' if copies else 'off'}"
+                     + (" (auto)" if recipe.quantization.cpu_dequantized_copies == "auto" else ""))
     lines.append(f"{where}: about {human(memory.total)} (weights {human(memory.weights)}, activations "
                  f"{human(memory.activations)}, logits {human(memory.logits)}, process and loading "
                  f"{human(memory.process)})" + (f"; available {human(available)}" if available else ""))
@@ -179,9 +186,11 @@ class Memory:
 
 
 def memory_estimate(recipe, text_config, params: int, embed: int, lora: int, gpu: bool,
-                    checkpointing: bool) -> Memory:
+                    checkpointing: bool, kept_copies: bool = False) -> Memory:
     """The estimate preflight prints, for a model of this config on a GPU (bf16 compute) or a CPU
-    (fp32); also what README's per-size table is computed from (finetune/sizes.py)."""
+    (fp32); also what README's per-size table is computed from (finetune/sizes.py, without the
+    kept copies: the least a CPU run needs). `kept_copies`: the 4-bit weights' dequantized copies
+    on a CPU (finetune/dequantized.py), in the dtype the matmuls run in."""
     dense_bytes = 2 if gpu else 4  # compute dtype: bf16 on GPU, fp32 on CPU
     four_bit = recipe.quantization.load_in_4bit
     # What the 4-bit quantizer leaves out (the embedding and lm_head above all: 2.03 B parameters
@@ -189,6 +198,10 @@ def memory_estimate(recipe, text_config, params: int, embed: int, lora: int, gpu
     # train/lora.py; unsloth keeps it bf16 too), fp32 on a CPU.
     embed_bytes = dense_bytes
     weights = int((params - embed) * (NF4_BYTES_PER_PARAM if four_bit else dense_bytes) + embed * embed_bytes)
+    if kept_copies and four_bit and not gpu:
+        from finetune.loading import cpu_bf16
+
+        weights += (params - embed) * (2 if cpu_bf16(recipe) else 4)
     hidden = getattr(text_config, "hidden_size", 0)
     layers = getattr(text_config, "num_hidden_layers", 0)
     tokens = recipe.train.batch_size * recipe.data.max_length

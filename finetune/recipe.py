@@ -118,6 +118,12 @@ class QuantizationSection(Section):
     skip_modules: Literal["auto"] | list[str] = Field(
         "auto", description="linear layers kept in 16-bit; auto = the family's list"
     )
+    cpu_dequantized_copies: Literal["auto"] | bool = Field(
+        "auto", description="on a CPU, keep each frozen 4-bit weight's dequantized copy instead of "
+        "dequantizing it in every forward and backward (the same numbers, computed once; bf16 under "
+        "train.cpu_bf16); auto = when the fp32 copies fit in half the available RAM; never on a GPU or "
+        "under FSDP/DeepSpeed"
+    )
 
 
 # train.rehearsal auto's share, from the with/without measurement on the demo (README, Rehearsal;

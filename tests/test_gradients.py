@@ -106,16 +106,21 @@ def lora_gradients(model, batch) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.parametrize("copies", [False, True], ids=["bitsandbytes", "kept-copies"])
 @pytest.mark.parametrize("recipe_name,overrides", [
     ("tiny-support.yaml", []),
     ("tiny-support.yaml", ["model.base=tiny-olmo3"]),
 ])
-def test_lora_gradients_equal_a_dequantized_reference_after_an_eval_pass(recipe_name, overrides):
+def test_lora_gradients_equal_a_dequantized_reference_after_an_eval_pass(recipe_name, overrides, copies):
+    """Both CPU paths: bitsandbytes' dequantize-every-call, and ft's kept copies (finetune/dequantized.py)."""
     import bitsandbytes as bnb
 
-    model, batch = twin_model(recipe_name, overrides)
+    from finetune.dequantized import DequantizedLinear4bit
+
+    model, batch = twin_model(recipe_name, [*overrides, f"quantization.cpu_dequantized_copies={str(copies).lower()}"])
     four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert four_bit, "the twin must be trained through real 4-bit layers"
+    assert all(isinstance(m, DequantizedLinear4bit) == copies for m in four_bit)
     reference = dequantized_copy(model)  # taken before the eval pass: the untouched 4-bit weights
 
     model.eval()  # what `ft train` does first: the held-out loss before training

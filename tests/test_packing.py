@@ -261,3 +261,40 @@ def test_gated_deltanet_pieces_restart_at_every_sequence():
     torch.testing.assert_close(conv(x, weight, bias, cu_seq_lens_q=starts), separate, rtol=1e-5, atol=1e-5)
     leaky = qwen.F.conv1d(x, weight.unsqueeze(1), bias, padding=3, groups=96)[:, :, :total]
     assert not torch.allclose(leaky, separate, atol=1e-3)
+
+
+def test_packed_conv_keeps_only_its_input_for_the_backward():
+    """The PyTorch segment conv builds K-1 shifted copies of x; kept for the backward they cost
+    the 0.8B 2.8 GiB at batch 4 (bench/RESULTS.md 10). It is recomputed in the backward instead:
+    the saved bytes are about one x (the library's unpacked conv1d keeps x too), and the output and
+    both gradients equal the conv kept whole, bit for bit."""
+    from finetune.train.packing import _segment_ids, segment_causal_conv1d, segment_conv1d_torch
+
+    torch.manual_seed(0)
+    batch, channels, length, kernel = 2, 64, 96, 4
+    cu = torch.tensor([0, 30, 96, 150, 192], dtype=torch.int32)
+    segment = _segment_ids(cu, batch, length)
+    weight = torch.randn(channels, kernel, requires_grad=True)
+    conv = segment_causal_conv1d(original=None)
+
+    def run(fn):
+        x = torch.randn(batch, channels, length, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        saved = {}
+
+        def pack(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn(x)
+        weight.grad = None
+        (out * torch.linspace(-1, 1, length)).sum().backward()
+        return out.detach(), x.grad, weight.grad.clone(), sum(saved.values())
+
+    got = run(lambda x: conv(x, weight, None, activation="silu", cu_seq_lens_q=cu))
+    whole = run(lambda x: segment_conv1d_torch(x, weight, None, "silu", segment))
+    x_bytes = batch * channels * length * 4
+    assert got[3] <= 1.5 * x_bytes, f"the packed conv keeps {got[3] / x_bytes:.1f}× its input for the backward"
+    assert whole[3] > 3 * x_bytes  # what it kept before (so this test measures the right thing)
+    for a, b in zip(got[:3], whole[:3]):
+        assert torch.equal(a, b)

@@ -159,24 +159,38 @@ def segment_causal_conv1d(original, kernels: VarlenKernels = VarlenKernels()):
         segment = _segment_ids(cu_seq_lens_q, batch, length)
         if kernels.serve(kernels.conv, hidden_states):
             return varlen_conv1d(kernels.conv, hidden_states, weight, bias, activation, segment)
-        from transformers.activations import ACT2FN
+        if torch.is_grad_enabled() and (hidden_states.requires_grad or weight.requires_grad):
+            # The PyTorch conv below builds K-1 shifted, masked copies of x; kept for the backward
+            # they cost the 0.8B 2.8 GiB at batch 4 (bench/RESULTS.md 10; the library's unpacked
+            # conv1d keeps x alone). Recomputed in the backward instead: elementwise, exact.
+            from torch.utils.checkpoint import checkpoint
 
-        x = hidden_states.to(weight.dtype)
-        kernel = weight.shape[-1]
-        out = x * weight[:, kernel - 1, None]
-        for shift in range(1, kernel):  # out[t] = sum_s w[K-1-s] · x[t-s], within t's sequence
-            same = torch.zeros_like(segment, dtype=torch.bool)
-            same[:, shift:] = segment[:, shift:] == segment[:, :-shift]
-            shifted = torch.zeros_like(x)
-            shifted[:, :, shift:] = x[:, :, :-shift]
-            out = out + shifted * same[:, None, :] * weight[:, kernel - 1 - shift, None]
-        if bias is not None:
-            out = out + bias[:, None]
-        if activation is not None:
-            out = ACT2FN[activation](out)
-        return out.to(hidden_states.dtype)
+            return checkpoint(segment_conv1d_torch, hidden_states, weight, bias, activation, segment,
+                              use_reentrant=False)
+        return segment_conv1d_torch(hidden_states, weight, bias, activation, segment)
 
     return conv
+
+
+def segment_conv1d_torch(hidden_states, weight, bias, activation, segment):
+    """The depthwise causal conv of Qwen3.5's linear attention, its window stopped at every
+    sequence start: out[t] = sum_s w[K-1-s] · x[t-s] over the s where t-s is in t's sequence."""
+    from transformers.activations import ACT2FN
+
+    x = hidden_states.to(weight.dtype)
+    kernel = weight.shape[-1]
+    out = x * weight[:, kernel - 1, None]
+    for shift in range(1, kernel):
+        same = torch.zeros_like(segment, dtype=torch.bool)
+        same[:, shift:] = segment[:, shift:] == segment[:, :-shift]
+        shifted = torch.zeros_like(x)
+        shifted[:, :, shift:] = x[:, :, :-shift]
+        out = out + shifted * same[:, None, :] * weight[:, kernel - 1 - shift, None]
+    if bias is not None:
+        out = out + bias[:, None]
+    if activation is not None:
+        out = ACT2FN[activation](out)
+    return out.to(hidden_states.dtype)
 
 
 def varlen_conv1d(kernel, x, weight, bias, activation, segment):

@@ -1,0 +1,161 @@
+"""Training on a CPU: ft as shipped against Unsloth's CPU backend, the plain peft loop and TRL's docs script.
+
+    python -m bench.cpu_peers [--steps 30] [--unsloth-venv DIR]
+
+The README demo's settings (SmolLM2-135M-Instruct, the packaged base; LoRA r 16, alpha 32 on every
+linear layer; lr 1e-3, cosine, 5% warmup; 8 tickets a step), on the same tickets: the first
+steps × 8 of the demo's training set, each used once. Every contender in its own process, one
+after the other, nothing else running:
+
+  ft                       `ft train recipes/smollm2-support.yaml` as shipped (4-bit base, packing,
+                           TRL's trainer, train.cpu_bf16 auto, kept dequantized copies), rehearsal
+                           off so that every contender trains on the same rows
+  ft, no kept copies       the same with quantization.cpu_dequantized_copies=false: bitsandbytes
+                           dequantizing every 4-bit weight in every forward and backward
+  ft, 16-bit base          quantization.load_in_4bit=false: the plain loop's base, so its held-out
+                           loss is comparable with the loop's (a 4-bit base costs ~0.03 nats here)
+  Unsloth CPU backend      bench/unsloth_cpu.py in Unsloth's own venv (UNSLOTH_FORCE_CPU=1), as its
+                           docs write a LoRA SFT; the venv is made on first use:
+                           python3 -m venv DIR && DIR/bin/pip install unsloth==2026.10.9
+                           (it pulls torch 2.14.1, which pip takes from this machine's disk)
+  plain peft loop, fp32    bench/plain_lora_loop.py: what a CPU user writes by hand
+  TRL docs script          bench/trl_baseline.py: QLoRA through SFTTrainer with TRL's defaults
+
+Printed: the CPU's bf16 support, each contender's precision, real (non-pad) tokens per second of
+training (each trainer's own train_runtime; ft's held-out evaluations, which the others do not
+run, taken out), peak RSS, and the held-out loss of every adapter on the
+60 held-out tickets by one evaluator (ft's label masks, each adapter on the base it trained
+against: the 4-bit base, or fp32 for the plain loop); then ft's ratio to each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.common import ROOT, machine, measured, python, table, write_result
+from bench.real_model_train import bench_recipe, heldout_loss
+from finetune.run import RunDir
+
+UNSLOTH = "unsloth==2026.10.9"
+DEFAULT_VENV = Path.home() / ".cache" / "ft-bench" / "unsloth-2026.10.9"
+
+
+def unsloth_python(venv: Path) -> Path:
+    """Unsloth's own venv (its torch and TRL differ from ft's), made on first use."""
+    exe = venv / "bin" / "python"
+    if not exe.exists():
+        print(f"setting up Unsloth's venv at {venv} (pip install {UNSLOTH}) ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(exe), "-m", "pip", "install", "-q", UNSLOTH], check=True)
+    return exe
+
+
+def trl_rows(work: Path, tickets: list[str], system: str) -> Path:
+    """The same tickets in TRL's conversational prompt-completion shape (loss on the answer only)."""
+    path = work / "prompt_completion.jsonl"
+    with path.open("w") as out:
+        for line in tickets:
+            turns = json.loads(line)["messages"]
+            prompt = [{"role": "system", "content": system}] + [m for m in turns[:-1] if m["role"] != "system"]
+            out.write(json.dumps({"prompt": prompt, "completion": [turns[-1]]}) + "\n")
+    return path
+
+
+def last_json(output: str) -> dict:
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--unsloth-venv", type=Path, default=DEFAULT_VENV)
+    args = ap.parse_args()
+    import torch
+
+    from finetune.bases import resolve_base
+    from finetune.loading import lora_targets, native_bf16_cpu
+    from finetune.recipe import load_recipe
+
+    unsloth = unsloth_python(args.unsloth_venv)
+    work = Path(tempfile.mkdtemp(prefix="ft-bench-cpu-peers-"))
+    shipped = load_recipe(ROOT / "recipes" / "smollm2-support.yaml")
+    batch, lr, warmup = shipped.train.batch_size, shipped.train.lr, shipped.train.warmup_ratio
+    tickets = (ROOT / "datasets" / "support" / "train.jsonl").read_text().splitlines()[: args.steps * batch]
+    (work / "train.jsonl").write_text("\n".join(tickets) + "\n")
+    recipe_path = bench_recipe(work, args.steps)
+    pc = trl_rows(work, tickets, shipped.data.system_prompt)
+    base = resolve_base(shipped.model.base)
+    targets = ",".join(lora_targets(shipped, base.family))
+    flags = {"avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()),
+             "amx": bool(torch.cpu._is_amx_tile_supported())}
+    ft_precision = "bf16 autocast" if native_bf16_cpu() else "fp32"
+    print(f"machine: {machine()}\nCPU bf16: {flags}\n{base.name}: {base.weights}\n"
+          f"{args.steps} steps x {batch} tickets, LoRA r 16 on {targets}\n", flush=True)
+
+    # untimed: the first training process on a fresh machine runs measurably slower (files, caches)
+    measured(python("-m", "finetune", "train", str(recipe_path), "--output", str(work / "warm-up"),
+                    "--set", "train.max_steps=2"))
+    results = {}
+    for name, extra in (("ft", []), ("ft, no kept copies", ["--set", "quantization.cpu_dequantized_copies=false"]),
+                        ("ft, 16-bit base", ["--set", "quantization.load_in_4bit=false"])):
+        out = work / name.replace(" ", "-").replace(",", "")
+        m = measured(python("-m", "finetune", "train", str(recipe_path), "--output", str(out), *extra))
+        run = RunDir(out)
+        summary = run.read_manifest().summary
+        evaluations = [r["eval_runtime"] for r in run.read_metrics() if "eval_runtime" in r]
+        seconds = summary.train_runtime_s - sum(evaluations)  # held-out losses at step 0 and the end
+        four_bit = "load_in_4bit=false" not in " ".join(extra)
+        results[name] = dict(runtime=seconds, tokens=int(run.trained_tokens()), rss=m["peak_rss_mib"],
+                             wall=m["wall_s"], adapter=out / "adapter", four_bit=four_bit,
+                             precision=ft_precision + (", 4-bit base" if four_bit else ", fp32 base"))
+        print(f"{name}: {seconds:.1f} s", flush=True)
+
+    m = measured([str(unsloth), str(ROOT / "bench" / "unsloth_cpu.py"), str(pc), base.path, str(work / "unsloth"),
+                  "--steps", str(args.steps), "--batch-size", str(batch), "--lr", str(lr),
+                  "--warmup-ratio", str(warmup), "--targets", targets],
+                 env={"UNSLOTH_FORCE_CPU": "1", "PYTHONPATH": ""})
+    line = last_json(m["output"])
+    results["Unsloth CPU backend"] = dict(runtime=line["train_runtime_s"], tokens=int(line["tokens"]),
+                                          rss=m["peak_rss_mib"], wall=m["wall_s"], adapter=work / "unsloth",
+                                          four_bit=True, precision=("bf16 autocast" if line["bf16"] else "fp32")
+                                          + f", 4-bit base ({line['dtype']}), torch {line['torch']}")
+    print(f"Unsloth: {line['train_runtime_s']:.1f} s", flush=True)
+
+    m = measured(python("-m", "bench.plain_lora_loop", base.path, str(work / "train.jsonl"), shipped.data.system_prompt,
+                        str(work / "plain"), "--steps", str(args.steps), "--batch-size", str(batch), "--lr", str(lr),
+                        "--warmup-ratio", str(warmup), "--targets", targets))
+    line = last_json(m["output"])
+    results["plain peft loop"] = dict(runtime=line["train_runtime_s"], tokens=int(line["tokens"]), rss=m["peak_rss_mib"],
+                                      wall=m["wall_s"], adapter=work / "plain", four_bit=False, precision="fp32, fp32 base")
+
+    m = measured(python("-m", "bench.trl_baseline", str(pc), base.path, str(work / "trl"), "--steps", str(args.steps),
+                        "--batch-size", str(batch), "--lr", str(lr), "--targets", targets))
+    line = last_json(m["output"])
+    results["TRL docs script"] = dict(runtime=line["train_runtime_s"], tokens=int(line["tokens"]), rss=m["peak_rss_mib"],
+                                      wall=m["wall_s"], adapter=work / "trl", four_bit=True,
+                                      precision=("bf16 autocast" if line["bf16"] else "fp32") + ", 4-bit base"
+                                      + (", gradient checkpointing" if line["gradient_checkpointing"] else ""))
+
+    ft_tps = results["ft"]["tokens"] / results["ft"]["runtime"]
+    rows, record = [], {"machine": machine(), "cpu": flags, "steps": args.steps, "batch_size": batch,
+                        "targets": targets, "contenders": {}}
+    for name, r in results.items():
+        tps = r["tokens"] / r["runtime"]
+        loss = heldout_loss(recipe_path, r["adapter"], r["four_bit"])
+        rows.append([name, r["precision"], r["tokens"], r["runtime"], tps, r["wall"], r["rss"], loss, ft_tps / tps])
+        record["contenders"][name] = dict(precision=r["precision"], real_tokens=r["tokens"],
+                                          train_runtime_s=round(r["runtime"], 2), real_tokens_per_s=round(tps, 1),
+                                          process_wall_s=round(r["wall"], 1), peak_rss_mib=round(r["rss"]),
+                                          heldout_loss=round(loss, 4), ft_speed_ratio=round(ft_tps / tps, 3))
+    print(table(["contender", "precision", "real tokens", "train s", "real tok/s", "process s", "peak RSS MiB",
+                 "held-out loss", "ft ×"], rows))
+    print(f"\nwritten: {write_result('cpu_peers', record)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""The kept dequantized copies (finetune/dequantized.py) against bitsandbytes' own CPU path:
+outputs and input gradients bit for bit, in fp32 and under bf16 autocast, for every 4-bit
+format ft writes. The twin's LoRA gradients with the copies are checked against the fp32
+reference in tests/test_gradients.py, with and without them.
+
+What this cannot exercise here: bitsandbytes' GPU kernels (the copies are never kept on a GPU).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def quantized_layer(quant_type: str, double_quant: bool, bias: bool):
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(192, 320, bias=bias, compute_dtype=torch.float32, quant_type=quant_type,
+                              compress_statistics=double_quant)
+    state = {"weight": torch.randn(320, 192) * 0.05}
+    if bias:
+        state["bias"] = torch.randn(320) * 0.1
+    layer.load_state_dict(state)
+    layer = layer.to("cpu")  # quantizes
+    layer.support_avx512bf16_for_cpu = False  # as ft loads every 4-bit layer (loading.keep_4bit_layers_differentiable)
+    return layer
+
+
+def output_and_input_gradient(layer, x: torch.Tensor, autocast: bool):
+    x = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = layer(x)
+        # a loss with a different weight per output, so the gradient is not the same for every row
+        (out.float() * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    return out.detach(), x.grad
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("quant_type,double_quant,bias", [("nf4", True, False), ("nf4", False, True),
+                                                          ("fp4", True, True)])
+def test_kept_copy_equals_bitsandbytes_bit_for_bit(quant_type, double_quant, bias, autocast):
+    from finetune.dequantized import DequantizedLinear4bit, keep_copies
+
+    layer = quantized_layer(quant_type, double_quant, bias)
+    x = torch.randn(3, 7, 192)
+    expected = output_and_input_gradient(layer, x, autocast)
+    assert keep_copies(torch.nn.Sequential(layer)) == 1 and isinstance(layer, DequantizedLinear4bit)
+    got = output_and_input_gradient(layer, x, autocast)
+    assert got[0].dtype == expected[0].dtype
+    assert torch.equal(got[0], expected[0]), "forward differs from bitsandbytes' dequantize-and-matmul"
+    assert torch.equal(got[1], expected[1]), "input gradient differs from bitsandbytes' backward"
+    kept = next(iter(layer._copies.values()))[1]
+    assert kept.dtype == (torch.bfloat16 if autocast else torch.float32)  # autocast's cast, done once
+    assert not kept.requires_grad
+
+
+def test_no_grad_inference_equals_bitsandbytes():
+    from finetune.dequantized import keep_copies
+
+    layer = quantized_layer("nf4", True, False).eval()
+    x = torch.randn(5, 192)
+    with torch.no_grad():
+        expected = layer(x)
+        keep_copies(torch.nn.Sequential(layer))
+        assert torch.equal(layer(x), expected)
+
+
+def test_a_replaced_weight_is_dequantized_again():
+    """peft's merge re-quantizes a 4-bit layer's weight into new storage: the old copy must go."""
+    from finetune.dequantized import keep_copies
+
+    layer = quantized_layer("nf4", True, False)
+    keep_copies(torch.nn.Sequential(layer))
+    x = torch.randn(2, 192)
+    with torch.no_grad():
+        before = layer(x)
+        import bitsandbytes as bnb
+
+        layer.weight = bnb.nn.Params4bit(torch.randn(320, 192) * 0.05, requires_grad=False, quant_type="nf4",
+                                         module=layer).to("cpu")
+        after = layer(x)
+        fresh = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    assert not torch.equal(after, before)
+    assert torch.equal(after, torch.nn.functional.linear(x, fresh))
+
+
+def test_auto_keeps_copies_only_where_they_fit(tmp_path):
+    from finetune.loading import keep_dequantized_copies
+    from finetune.recipe import load_recipe
+    from tests.conftest import ROOT
+
+    recipe = load_recipe(ROOT / "recipes" / "tiny-support.yaml")
+    gib = 1 << 30
+    assert keep_dequantized_copies(recipe, 2 * gib, 8 * gib)
+    assert not keep_dequantized_copies(recipe, 5 * gib, 8 * gib)  # more than half the available RAM
+    assert not keep_dequantized_copies(recipe, 1, None)  # available RAM unknown: bitsandbytes' path
+    forced = load_recipe(ROOT / "recipes" / "tiny-support.yaml", ["quantization.cpu_dequantized_copies=true"])
+    assert keep_dequantized_copies(forced, 5 * gib, 8 * gib)
+    sixteen = load_recipe(ROOT / "recipes" / "tiny-support.yaml", ["quantization.load_in_4bit=false"])
+    assert not keep_dequantized_copies(sixteen, 1, 8 * gib)
+
+
+def test_preflight_counts_the_copies_in_the_matmul_dtype(monkeypatch):
+    from finetune import loading
+    from finetune.loading import lora_targets, meta_model
+    from finetune.models import REGISTRY
+    from finetune.preflight import count_parameters, memory_estimate
+    from finetune.recipe import load_recipe
+    from finetune.sizes import text_config
+    from tests.conftest import ROOT
+
+    model = REGISTRY["qwen3.5-0.8b"]
+    recipe = load_recipe(ROOT / "recipes" / "tiny-support.yaml", ["model.base=qwen3.5-0.8b"])
+    config = text_config(model)
+    params, embed, lora = count_parameters(meta_model(config), lora_targets(recipe, model.family), recipe.lora.r)
+    without = memory_estimate(recipe, config, params, embed, lora, gpu=False, checkpointing=True)
+    for bf16, element in ((False, 4), (True, 2)):
+        monkeypatch.setattr(loading, "cpu_bf16", lambda r, bf16=bf16: bf16)
+        kept = memory_estimate(recipe, config, params, embed, lora, gpu=False, checkpointing=True, kept_copies=True)
+        assert kept.weights - without.weights == (params - embed) * element
+    on_gpu = memory_estimate(recipe, config, params, embed, lora, gpu=True, checkpointing=True, kept_copies=True)
+    assert on_gpu.weights == memory_estimate(recipe, config, params, embed, lora, gpu=True, checkpointing=True).weights
