@@ -54,8 +54,9 @@ QWEN35_0_8B = dict(QWEN35_9B, hidden_size=_SMALL.hidden, intermediate_size=_SMAL
                    tie_word_embeddings=_SMALL.tied_embeddings)
 
 
-def write_checkpoint(folder: Path, twin_alias: str, text: dict, layers: int | None) -> int:
-    """The real config and layout with random weights; returns the bytes written."""
+def write_checkpoint(folder: Path, twin_alias: str, text: dict, layers: int | None, text_only: bool = False) -> int:
+    """The real config and layout with random weights; returns the bytes written. `text_only`:
+    without Qwen3.5's vision tower and MTP head (what training reads; the config stays the hub's)."""
     import torch
 
     from finetune.twins import TWINS, ensure_twin, legacy_rope_config
@@ -80,6 +81,8 @@ def write_checkpoint(folder: Path, twin_alias: str, text: dict, layers: int | No
         config = cls.config_class(**text, **ids)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in cls(config).state_dict().items()}
+    if text_only:
+        shapes = {k: v for k, v in shapes.items() if not k.startswith("model.visual.")}
     if text["tie_word_embeddings"]:  # a tied checkpoint stores the embedding once, as the 0.8B does
         shapes = {k: v for k, v in shapes.items() if not k.endswith("lm_head.weight")}
     folder.mkdir(parents=True)
@@ -89,7 +92,7 @@ def write_checkpoint(folder: Path, twin_alias: str, text: dict, layers: int | No
     config.save_pretrained(folder)
     norms = 0.0 if spec.family.name == "qwen3_5" else 1.0  # Qwen3.5 norms are offsets from 1
     write_random_checkpoint(folder, shapes, SHARD_BYTES, norms)
-    if spec.layout == "qwen3_5_hub":  # the MTP head, in a shard of its own, as published
+    if spec.layout == "qwen3_5_hub" and not text_only:  # the MTP head, in a shard of its own, as published
         add_mtp_shard(folder, text)
     else:
         legacy_rope_config(folder, text)

@@ -11,9 +11,11 @@ twin, which is how the test suite runs this script on a CPU (a check of the scri
 measurement). Batches as recipes/support.yaml trains them (its data, system prompt, max_length,
 LoRA rank, batch size and accumulation), the same optimizer steps for every contender.
 
-Each contender runs in its own process: real (non-pad) tokens per second over the training loop,
+Each contender runs in its own process: real (non-pad) tokens per second over the training loop
+after `--warmup-steps` untimed steps (default 3: the first steps compile and autotune kernels),
 peak GPU memory (torch's allocator high-water mark; peak RSS on a CPU), and afterwards one
-evaluator measures every adapter's held-out loss on the same tokens (ft's masks). A contender
+evaluator measures every adapter's held-out loss on the same tokens (ft's masks), all adapters on
+one loaded base. A contender
 that cannot run here (unsloth without CUDA) is listed with the reason, never left out silently.
 Goal: ft ≥ 1.0× the unsloth backend's tokens/s at equal held-out loss, both ≥ 2× the TRL script.
 """
@@ -43,7 +45,9 @@ def checkpoint(size: str, work: Path, layers: int | None = None) -> Path:
     from bench.full_size import QWEN35_9B, write_checkpoint
 
     folder = work / "qwen3.5-9b"
-    write_checkpoint(folder, "tiny-qwen3.5-hub", QWEN35_9B, layers)
+    # text only: training never reads the vision tower or the MTP head, and on a GPU machine's
+    # short window every second spent writing and loading them is a second not measuring
+    write_checkpoint(folder, "tiny-qwen3.5-hub", QWEN35_9B, layers, text_only=True)
     return folder
 
 
@@ -75,7 +79,7 @@ def trl_data(work: Path, recipe: dict) -> Path:
     return path
 
 
-def run_ft(recipe_path: Path, out: Path, backend: str) -> dict:
+def run_ft(recipe_path: Path, out: Path, backend: str, warmup: int) -> dict:
     m = measured(python("-m", "finetune", "train", str(recipe_path), "--output", str(out),
                         "--set", f"train.backend={backend}"), check=False)
     if m["returncode"] != 0:
@@ -85,27 +89,37 @@ def run_ft(recipe_path: Path, out: Path, backend: str) -> dict:
         raise SystemExit(f"ft train ({backend}) failed ({m['returncode']}):\n{m['output'][-4000:]}")
     run = RunDir(out)
     manifest = run.read_manifest()
-    tokens = run.trained_tokens()
-    # the Trainer's clock includes the held-out loss ft measures at step 0 (eval_on_start); the
-    # TRL script evaluates nothing, so that time is not training time here. The last evaluation
-    # logged is the one after train() returned (runner.finish): outside the clock already.
-    evaluations = [r["eval_runtime"] for r in run.read_metrics() if "eval_runtime" in r]
-    evaluating = sum(evaluations[:-1])
-    return dict(runtime=manifest.summary.train_runtime_s - evaluating, start_eval=evaluating, tokens=int(tokens),
-                adapter=run.adapter,
+    clock = [(r["step"], r["elapsed_s"], r["num_tokens"]) for r in run.read_metrics() if "elapsed_s" in r]
+    seconds, tokens = timed_window(clock, warmup)
+    return dict(runtime=seconds, tokens=tokens, adapter=run.adapter,
                 vram=manifest.summary.peak_gpu_memory_gib, rss=m["peak_rss_mib"], loaded=manifest.loaded,
                 kernels=manifest.packing.linear_attention if manifest.packing else None)
 
 
-def run_trl(data: Path, base: Path, out: Path, recipe: dict, targets: list[str]) -> dict:
+def timed_window(clock: list[tuple[int, float, float]], warmup: int) -> tuple[float, int]:
+    """(seconds, real tokens) from the log at step `warmup` to the last one: the first steps
+    compile and autotune kernels (fla's Triton kernels autotune every new shape) and would
+    measure that, not training. ft's held-out loss at step 0 falls before step 1, outside too.
+    Every contender logs every step (logging_steps 1) with the same clock (bench/trl_baseline.py's
+    StepClock, ft's metrics.jsonl `elapsed_s`)."""
+    if not clock:
+        raise SystemExit("the contender logged no step times")
+    start = [row for row in clock if row[0] <= warmup]
+    first = start[-1] if start and start[-1] != clock[-1] else (0, 0.0, 0.0)
+    last = clock[-1]
+    return last[1] - first[1], int(last[2] - first[2])
+
+
+def run_trl(data: Path, base: Path, out: Path, recipe: dict, targets: list[str], warmup: int) -> dict:
     t, lora = recipe["train"], recipe["lora"]
     m = measured(python("-m", "bench.trl_baseline", str(data), str(base), str(out), "--steps", str(t["max_steps"]),
                         "--batch-size", str(t["batch_size"]), "--grad-accum", str(t.get("grad_accum", 1)),
                         "--lr", str(t["lr"]), "--max-length", str(recipe["data"]["max_length"]),
                         "--r", str(lora["r"]), "--alpha", str(lora["alpha"]), "--dropout", str(lora["dropout"]),
-                        "--targets", ",".join(targets)))
+                        "--targets", ",".join(targets), "--logging-steps", "1"))
     line = json.loads(m["output"].strip().splitlines()[-1])
-    return dict(runtime=line["train_runtime_s"], tokens=int(line["tokens"]), adapter=out,
+    seconds, tokens = timed_window([tuple(row) for row in line["clock"]], warmup)
+    return dict(runtime=seconds, tokens=tokens, adapter=out,
                 vram=line["peak_gpu_memory_gib"], rss=m["peak_rss_mib"])
 
 
@@ -122,6 +136,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=1024)
+    ap.add_argument("--warmup-steps", type=int, default=3, help="untimed steps at the start of every contender")
     ap.add_argument("--out", help="where to write the result JSON (default bench/results/gpu_train_<size>.json)")
     args = ap.parse_args()
 
@@ -136,9 +151,10 @@ def main() -> None:
     print(f"machine: {machine()}\nmodel: {base} ({args.size}{f', {args.layers} layers' if args.layers else ''}); {args.steps} steps × {args.batch_size} × "
           f"{recipe['train'].get('grad_accum', 1)} accumulation, max_length {args.max_length}\n")
 
-    contenders = {"ft (hf backend)": lambda: run_ft(recipe_path, work / "ft-hf", "hf"),
-                  "ft (unsloth backend)": lambda: run_ft(recipe_path, work / "ft-unsloth", "unsloth"),
-                  "TRL docs QLoRA script": lambda: run_trl(trl_data(work, recipe), base, work / "trl", recipe, targets)}
+    w = args.warmup_steps
+    contenders = {"ft (hf backend)": lambda: run_ft(recipe_path, work / "ft-hf", "hf", w),
+                  "ft (unsloth backend)": lambda: run_ft(recipe_path, work / "ft-unsloth", "unsloth", w),
+                  "TRL docs QLoRA script": lambda: run_trl(trl_data(work, recipe), base, work / "trl", recipe, targets, w)}
     results = {}
     for name, contender in contenders.items():
         results[name] = contender()
@@ -160,16 +176,16 @@ def main() -> None:
         tps = r["tokens"] / r["runtime"]
         memory = f"{r['vram']:.2f} GiB GPU" if r["vram"] is not None else f"{r['rss']:,.0f} MiB RSS"
         rows.append([name, r["tokens"], r["runtime"], tps, memory, losses[name], f"{ft_tps / tps:.2f}×"])
-        record["contenders"][name] = dict(real_tokens=r["tokens"], train_runtime_s=round(r["runtime"], 2),
+        record["contenders"][name] = dict(real_tokens=r["tokens"], train_runtime_s=round(r["runtime"], 3),
                                           real_tokens_per_s=round(tps, 1), peak_gpu_memory_gib=r["vram"],
                                           peak_rss_mib=round(r["rss"]), heldout_loss=round(losses[name], 4),
                                           ft_hf_speedup=round(ft_tps / tps, 3),
-                                          **{k: r[k] for k in ("loaded", "kernels") if r.get(k)},
-                                          **({"start_eval_excluded_s": round(r["start_eval"], 2)}
-                                             if "start_eval" in r else {}))
+                                          **{k: r[k] for k in ("loaded", "kernels") if r.get(k)})
         assert math.isfinite(losses[name]), (name, losses[name])
     print(table(["contender", "real tokens", "train s", "real tok/s", "peak memory", "held-out loss",
                  "ft (hf) speed ×"], rows))
+    print(f"steps {min(args.warmup_steps, args.steps - 1) + 1}-{args.steps} timed" if args.steps > args.warmup_steps
+          else f"all {args.steps} steps timed (no more than the {args.warmup_steps} warm-up steps were run)")
     for note in notes:
         print(note)
     if args.out:

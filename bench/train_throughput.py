@@ -73,7 +73,8 @@ def recipe(folder: Path, steps: int, batch: int, max_length: int) -> Path:
 
 
 def heldout_losses(recipe_path: Path, adapters: dict[str, Path]) -> dict[str, float]:
-    """Mean loss per trained held-out token, one evaluator for every adapter (ft's masks)."""
+    """Mean loss per trained held-out token, one evaluator for every adapter (ft's masks), all of
+    them on one loaded base (peft switches adapters; on a GPU a 9B base loads once, not per contender)."""
     from peft import PeftModel
 
     from finetune import render
@@ -84,9 +85,15 @@ def heldout_losses(recipe_path: Path, adapters: dict[str, Path]) -> dict[str, fl
     prep = loading.prepare(r)
     ds, _ = render.tokenize_all(prep.renderer, prep.splits.heldout, r.data.max_length, "truncate")
     rows = list(zip(ds["input_ids"], ds["labels"]))
-    out = {}
-    for name, adapter in adapters.items():
-        model = PeftModel.from_pretrained(loading.load_base_model(r, prep.base), str(adapter)).eval()
+    out, model = {}, None
+    for k, (name, adapter) in enumerate(adapters.items()):
+        label = f"contender{k}"  # peft adapter names become module keys: no spaces or dots
+        if model is None:
+            model = PeftModel.from_pretrained(loading.load_base_model(r, prep.base), str(adapter), adapter_name=label)
+        else:
+            model.load_adapter(str(adapter), adapter_name=label)
+        model.set_adapter(label)
+        model.eval()
         out[name] = mean_token_loss(model, rows, prep.tokenizer.pad_token_id)
     return out
 

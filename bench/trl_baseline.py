@@ -12,12 +12,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import torch
 from datasets import load_dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
+
+
+class StepClock(TrainerCallback):
+    """(step, seconds since train() began, tokens so far) at every log, as ft's metrics.jsonl has
+    them: a benchmark times from step k on, past the warm-up steps (first kernels, autotuning)."""
+
+    def __init__(self):
+        self.started, self.rows = time.monotonic(), []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.monotonic()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "num_tokens" in logs:
+            self.rows.append([state.global_step, round(time.monotonic() - self.started, 3), logs["num_tokens"]])
 
 
 def main() -> None:
@@ -35,6 +52,7 @@ def main() -> None:
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--targets", required=True, help="comma-separated LoRA target modules (ft's, for equal work)")
     ap.add_argument("--tuned", action="store_true")
+    ap.add_argument("--logging-steps", type=int, default=5)
     args = ap.parse_args()
 
     dataset = load_dataset("json", data_files=args.data, split="train")
@@ -53,19 +71,20 @@ def main() -> None:
         output_dir=args.out, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
         gradient_accumulation_steps=args.grad_accum,
         learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0.05, max_length=args.max_length,
-        seed=42, logging_steps=5, save_strategy="no", report_to="none", disable_tqdm=True, **extra,
+        seed=42, logging_steps=args.logging_steps, save_strategy="no", report_to="none", disable_tqdm=True, **extra,
     )
     peft_config = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=args.targets.split(","),
                              task_type="CAUSAL_LM")
+    clock = StepClock()
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config)
+                         peft_config=peft_config, callbacks=[clock])
     result = trainer.train()
     trainer.save_model(args.out)
     tokens = max(r.get("num_tokens", 0) for r in trainer.state.log_history)
     vram = round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
     print(json.dumps({"train_runtime_s": result.metrics["train_runtime"], "tokens": tokens,
                       "steps": trainer.state.global_step, "peak_gpu_memory_gib": vram,
-                      "bf16": bool(trainer.args.bf16), "gradient_checkpointing": bool(trainer.args.gradient_checkpointing)}))
+                      "bf16": bool(trainer.args.bf16), "clock": clock.rows, "gradient_checkpointing": bool(trainer.args.gradient_checkpointing)}))
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ pytestmark = pytest.mark.slow
 
 def test_gpu_train_bench_runs_every_contender_it_can(tmp_path):
     out = tmp_path / "result.json"
-    result = subprocess.run([sys.executable, "-m", "bench.gpu_train", "--size", "tiny", "--steps", "2",
-                             "--batch-size", "2", "--max-length", "256", "--out", str(out)],
+    result = subprocess.run([sys.executable, "-m", "bench.gpu_train", "--size", "tiny", "--steps", "4",
+                             "--warmup-steps", "2", "--batch-size", "2", "--max-length", "256", "--out", str(out)],
                             cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     record = json.loads(out.read_text())
@@ -40,8 +40,8 @@ def test_gpu_train_bench_runs_every_contender_it_can(tmp_path):
     # each contender's figures were on disk as soon as it finished (an overrun keeps them)
     partial = json.loads(out.with_suffix(".partial.json").read_text())["contenders"]
     assert partial["ft (hf backend)"]["tokens"] == ft["real_tokens"]
-    # ft's clock leaves out the held-out loss it measures at step 0 (the TRL script measures none)
-    assert ft["start_eval_excluded_s"] > 0 and "start_eval_excluded_s" not in trl
+    # both clocks start after the warm-up steps: steps 3 and 4 of 4, about half the tokens each trained
+    assert "steps 3-4 timed" in result.stdout
     if not torch.cuda.is_available():
         assert "cannot run here" in contenders["ft (unsloth backend)"]["skipped"]
         assert "not run (1)" in result.stdout and "ft (unsloth backend) not run:" in result.stdout
@@ -69,3 +69,41 @@ def test_the_held_out_evaluator_feeds_the_model_on_its_own_device():
     rows = [([1, 2, 3, 4], [-100, -100, 3, 4]), ([5, 6], [-100, 6])]
     with pytest.raises(Reached):
         mean_token_loss(OnAnotherDevice(), rows, pad=0)
+
+
+def test_the_timed_window_starts_after_the_warm_up_steps():
+    from bench.gpu_train import timed_window
+
+    clock = [(1, 9.0, 100), (2, 10.0, 200), (3, 11.0, 300), (4, 11.5, 400)]
+    assert timed_window(clock, 2) == (1.5, 200)  # steps 3 and 4: from the log at step 2 to the last
+    assert timed_window(clock, 0) == (11.5, 400)  # no warm-up: from train() beginning
+    assert timed_window(clock[:2], 3) == (10.0, 200)  # fewer steps than the warm-up: the whole run
+
+
+def test_one_loaded_base_scores_every_adapter_as_separate_loads_do(tmp_path):
+    """bench's evaluator loads the base once and switches adapters: each adapter's held-out loss
+    equals the one from a base loaded for it alone."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from bench.train_throughput import heldout_losses, mean_token_loss
+    from finetune import loading, render
+    from finetune.recipe import load_recipe
+
+    recipe_path = ROOT / "recipes" / "tiny-support.yaml"
+    recipe = load_recipe(recipe_path)
+    prep = loading.prepare(recipe)
+    adapters = {}
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = get_peft_model(loading.load_base_model(recipe, prep.base),
+                               LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        model.save_pretrained(tmp_path / f"a{seed}")
+        adapters[f"adapter {seed}"] = tmp_path / f"a{seed}"
+    together = heldout_losses(recipe_path, adapters)
+    ds, _ = render.tokenize_all(prep.renderer, prep.splits.heldout, recipe.data.max_length, "truncate")
+    rows = list(zip(ds["input_ids"], ds["labels"]))
+    for name, path in adapters.items():
+        alone = PeftModel.from_pretrained(loading.load_base_model(recipe, prep.base), str(path)).eval()
+        assert together[name] == pytest.approx(mean_token_loss(alone, rows, prep.tokenizer.pad_token_id), abs=1e-6)
+    assert together["adapter 0"] != together["adapter 1"]

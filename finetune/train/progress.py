@@ -18,6 +18,10 @@ class MetricsCallback(TrainerCallback):
     def __init__(self, run: RunDir):
         self.run = run
         self.last = None  # (time, num_tokens) at the previous log
+        self.started = time.monotonic()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.monotonic()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or not state.is_world_process_zero:  # one writer per run folder
@@ -26,6 +30,8 @@ class MetricsCallback(TrainerCallback):
         tokens = logs.get("num_tokens")
         if tokens is not None:
             t = time.monotonic()
+            # seconds since train() began: what a benchmark times from step k on (skipping warm-up) reads
+            record["elapsed_s"] = round(t - self.started, 3)
             if self.last is not None and t > self.last[0]:
                 record["tokens_per_s"] = round((tokens - self.last[1]) / (t - self.last[0]), 1)
             self.last = (t, tokens)
