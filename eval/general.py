@@ -208,6 +208,7 @@ class General:
     examples: list[dict] = field(default_factory=list)  # a few prompts the fine-tune answers in the job's shape
     answers: list[dict] = field(default_factory=list)  # every prompt and both answers (eval/general.jsonl)
     base_cached: bool = False
+    precision: str = "fp32"  # what the decoding and drift ran in (section_autocast)
 
     def row(self, key: str) -> GeneralRow | None:
         return next((r for r in self.rows if r.key == key), None)
@@ -373,7 +374,25 @@ def multiple_choice_correct(items: list[ChoiceItem], logliks: list[list[float]])
 
 def base_answers_key(base_identity: list, recipe: Recipe, items: list[Item]) -> str:
     return cache_key([GENERAL_FORMAT, base_identity, recipe.model.revision, recipe.quantization.model_dump(),
-                      recipe.eval.general.max_new_tokens, [i.prompt_ids for i in items]])
+                      recipe.eval.general.max_new_tokens, [i.prompt_ids for i in items], section_precision(recipe)])
+
+
+def section_precision(recipe: Recipe) -> str:
+    """On a CPU with native bf16, where training ran under bf16 autocast (train.cpu_bf16), the
+    section's decoding and drift run so too: the numerics the fine-tune was trained in, and 1.7×
+    faster on the demo (bench/RESULTS.md 12). Both columns run in it, so the base against itself
+    still gives zero. The job's held-out comparison and the multiple-choice benchmarks (checked
+    against lm-evaluation-harness in fp32) stay in the compute dtype. On a GPU the compute dtype
+    is bf16 already."""
+    from finetune.loading import cpu_bf16
+
+    return "bf16 autocast" if cpu_bf16(recipe) else "compute dtype"
+
+
+def section_autocast(recipe: Recipe):
+    import torch
+
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=section_precision(recipe) == "bf16 autocast")
 
 
 def cached_base(key: str):
@@ -400,15 +419,18 @@ def evaluate_general(recipe: Recipe, model, prep, references: list[str], base_id
     cached = base is not None
     if base is None:
         progress(f"general: the base answers {len(items)} general prompts (cached for later runs)")
-        base = TransformersColumn("base", model, adapter=False, **common).generate(items)
-        base_states, _ = answer_states(model, prep.tokenizer, answered_items(items, base), ev.batch_size,
-                                       adapter=False)
+        with section_autocast(recipe):
+            base = TransformersColumn("base", model, adapter=False, **common).generate(items)
+            base_states, _ = answer_states(model, prep.tokenizer, answered_items(items, base), ev.batch_size,
+                                           adapter=False)
         store_tensor("general-base", key, base_states)  # before the answers: they mark the entry whole
         store("general-base", key, [asdict(a) for a in base])
     progress(f"general: the fine-tune answers {len(items)} general prompts")
-    tuned = TransformersColumn("fine-tuned", model, adapter=True, **common).generate(items)
+    with section_autocast(recipe):
+        tuned = TransformersColumn("fine-tuned", model, adapter=True, **common).generate(items)
     shape = job_shape(references)
-    result = General(len(items), shape.description if shape else None, base_cached=cached)
+    result = General(len(items), shape.description if shape else None, base_cached=cached,
+                     precision=section_precision(recipe))
     result.answers = [{"where": p.where, "kind": p.kind, "prompt": p.text,
                        **{column: {"text": a.text, "stopped": a.stopped,
                                    "job_shape": shape.matches(a.text) if shape else None}
@@ -426,7 +448,8 @@ def evaluate_general(recipe: Recipe, model, prep, references: list[str], base_id
                            for k in free if shape.matches(tuned[k].text) and not shape.matches(base[k].text)][:3]
     result.rows.append(paired_row("general.clean_stop", "clean stop", True, [float(a.stopped) for a in base],
                                   [float(a.stopped) for a in tuned], n, conf))
-    per_item = drift(model, prep.tokenizer, answered_items(items, base), base_states, ev.batch_size)
+    with section_autocast(recipe):
+        per_item = drift(model, prep.tokenizer, answered_items(items, base), base_states, ev.batch_size)
     result.rows.append(paired_row("general.drift_loss", "drift: loss on the base's answers", False,
                                   [b for b, _, _ in per_item], [t for _, t, _ in per_item], n, conf))
     # every adapter moves away from its base: the KL's size is the news, not its sign

@@ -194,6 +194,7 @@ def markdown(report: Report, title: str, confidence: float) -> str:
 
 def general_json(general: General) -> dict:
     return {"prompts": general.prompts, "shape": general.shape, "base_cached": general.base_cached,
+            "precision": general.precision,
             "verdict": general.verdict(), "examples": general.examples,
             "rows": [{"key": r.key, "name": r.name, "higher_is_better": r.higher_is_better, "base": r.base,
                       "fine-tuned": r.tuned, "delta": r.delta, "ci": [r.low, r.high], "items": r.items,
@@ -205,7 +206,8 @@ def general_markdown(general: General, pct: str) -> list[str]:
              else "a free-text job has no answer shape to leak")
     lines = ["## Beside the job", "",
              f"{general.prompts} general prompts, sent with no system message; {shape}; drift is measured on "
-             "the base's own answers (per token; KL is 0 for the base by definition).", "",
+             "the base's own answers (per token; KL is 0 for the base by definition). Decoding and drift ran in "
+             f"{general.precision}{' (as training did)' if general.precision == 'bf16 autocast' else ''}.", "",
              f"| general | {BASE} | {TUNED} | delta | {pct} CI | |", "|---|---|---|---|---|---|"]
     for r in general.rows:
         mark = "✘" if r.lost else ""

@@ -76,11 +76,16 @@ def test_acc_norm_divides_by_the_choice_length_in_characters():
     assert acc == [0.0] and acc_norm == [1.0]
 
 
-def test_a_zero_adapter_against_its_base_gives_zero_deltas(qwen_run):
+@pytest.mark.parametrize("bf16", [False, True], ids=["compute-dtype", "bf16-autocast"])
+def test_a_zero_adapter_against_its_base_gives_zero_deltas(qwen_run, bf16):
+    """In both precisions the section runs in (section_precision: bf16 autocast where training
+    used it; forced here, so a CPU without native bf16 runs it too, emulated)."""
     recipe, prep, model = peft_model(qwen_run, zero=True)
-    recipe = load_recipe(qwen_run.recipe, ["eval.general.max_prompts=12", "eval.general.max_new_tokens=16"])
+    recipe = load_recipe(qwen_run.recipe, ["eval.general.max_prompts=12", "eval.general.max_new_tokens=16",
+                                           f"train.cpu_bf16={str(bf16).lower()}"])
     refs = [e.messages[-1]["content"] for e in prep.splits.heldout]
     general = G.evaluate_general(recipe, model, prep, refs, ["zero-adapter"], {}, use_cache=False)
+    assert general.precision == ("bf16 autocast" if bf16 else "compute dtype")
     assert [r.key for r in general.rows] == ["general.leakage", "general.clean_stop", "general.drift_loss",
                                              "general.drift_kl"]
     for row in general.rows:
@@ -131,6 +136,16 @@ def test_drift_equals_a_hand_computation_from_the_full_logits(qwen_run):
         want_kl = float((base[positions].exp() * (base[positions] - tuned[positions])).sum(-1).mean())
         assert (base_loss, tuned_loss, kl) == pytest.approx((want_base, want_tuned, want_kl), rel=1e-4, abs=1e-5)
     assert got[0][2] > 0  # the trained adapter moves the distribution: the check is not 0 == 0
+
+
+def test_the_base_answers_are_cached_per_precision(qwen_twin):
+    """Answers decoded in bf16 autocast are not the fp32 ones (greedy decoding flips at near-ties):
+    each precision has its own cache entry."""
+    items = []
+    fp32 = load_recipe(RECIPE, ["train.cpu_bf16=false"])
+    bf16 = load_recipe(RECIPE, ["train.cpu_bf16=true"])
+    assert G.base_answers_key(["b"], fp32, items) != G.base_answers_key(["b"], bf16, items)
+    assert G.base_answers_key(["b"], fp32, items) == G.base_answers_key(["b"], load_recipe(RECIPE, ["train.cpu_bf16=false"]), items)
 
 
 def test_the_job_shape_follows_the_held_out_answers():
