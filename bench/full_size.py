@@ -92,8 +92,9 @@ def write_checkpoint(folder: Path, twin_alias: str, text: dict, layers: int | No
     config.save_pretrained(folder)
     norms = 0.0 if spec.family.name == "qwen3_5" else 1.0  # Qwen3.5 norms are offsets from 1
     write_random_checkpoint(folder, shapes, SHARD_BYTES, norms)
-    if spec.layout == "qwen3_5_hub" and not text_only:  # the MTP head, in a shard of its own, as published
-        add_mtp_shard(folder, text)
+    if spec.layout == "qwen3_5_hub":
+        if not text_only:  # the MTP head, in a shard of its own, as published
+            add_mtp_shard(folder, text)
     else:
         legacy_rope_config(folder, text)
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))

@@ -107,3 +107,30 @@ def test_one_loaded_base_scores_every_adapter_as_separate_loads_do(tmp_path):
         alone = PeftModel.from_pretrained(loading.load_base_model(recipe, prep.base), str(path)).eval()
         assert together[name] == pytest.approx(mean_token_loss(alone, rows, prep.tokenizer.pad_token_id), abs=1e-6)
     assert together["adapter 0"] != together["adapter 1"]
+
+
+def test_the_text_only_bench_checkpoint_loads_as_training_loads_it(tmp_path):
+    """bench/gpu_train.py's 9B checkpoint leaves out the vision tower and the MTP head (training
+    reads neither): written so at the twin's widths, it has neither and ft loads it, 4-bit, and
+    runs it. The full widths need a GPU's memory and time; the writer is the same."""
+    import torch
+
+    from bench.full_size import write_checkpoint
+    from finetune import loading
+    from finetune.bases import resolve_base
+    from finetune.recipe import load_recipe
+    from finetune.twins import QWEN35_TEXT
+
+    folder = tmp_path / "qwen3.5-text-only"
+    write_checkpoint(folder, "tiny-qwen3.5-hub", {**QWEN35_TEXT, "mtp_num_hidden_layers": 1}, None, text_only=True)
+    keys = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    assert keys and not [k for k in keys if "visual" in k or "mtp" in k]
+    assert any("language_model" in k for k in keys)  # the hub layout otherwise
+    recipe = load_recipe(ROOT / "recipes" / "tiny-support.yaml", [f"model.base={folder}"])
+    model = loading.load_base_model(recipe, resolve_base(str(folder)))
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits
+    assert torch.isfinite(logits).all() and logits.shape[-1] == model.config.get_text_config().vocab_size
+    import bitsandbytes as bnb
+
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
