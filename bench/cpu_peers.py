@@ -1,6 +1,6 @@
 """Training on a CPU: ft as shipped against Unsloth's CPU backend, the plain peft loop and TRL's docs script.
 
-    python -m bench.cpu_peers [--steps 30] [--unsloth-venv DIR]
+    python -m bench.cpu_peers [--steps 30] [--unsloth-venv DIR] [--loss-seeds 1 2]
 
 The README demo's settings (SmolLM2-135M-Instruct, the packaged base; LoRA r 16, alpha 32 on every
 linear layer; lr 1e-3, cosine, 5% warmup; 8 tickets a step), on the same tickets: the first
@@ -22,10 +22,13 @@ after the other, nothing else running:
   TRL docs script          bench/trl_baseline.py: QLoRA through SFTTrainer with TRL's defaults
 
 Printed: the CPU's bf16 support, each contender's precision, real (non-pad) tokens per second of
-training (each trainer's own train_runtime; ft's held-out evaluations, which the others do not
-run, taken out), peak RSS, and the held-out loss of every adapter on the
+training (each trainer's own train_runtime; ft's held-out loss at step 0, which the others do not
+compute, taken out), peak RSS, and the held-out loss of every adapter on the
 60 held-out tickets by one evaluator (ft's label masks, each adapter on the base it trained
-against: the 4-bit base, or fp32 for the plain loop); then ft's ratio to each.
+against: the 4-bit base, or fp32 for the plain loop); then ft's ratio to each. `--loss-seeds`:
+ft as shipped and the plain loop trained again at these seeds (LoRA initialisation and example
+order), untimed, for the mean held-out loss of each over all its seeds: 30 steps from one seed
+vary by ±0.03 nats, more than the difference the comparison asks about.
 """
 
 from __future__ import annotations
@@ -74,6 +77,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--unsloth-venv", type=Path, default=DEFAULT_VENV)
+    ap.add_argument("--loss-seeds", type=int, nargs="*", default=[1, 2],
+                    help="more seeds for ft's and the plain loop's held-out loss (untimed)")
     args = ap.parse_args()
     import torch
 
@@ -108,7 +113,9 @@ def main() -> None:
         run = RunDir(out)
         summary = run.read_manifest().summary
         evaluations = [r["eval_runtime"] for r in run.read_metrics() if "eval_runtime" in r]
-        seconds = summary.train_runtime_s - sum(evaluations)  # held-out losses at step 0 and the end
+        # the held-out loss at step 0 runs inside the Trainer's clock; the last one, after train()
+        # returns (runner.finish), outside it already
+        seconds = summary.train_runtime_s - sum(evaluations[:-1])
         four_bit = "load_in_4bit=false" not in " ".join(extra)
         results[name] = dict(runtime=seconds, tokens=int(run.trained_tokens()), rss=m["peak_rss_mib"],
                              wall=m["wall_s"], adapter=out / "adapter", four_bit=four_bit,
@@ -141,6 +148,18 @@ def main() -> None:
                                       precision=("bf16 autocast" if line["bf16"] else "fp32") + ", 4-bit base"
                                       + (", gradient checkpointing" if line["gradient_checkpointing"] else ""))
 
+    seeds = {"ft": {"seed 42": heldout_loss(recipe_path, results["ft"]["adapter"], True)},
+             "plain peft loop": {"seed 0": heldout_loss(recipe_path, results["plain peft loop"]["adapter"], False)}}
+    for seed in args.loss_seeds:
+        out = work / f"ft-seed{seed}"
+        measured(python("-m", "finetune", "train", str(recipe_path), "--output", str(out), "--set", f"train.seed={seed}"))
+        seeds["ft"][f"seed {seed}"] = heldout_loss(recipe_path, out / "adapter", True)
+        out = work / f"plain-seed{seed}"
+        measured(python("-m", "bench.plain_lora_loop", base.path, str(work / "train.jsonl"), shipped.data.system_prompt,
+                        str(out), "--steps", str(args.steps), "--batch-size", str(batch), "--lr", str(lr),
+                        "--warmup-ratio", str(warmup), "--targets", targets, "--seed", str(seed)))
+        seeds["plain peft loop"][f"seed {seed}"] = heldout_loss(recipe_path, out, False)
+
     ft_tps = results["ft"]["tokens"] / results["ft"]["runtime"]
     rows, record = [], {"machine": machine(), "cpu": flags, "steps": args.steps, "batch_size": batch,
                         "targets": targets, "contenders": {}}
@@ -154,6 +173,11 @@ def main() -> None:
                                           heldout_loss=round(loss, 4), ft_speed_ratio=round(ft_tps / tps, 3))
     print(table(["contender", "precision", "real tokens", "train s", "real tok/s", "process s", "peak RSS MiB",
                  "held-out loss", "ft ×"], rows))
+    means = {name: sum(v.values()) / len(v) for name, v in seeds.items()}
+    record["heldout_loss_by_seed"] = {name: {k: round(x, 4) for k, x in v.items()} for name, v in seeds.items()}
+    print("\nheld-out loss by seed: " + "; ".join(
+        f"{name}: {', '.join(f'{x:.4f}' for x in v.values())} (mean {means[name]:.4f})" for name, v in seeds.items()))
+    print(f"ft's mean minus the plain loop's: {means['ft'] - means['plain peft loop']:+.4f} nats")
     print(f"\nwritten: {write_result('cpu_peers', record)}")
 
 
