@@ -148,8 +148,10 @@ def main() -> None:
                                       precision=("bf16 autocast" if line["bf16"] else "fp32") + ", 4-bit base"
                                       + (", gradient checkpointing" if line["gradient_checkpointing"] else ""))
 
-    seeds = {"ft": {"seed 42": heldout_loss(recipe_path, results["ft"]["adapter"], True)},
-             "plain peft loop": {"seed 0": heldout_loss(recipe_path, results["plain peft loop"]["adapter"], False)}}
+    # one evaluator, once per adapter; the timed runs are the first seed of ft's and the loop's lists
+    losses = {name: heldout_loss(recipe_path, r["adapter"], r["four_bit"]) for name, r in results.items()}
+    seeds = {"ft": {f"seed {shipped.train.seed}": losses["ft"]},
+             "plain peft loop": {"seed 0": losses["plain peft loop"]}}  # plain_lora_loop's default seed
     for seed in args.loss_seeds:
         out = work / f"ft-seed{seed}"
         measured(python("-m", "finetune", "train", str(recipe_path), "--output", str(out), "--set", f"train.seed={seed}"))
@@ -165,7 +167,7 @@ def main() -> None:
                         "targets": targets, "contenders": {}}
     for name, r in results.items():
         tps = r["tokens"] / r["runtime"]
-        loss = heldout_loss(recipe_path, r["adapter"], r["four_bit"])
+        loss = losses[name]
         rows.append([name, r["precision"], r["tokens"], r["runtime"], tps, r["wall"], r["rss"], loss, ft_tps / tps])
         record["contenders"][name] = dict(precision=r["precision"], real_tokens=r["tokens"],
                                           train_runtime_s=round(r["runtime"], 2), real_tokens_per_s=round(tps, 1),

@@ -208,7 +208,7 @@ class General:
     examples: list[dict] = field(default_factory=list)  # a few prompts the fine-tune answers in the job's shape
     answers: list[dict] = field(default_factory=list)  # every prompt and both answers (eval/general.jsonl)
     base_cached: bool = False
-    precision: str = "fp32"  # what the decoding and drift ran in (section_autocast)
+    precision: str = "compute dtype"  # what the decoding and drift ran in (section_precision)
 
     def row(self, key: str) -> GeneralRow | None:
         return next((r for r in self.rows if r.key == key), None)

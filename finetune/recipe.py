@@ -180,8 +180,8 @@ class GeneralSection(Section):
     prompts: str | None = Field(None, description="JSON Lines file of {prompt, kind} rows: general prompts "
                                 "added to ft's own 170 (or in their place, with replace_prompts)")
     replace_prompts: bool = Field(False, description="use only eval.general.prompts, not ft's own set")
-    # 32 prompts × 48 tokens: the section then adds about half to the demo's ft eval on 2 CPU
-    # cores (bench/RESULTS.md 12); the set is interleaved by kind, so the first 32 cover
+    # 32 prompts × 48 tokens: the section then adds about a quarter to a third to the demo's ft eval
+    # on 2 CPU cores (bench/RESULTS.md 12); the set is interleaved by kind, so the first 32 cover
     # every kind. A format that takes over shows at 32; a subtle leak needs more (null: all 170).
     max_prompts: int | None = Field(32, gt=0, description="general prompts asked: the first N of the set "
                                     "(null: all)")

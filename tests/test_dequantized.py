@@ -85,7 +85,7 @@ def test_a_replaced_weight_is_dequantized_again():
     assert torch.equal(after, torch.nn.functional.linear(x, fresh))
 
 
-def test_auto_keeps_copies_only_where_they_fit(tmp_path):
+def test_auto_keeps_copies_only_where_they_fit():
     from finetune.loading import keep_dequantized_copies
     from finetune.recipe import load_recipe
     from tests.conftest import ROOT

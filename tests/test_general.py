@@ -138,14 +138,13 @@ def test_drift_equals_a_hand_computation_from_the_full_logits(qwen_run):
     assert got[0][2] > 0  # the trained adapter moves the distribution: the check is not 0 == 0
 
 
-def test_the_base_answers_are_cached_per_precision(qwen_twin):
+def test_the_base_answers_are_cached_per_precision():
     """Answers decoded in bf16 autocast are not the fp32 ones (greedy decoding flips at near-ties):
     each precision has its own cache entry."""
-    items = []
     fp32 = load_recipe(RECIPE, ["train.cpu_bf16=false"])
     bf16 = load_recipe(RECIPE, ["train.cpu_bf16=true"])
-    assert G.base_answers_key(["b"], fp32, items) != G.base_answers_key(["b"], bf16, items)
-    assert G.base_answers_key(["b"], fp32, items) == G.base_answers_key(["b"], load_recipe(RECIPE, ["train.cpu_bf16=false"]), items)
+    assert G.base_answers_key(["b"], fp32, []) != G.base_answers_key(["b"], bf16, [])
+    assert G.base_answers_key(["b"], fp32, []) == G.base_answers_key(["b"], load_recipe(RECIPE, ["train.cpu_bf16=false"]), [])
 
 
 def test_the_job_shape_follows_the_held_out_answers():
