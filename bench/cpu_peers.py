@@ -10,6 +10,8 @@ after the other, nothing else running:
   ft                       `ft train recipes/smollm2-support.yaml` as shipped (4-bit base, packing,
                            TRL's trainer, train.cpu_bf16 auto, kept dequantized copies), rehearsal
                            off so that every contender trains on the same rows
+  ft, TRL's loss head      the same with the loss scored by TRL's own LM head (bench/with_trls_head.py)
+                           instead of ft's CPU head (finetune/train/lm_head.py)
   ft, no kept copies       the same with quantization.cpu_dequantized_copies=false: bitsandbytes
                            dequantizing every 4-bit weight in every forward and backward
   ft, 16-bit base          quantization.load_in_4bit=false: the plain loop's base, so its held-out
@@ -106,10 +108,13 @@ def main() -> None:
     measured(python("-m", "finetune", "train", str(recipe_path), "--output", str(work / "warm-up"),
                     "--set", "train.max_steps=2"))
     results = {}
-    for name, extra in (("ft", []), ("ft, no kept copies", ["--set", "quantization.cpu_dequantized_copies=false"]),
-                        ("ft, 16-bit base", ["--set", "quantization.load_in_4bit=false"])):
-        out = work / name.replace(" ", "-").replace(",", "")
-        m = measured(python("-m", "finetune", "train", str(recipe_path), "--output", str(out), *extra))
+    ft, trls_head = ("-m", "finetune"), ("-m", "bench.with_trls_head")
+    for name, how, extra in (("ft", ft, []),
+                             ("ft, TRL's loss head", trls_head, []),
+                             ("ft, no kept copies", ft, ["--set", "quantization.cpu_dequantized_copies=false"]),
+                             ("ft, 16-bit base", ft, ["--set", "quantization.load_in_4bit=false"])):
+        out = work / name.replace(" ", "-").replace(",", "").replace("'", "")
+        m = measured(python(*how, "train", str(recipe_path), "--output", str(out), *extra))
         run = RunDir(out)
         summary = run.read_manifest().summary
         evaluations = [r["eval_runtime"] for r in run.read_metrics() if "eval_runtime" in r]

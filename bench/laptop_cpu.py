@@ -9,19 +9,26 @@ demo's support tickets, `--steps` optimizer steps, one process at a time, nothin
 
   before            what ft did before issue 30: fp32 matmuls, bitsandbytes dequantizing every
                     4-bit weight in every forward and backward (train.cpu_bf16=false,
-                    quantization.cpu_dequantized_copies=false), packing off (as the recipe ships)
-  as shipped        the recipe as it is (train.cpu_bf16 auto, kept copies auto, packing off)
+                    quantization.cpu_dequantized_copies=false), TRL's own LM head for the loss,
+                    packing off (as the recipe ships)
+  TRL's loss head   as shipped, but the loss scored by TRL's LM head (bench/with_trls_head.py):
+                    what ft shipped before its CPU head (finetune/train/lm_head.py)
+  as shipped        the recipe as it is (train.cpu_bf16 auto, kept copies auto, ft's CPU loss
+                    head, packing off)
   as shipped, packing on   the same with train.packing=true: the packed path's memory
 
-Timed from the first step's log to the last (ft's metrics.jsonl `elapsed_s`: model loading, the
-step-0 held-out loss and the first step's one-time costs left out). Printed: seconds per optimizer
-step, real tokens/s, peak anonymous memory of the process, and what the recipe's whole epoch would
-take at that speed.
+Timed from ft's metrics.jsonl `elapsed_s` (model loading, the step-0 held-out loss and the first
+step's one-time costs left out): the median optimizer step over the steps after the first, and
+over every `--repeat` round (the configs run interleaved, round after round: on a shared 2-core
+machine the same run varies by ±20% from one minute to the next). Printed: seconds per optimizer
+step (median, and the range of the rounds' medians), real tokens/s at the median step, peak
+anonymous memory of the process, and what the recipe's whole epoch would take at that speed.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -32,14 +39,29 @@ from finetune.run import RunDir
 SETTINGS = ["data.heldout_max=8", "data.max_length=512", "data.too_long=drop", "train.batch_size=4",
             "train.grad_accum=2", "lora.r=16", "lora.alpha=32", "train.save_steps=1000", "train.logging_steps=1",
             "eval.after_train=false", "train.rehearsal=0", "eval.batch_size=8"]
-CONFIGS = {"before": ["train.cpu_bf16=false", "quantization.cpu_dequantized_copies=false", "train.packing=false"],
-           "as shipped": ["train.packing=false"],
-           "as shipped, packing on": ["train.packing=true"]}
+TRLS_HEAD = ("-m", "bench.with_trls_head")
+FT = ("-m", "finetune")
+# name → (how ft is started, the settings)
+CONFIGS = {"before": (TRLS_HEAD, ["train.cpu_bf16=false", "quantization.cpu_dequantized_copies=false",
+                                  "train.packing=false"]),
+           "TRL's loss head": (TRLS_HEAD, ["train.packing=false"]),
+           "as shipped": (FT, ["train.packing=false"]),
+           "as shipped, packing on": (FT, ["train.packing=true"])}
+
+
+def step_times(run: RunDir) -> tuple[list[float], float]:
+    """The optimizer steps' durations after the first, and the real tokens a step trained."""
+    clock = [(r["step"], r["elapsed_s"], r["num_tokens"]) for r in run.read_metrics() if "elapsed_s" in r]
+    durations = [(t1 - t0) / (s1 - s0) for (s0, t0, _), (s1, t1, _) in zip(clock, clock[1:])]
+    (s0, _, n0), (s1, _, n1) = clock[0], clock[-1]
+    return durations, (n1 - n0) / (s1 - s0)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--repeat", type=int, default=1, help="rounds of every config, interleaved")
+    ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     args = ap.parse_args()
     import torch
 
@@ -55,25 +77,36 @@ def main() -> None:
     flags = {"avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()), "amx": bool(torch.cpu._is_amx_tile_supported())}
     print(f"machine: {machine()}\nCPU bf16: {flags}\n0.8B shape, {args.steps} steps of 4 × 2, max_length 512\n",
           flush=True)
+    seen = {name: dict(durations=[], medians=[], tokens=[], anon=[], rss=[]) for name in args.configs}
+    for round_ in range(args.repeat):
+        for name in args.configs:
+            how, extra = CONFIGS[name]
+            out = work / f"{name}-{round_}".replace(" ", "-").replace(",", "").replace("'", "")
+            sets = [x for s in [*SETTINGS, f"train.max_steps={args.steps}", f"data.limit={args.steps * 8 + 8}",
+                                *extra] for x in ("--set", s)]
+            m = measured(python(*how, "train", str(recipe), "--output", str(out), *sets))
+            durations, tokens = step_times(RunDir(out))
+            got = seen[name]
+            got["durations"] += durations
+            got["medians"].append(statistics.median(durations))
+            got["tokens"].append(tokens)
+            got["anon"].append(m["peak_anon_mib"])
+            got["rss"].append(m["peak_rss_mib"])
+            print(f"round {round_ + 1}, {name}: {statistics.median(durations):.1f} s/step", flush=True)
     results, rows = {}, []
-    for name, extra in CONFIGS.items():
-        out = work / name.replace(" ", "-").replace(",", "")
-        sets = [x for s in [*SETTINGS, f"train.max_steps={args.steps}", f"data.limit={args.steps * 8 + 8}", *extra]
-                for x in ("--set", s)]
-        m = measured(python("-m", "finetune", "train", str(recipe), "--output", str(out), *sets))
-        clock = [(r["step"], r["elapsed_s"], r["num_tokens"]) for r in RunDir(out).read_metrics() if "elapsed_s" in r]
-        (s0, t0, n0), (s1, t1, n1) = clock[0], clock[-1]
-        per_step = (t1 - t0) / (s1 - s0)
-        results[name] = dict(seconds_per_step=round(per_step, 2), tokens_per_s=round((n1 - n0) / (t1 - t0), 1),
-                             peak_anon_mib=round(m["peak_anon_mib"]), peak_rss_mib=round(m["peak_rss_mib"]),
+    for name, got in seen.items():
+        per_step = statistics.median(got["durations"])
+        results[name] = dict(seconds_per_step=round(per_step, 2),
+                             round_medians=[round(x, 2) for x in got["medians"]],
+                             tokens_per_s=round(statistics.mean(got["tokens"]) / per_step, 1),
+                             peak_anon_mib=round(max(got["anon"])), peak_rss_mib=round(max(got["rss"])),
                              epoch_minutes=round(per_step * epoch_steps / 60, 1))
         r = results[name]
-        rows.append([name, r["seconds_per_step"], r["tokens_per_s"], r["peak_anon_mib"], r["peak_rss_mib"],
-                     r["epoch_minutes"]])
-        print(f"{name}: {per_step:.1f} s/step", flush=True)
-    print(table(["", "s / step", "real tok/s", "peak anon MiB", "peak RSS MiB",
+        rows.append([name, r["seconds_per_step"], f"{min(got['medians']):.1f}–{max(got['medians']):.1f}",
+                     r["tokens_per_s"], r["peak_anon_mib"], r["peak_rss_mib"], r["epoch_minutes"]])
+    print(table(["", "s / step", "rounds", "real tok/s", "peak anon MiB", "peak RSS MiB",
                  f"epoch of {tickets} tickets, min"], rows))
-    print(f"\nwritten: {write_result('laptop_cpu', {'machine': machine(), 'cpu': flags, 'steps': args.steps, 'results': results})}")
+    print(f"\nwritten: {write_result('laptop_cpu', {'machine': machine(), 'cpu': flags, 'steps': args.steps, 'repeat': args.repeat, 'results': results})}")
 
 
 if __name__ == "__main__":

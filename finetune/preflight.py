@@ -104,8 +104,13 @@ def lm_head_tiled(gpu: bool) -> bool:
 
 
 def logits_bytes(tokens: int, vocab: int, gpu: bool) -> int:
-    """The loss's logits, forward and backward in fp32: one [4096 token, 32768 vocabulary] tile
-    where TRL tiles them, else the whole array."""
+    """The loss's logits, forward and backward in fp32: on a CPU, ft's head (train/lm_head.py): a
+    row tile and two of its temporaries, and the bf16 probabilities it keeps for the backward; on a
+    GPU, one [4096 token, 32768 vocabulary] tile where TRL tiles them; else the whole array."""
+    if lm_head_tiled(gpu) and not gpu:
+        from finetune.train import lm_head
+
+        return min(tokens * vocab * 4, lm_head.ROW_TILE_BYTES) * 3 + min(tokens * vocab * 2, lm_head.KEPT_PROBS_BYTES)
     if lm_head_tiled(gpu):
         return min(tokens, 4096) * min(vocab, 32768) * 4 * 2
     return tokens * vocab * 4 * 2
@@ -190,19 +195,23 @@ def memory_estimate(recipe, text_config, params: int, embed: int, lora: int, gpu
     """The estimate preflight prints, for a model of this config on a GPU (bf16 compute) or a CPU
     (fp32); also what README's per-size table is computed from (finetune/sizes.py, without the
     kept copies: the least a CPU run needs). `kept_copies`: the 4-bit weights' dequantized copies
-    on a CPU (finetune/dequantized.py), in the dtype the matmuls run in."""
+    on a CPU (finetune/dequantized.py), and the LM head's for the loss (train/lm_head.py), in the
+    dtype the matmuls run in."""
     dense_bytes = 2 if gpu else 4  # compute dtype: bf16 on GPU, fp32 on CPU
     four_bit = recipe.quantization.load_in_4bit
     # What the 4-bit quantizer leaves out (the embedding and lm_head above all: 2.03 B parameters
     # in Qwen3.5-9B) stays in the compute dtype: bf16 on a GPU (ft skips peft's fp32 upcast there,
     # train/lora.py; unsloth keeps it bf16 too), fp32 on a CPU.
     embed_bytes = dense_bytes
+    hidden = getattr(text_config, "hidden_size", 0)
     weights = int((params - embed) * (NF4_BYTES_PER_PARAM if four_bit else dense_bytes) + embed * embed_bytes)
     if kept_copies and four_bit and not gpu:
         from finetune.loading import cpu_bf16
+        from finetune.train.lm_head import head_copy_bytes
 
         weights += (params - embed) * (2 if cpu_bf16(recipe) else 4)
-    hidden = getattr(text_config, "hidden_size", 0)
+        # and ft's CPU loss head keeps the frozen fp32 LM head's bf16 copy (train/lm_head.py)
+        weights += head_copy_bytes(getattr(text_config, "vocab_size", 0), hidden) if cpu_bf16(recipe) else 0
     layers = getattr(text_config, "num_hidden_layers", 0)
     tokens = recipe.train.batch_size * recipe.data.max_length
     logits = logits_bytes(tokens, getattr(text_config, "vocab_size", 0), gpu)

@@ -92,7 +92,7 @@ def test_ft_models_lists_every_size():
 def test_preflight_counts_what_trl_and_the_backend_really_hold(monkeypatch):
     """qwen3.5-9b at support.yaml's settings on a GPU. TRL 1.15 (unsloth's pin, the GPU image's)
     always runs its tiled LM head on CUDA: no full [tokens, vocabulary] logits there, the full
-    ones on a CPU. TRL casts a quantized model's adapters to bf16 (8 bytes a parameter with AdamW,
+    ones on a CPU; with TRL 1.16 a CPU scores through ft's head in row tiles. TRL casts a quantized model's adapters to bf16 (8 bytes a parameter with AdamW,
     16 in fp32 on a CPU); the embeddings stay bf16 on a GPU (ft skips peft's fp32 upcast there, as
     unsloth does)."""
     from finetune import preflight
@@ -100,6 +100,7 @@ def test_preflight_counts_what_trl_and_the_backend_really_hold(monkeypatch):
     from finetune.preflight import count_parameters, memory_estimate
     from finetune.recipe import load_recipe
     from finetune.sizes import GPU_RECIPE
+    from finetune.train import lm_head
 
     model = REGISTRY["qwen3.5-9b"]
     recipe = load_recipe(GPU_RECIPE, ["model.base=qwen3.5-9b"])
@@ -112,7 +113,10 @@ def test_preflight_counts_what_trl_and_the_backend_really_hold(monkeypatch):
         assert gpu.logits == min(tokens, 4096) * min(config.vocab_size, 32768) * 8, trl
         cpu = memory_estimate(recipe, config, params, embed, lora, gpu=False, checkpointing=True)
         full = tokens * config.vocab_size * 8
-        assert cpu.logits == (full if trl == "1.15.0" else gpu.logits)
+        # TRL 1.16 on a CPU: ft's head (train/lm_head.py), a row tile and two temporaries, kept bf16 probabilities
+        ft_head = min(tokens * config.vocab_size * 4, lm_head.ROW_TILE_BYTES) * 3 + min(
+            tokens * config.vocab_size * 2, lm_head.KEPT_PROBS_BYTES)
+        assert cpu.logits == (full if trl == "1.15.0" else ft_head)
         assert gpu.adapters == lora * 8 and cpu.adapters == lora * 16
     gpu = memory_estimate(recipe, config, params, embed, lora, gpu=True, checkpointing=True)
     cpu = memory_estimate(recipe, config, params, embed, lora, gpu=False, checkpointing=True)

@@ -1,5 +1,5 @@
 """TRL's SFTTrainer as ft runs it: its arguments, the checks that it can train here with the
-recipe's optimizer and trackers, and the LM-head switch that makes CPU steps cheaper."""
+recipe's optimizer and trackers (the LM head it scores with on a CPU: finetune/train/lm_head.py)."""
 
 from __future__ import annotations
 
@@ -90,29 +90,6 @@ def sft_config(recipe: Recipe, run: RunDir, plan: BatchPlan, family: Family, eva
     )
 
 
-def score_only_trained_positions() -> bool:
-    """TRL (1.16) projects hidden states through the LM head in tiles and, on devices without
-    Triton, for every position, labelled or not: its reason is Neuron, where a changing number of
-    positions recompiles the graph. An eager CPU has nothing to recompile, and in a chat SFT most
-    positions are prompt (two thirds of a support ticket), each costing a vocabulary-wide
-    projection forward and backward: 31% of a SmolLM2 step on 2 cores (49,152 rows). TRL's own
-    compact path (only positions whose label is not -100, scattered back as zeros) gives the same
-    loss and gradients; this turns it on for the CPU. Returns whether TRL has the switch."""
-    import torch
-    from trl.trainer import utils as trl_utils
-
-    decide = getattr(trl_utils, "_use_triton", None)
-    if decide is None or getattr(decide, "ft_cpu_compact", False):
-        return decide is not None
-
-    def compact_on_cpu(device: torch.device) -> bool:
-        return device.type == "cpu" or decide(device)
-
-    compact_on_cpu.ft_cpu_compact = True
-    trl_utils._use_triton = compact_on_cpu  # the name TRL's fused LM head reads; its kernels keep theirs
-    return True
-
-
 def check_optimizer(recipe: Recipe) -> None:
     """train.optimizer is any transformers `optim` name; an unknown one, or one whose package is
     not installed (galore, lomo, schedule-free), would fail only once the trainer is built."""
@@ -155,11 +132,12 @@ def make_trainer(model, args, prep: Prepared, train_ds, heldout_ds, callbacks, p
     from transformers.trainer_callback import PrinterCallback
 
     from finetune.train.guard import SafeTrainer
+    from finetune.train.lm_head import score_only_trained_positions
     from finetune.train.packing import PackingCollator
 
     # packed: rows share examples (train() installed the boundary-aware layers); else TRL pads
     collator = PackingCollator(prep.tokenizer.pad_token_id) if packed else None
-    score_only_trained_positions()
+    score_only_trained_positions()  # and CPU rows through ft's head (train/lm_head.py)
     trainer = SafeTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=heldout_ds,
                           processing_class=prep.tokenizer, callbacks=callbacks, data_collator=collator)
     trainer.remove_callback(PrinterCallback)  # logs go to metrics.jsonl and the progress bar
