@@ -11,7 +11,7 @@ after the other, nothing else running:
                            TRL's trainer, train.cpu_bf16 auto, kept dequantized copies), rehearsal
                            off so that every contender trains on the same rows
   ft, TRL's loss head      the same with the loss scored by TRL's own LM head (bench/with_trls_head.py)
-                           instead of ft's CPU head (finetune/train/lm_head.py)
+                           instead of ft's CPU head (finetune/lm_head.py)
   ft, no kept copies       the same with quantization.cpu_dequantized_copies=false: bitsandbytes
                            dequantizing every 4-bit weight in every forward and backward
   ft, 16-bit base          quantization.load_in_4bit=false: the plain loop's base, so its held-out

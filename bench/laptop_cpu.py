@@ -12,7 +12,7 @@ demo's support tickets, `--steps` optimizer steps, one process at a time, nothin
                     quantization.cpu_dequantized_copies=false), TRL's own LM head for the loss,
                     packing off (as the recipe ships)
   TRL's loss head   as shipped, but the loss scored by TRL's LM head (bench/with_trls_head.py):
-                    what ft shipped before its CPU head (finetune/train/lm_head.py)
+                    what ft shipped before its CPU head (finetune/lm_head.py)
   as shipped        the recipe as it is (train.cpu_bf16 auto, kept copies auto, ft's CPU loss
                     head, packing off)
   as shipped, packing on   the same with train.packing=true: the packed path's memory

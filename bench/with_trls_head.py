@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from finetune.train import lm_head
+from finetune import lm_head
 
 
 def main() -> None:

@@ -158,7 +158,7 @@ def load_base_model(recipe: Recipe, base: ResolvedBase, dtype=None):
         from finetune import dequantized
 
         if keep_dequantized_copies(recipe, dequantized.copies_bytes(model, 4), available_ram()):
-            from finetune.train.lm_head import keep_head_copy
+            from finetune.lm_head import keep_head_copy
 
             dequantized.keep_copies(model)
             keep_head_copy(model)

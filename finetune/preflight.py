@@ -104,11 +104,11 @@ def lm_head_tiled(gpu: bool) -> bool:
 
 
 def logits_bytes(tokens: int, vocab: int, gpu: bool) -> int:
-    """The loss's logits, forward and backward in fp32: on a CPU, ft's head (train/lm_head.py): a
+    """The loss's logits, forward and backward in fp32: on a CPU, ft's head (finetune/lm_head.py): a
     row tile and two of its temporaries, and the bf16 probabilities it keeps for the backward; on a
     GPU, one [4096 token, 32768 vocabulary] tile where TRL tiles them; else the whole array."""
     if lm_head_tiled(gpu) and not gpu:
-        from finetune.train import lm_head
+        from finetune import lm_head
 
         return min(tokens * vocab * 4, lm_head.ROW_TILE_BYTES) * 3 + min(tokens * vocab * 2, lm_head.KEPT_PROBS_BYTES)
     if lm_head_tiled(gpu):
@@ -195,7 +195,7 @@ def memory_estimate(recipe, text_config, params: int, embed: int, lora: int, gpu
     """The estimate preflight prints, for a model of this config on a GPU (bf16 compute) or a CPU
     (fp32); also what README's per-size table is computed from (finetune/sizes.py, without the
     kept copies: the least a CPU run needs). `kept_copies`: the 4-bit weights' dequantized copies
-    on a CPU (finetune/dequantized.py), and the LM head's for the loss (train/lm_head.py), in the
+    on a CPU (finetune/dequantized.py), and the LM head's for the loss (finetune/lm_head.py), in the
     dtype the matmuls run in."""
     dense_bytes = 2 if gpu else 4  # compute dtype: bf16 on GPU, fp32 on CPU
     four_bit = recipe.quantization.load_in_4bit
@@ -207,10 +207,10 @@ def memory_estimate(recipe, text_config, params: int, embed: int, lora: int, gpu
     weights = int((params - embed) * (NF4_BYTES_PER_PARAM if four_bit else dense_bytes) + embed * embed_bytes)
     if kept_copies and four_bit and not gpu:
         from finetune.loading import cpu_bf16
-        from finetune.train.lm_head import head_copy_bytes
+        from finetune.lm_head import head_copy_bytes
 
         weights += (params - embed) * (2 if cpu_bf16(recipe) else 4)
-        # and ft's CPU loss head keeps the frozen fp32 LM head's bf16 copy (train/lm_head.py)
+        # and ft's CPU loss head keeps the frozen fp32 LM head's bf16 copy (finetune/lm_head.py)
         weights += head_copy_bytes(getattr(text_config, "vocab_size", 0), hidden) if cpu_bf16(recipe) else 0
     layers = getattr(text_config, "num_hidden_layers", 0)
     tokens = recipe.train.batch_size * recipe.data.max_length

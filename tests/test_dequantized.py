@@ -118,7 +118,7 @@ def test_preflight_counts_the_copies_in_the_matmul_dtype(monkeypatch):
     for bf16, element in ((False, 4), (True, 2)):
         monkeypatch.setattr(loading, "cpu_bf16", lambda r, bf16=bf16: bf16)
         kept = memory_estimate(recipe, config, params, embed, lora, gpu=False, checkpointing=True, kept_copies=True)
-        head = config.vocab_size * config.hidden_size * 2 if bf16 else 0  # the loss head's bf16 copy (train/lm_head.py)
+        head = config.vocab_size * config.hidden_size * 2 if bf16 else 0  # the loss head's bf16 copy (lm_head.py)
         assert kept.weights - without.weights == (params - embed) * element + head
     on_gpu = memory_estimate(recipe, config, params, embed, lora, gpu=True, checkpointing=True, kept_copies=True)
     assert on_gpu.weights == memory_estimate(recipe, config, params, embed, lora, gpu=True, checkpointing=True).weights

@@ -1,4 +1,4 @@
-"""ft's CPU LM head (finetune/train/lm_head.py) against an fp64 reference and TRL's own function.
+"""ft's CPU LM head (finetune/lm_head.py) against an fp64 reference and TRL's own function.
 
 Stated tolerances:
 - fp32 (a CPU without native bf16): log-probabilities, entropy and the hidden states' gradient
@@ -19,7 +19,7 @@ import contextlib
 import pytest
 import torch
 
-from finetune.train import lm_head
+from finetune import lm_head
 
 OUTPUTS = ("log_probs", "entropy", "is_top1")
 

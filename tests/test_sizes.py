@@ -100,7 +100,7 @@ def test_preflight_counts_what_trl_and_the_backend_really_hold(monkeypatch):
     from finetune.preflight import count_parameters, memory_estimate
     from finetune.recipe import load_recipe
     from finetune.sizes import GPU_RECIPE
-    from finetune.train import lm_head
+    from finetune import lm_head
 
     model = REGISTRY["qwen3.5-9b"]
     recipe = load_recipe(GPU_RECIPE, ["model.base=qwen3.5-9b"])
@@ -113,7 +113,7 @@ def test_preflight_counts_what_trl_and_the_backend_really_hold(monkeypatch):
         assert gpu.logits == min(tokens, 4096) * min(config.vocab_size, 32768) * 8, trl
         cpu = memory_estimate(recipe, config, params, embed, lora, gpu=False, checkpointing=True)
         full = tokens * config.vocab_size * 8
-        # TRL 1.16 on a CPU: ft's head (train/lm_head.py), a row tile and two temporaries, kept bf16 probabilities
+        # TRL 1.16 on a CPU: ft's head (finetune/lm_head.py), a row tile and two temporaries, kept bf16 probabilities
         ft_head = min(tokens * config.vocab_size * 4, lm_head.ROW_TILE_BYTES) * 3 + min(
             tokens * config.vocab_size * 2, lm_head.KEPT_PROBS_BYTES)
         assert cpu.logits == (full if trl == "1.15.0" else ft_head)

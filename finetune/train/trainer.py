@@ -1,5 +1,5 @@
 """TRL's SFTTrainer as ft runs it: its arguments, the checks that it can train here with the
-recipe's optimizer and trackers (the LM head it scores with on a CPU: finetune/train/lm_head.py)."""
+recipe's optimizer and trackers (the LM head it scores with on a CPU: finetune/lm_head.py)."""
 
 from __future__ import annotations
 
@@ -132,12 +132,12 @@ def make_trainer(model, args, prep: Prepared, train_ds, heldout_ds, callbacks, p
     from transformers.trainer_callback import PrinterCallback
 
     from finetune.train.guard import SafeTrainer
-    from finetune.train.lm_head import score_only_trained_positions
+    from finetune.lm_head import score_only_trained_positions
     from finetune.train.packing import PackingCollator
 
     # packed: rows share examples (train() installed the boundary-aware layers); else TRL pads
     collator = PackingCollator(prep.tokenizer.pad_token_id) if packed else None
-    score_only_trained_positions()  # and CPU rows through ft's head (train/lm_head.py)
+    score_only_trained_positions()  # and CPU rows through ft's head (finetune/lm_head.py)
     trainer = SafeTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=heldout_ds,
                           processing_class=prep.tokenizer, callbacks=callbacks, data_collator=collator)
     trainer.remove_callback(PrinterCallback)  # logs go to metrics.jsonl and the progress bar
