@@ -77,7 +77,7 @@ def main() -> None:
     flags = {"avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()), "amx": bool(torch.cpu._is_amx_tile_supported())}
     print(f"machine: {machine()}\nCPU bf16: {flags}\n0.8B shape, {args.steps} steps of 4 × 2, max_length 512\n",
           flush=True)
-    seen = {name: dict(durations=[], medians=[], tokens=[], anon=[], rss=[]) for name in args.configs}
+    seen = {name: dict(durations=[], medians=[], tokens_per_step=[], anon=[], rss=[]) for name in args.configs}
     for round_ in range(args.repeat):
         for name in args.configs:
             how, extra = CONFIGS[name]
@@ -85,11 +85,11 @@ def main() -> None:
             sets = [x for s in [*SETTINGS, f"train.max_steps={args.steps}", f"data.limit={args.steps * 8 + 8}",
                                 *extra] for x in ("--set", s)]
             m = measured(python(*how, "train", str(recipe), "--output", str(out), *sets))
-            durations, tokens = step_times(RunDir(out))
+            durations, tokens_per_step = step_times(RunDir(out))
             got = seen[name]
             got["durations"] += durations
             got["medians"].append(statistics.median(durations))
-            got["tokens"].append(tokens)
+            got["tokens_per_step"].append(tokens_per_step)
             got["anon"].append(m["peak_anon_mib"])
             got["rss"].append(m["peak_rss_mib"])
             print(f"round {round_ + 1}, {name}: {statistics.median(durations):.1f} s/step", flush=True)
@@ -98,7 +98,7 @@ def main() -> None:
         per_step = statistics.median(got["durations"])
         results[name] = dict(seconds_per_step=round(per_step, 2),
                              round_medians=[round(x, 2) for x in got["medians"]],
-                             tokens_per_s=round(statistics.mean(got["tokens"]) / per_step, 1),
+                             tokens_per_s=round(statistics.mean(got["tokens_per_step"]) / per_step, 1),
                              peak_anon_mib=round(max(got["anon"])), peak_rss_mib=round(max(got["rss"])),
                              epoch_minutes=round(per_step * epoch_steps / 60, 1))
         r = results[name]

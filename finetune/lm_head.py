@@ -140,7 +140,6 @@ def fused_head_for_cpu(trl_function):
 
     class FusedHead:
         ft_cpu = True
-        original = trl_function
 
         @staticmethod
         def apply(hidden, weight, bias, targets, temperature, chunk_size, softcap=None, logit_scale=1.0,

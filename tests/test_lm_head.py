@@ -146,7 +146,9 @@ def test_loss_and_lora_gradients_of_the_4bit_twin_match_trls_head(monkeypatch):
 
     from tests.test_gradients import twin_model
 
-    model, batch = twin_model("tiny-support.yaml", [])
+    model, batch = twin_model("tiny-support.yaml", ["quantization.cpu_dequantized_copies=true"])
+    head = model.get_output_embeddings().weight
+    assert getattr(head, "ft_keep_copy", False)  # loading marks the head where it keeps the 4-bit copies
     trl_utils.add_fused_lm_head(model.get_base_model(), outputs=OUTPUTS)
     original = trl_head()
     lm_head.score_only_trained_positions()
@@ -168,6 +170,7 @@ def test_loss_and_lora_gradients_of_the_4bit_twin_match_trls_head(monkeypatch):
     ft_fp32_loss, ft_fp32_grads = loss_and_grads(lm_head.fused_head_for_cpu(original), False)
     trl_loss, trl_grads = loss_and_grads(original, True)
     ft_loss, ft_grads = loss_and_grads(lm_head.fused_head_for_cpu(original), True)
+    assert head.ft_head_copy[1].dtype == torch.bfloat16  # the bf16 head was kept, not cast per call
     labelled = int((batch["labels"][:, 1:] != -100).sum())
     assert [rows[0] for rows in scored] == [labelled, labelled], scored  # only ft's runs, only labelled rows
     assert abs(ft_fp32_loss - fp32_loss) <= 1e-5 * abs(fp32_loss)
