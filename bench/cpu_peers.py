@@ -10,8 +10,11 @@ after the other, nothing else running:
   ft                       `ft train recipes/smollm2-support.yaml` as shipped (4-bit base, packing,
                            TRL's trainer, train.cpu_bf16 auto, kept dequantized copies), rehearsal
                            off so that every contender trains on the same rows
-  ft, TRL's loss head      the same with the loss scored by TRL's own LM head (bench/with_trls_head.py)
-                           instead of ft's CPU head (finetune/lm_head.py)
+  ft, TRL's loss head      the same with the loss scored by TRL's own LM head instead of ft's CPU
+                           head (finetune/lm_head.py; bench/ft_without.py loss-head)
+  ft, fp32 hand-back       the same with the 4-bit layers casting their bf16 product back to fp32
+                           as bitsandbytes does (finetune/dequantized.py; bench/ft_without.py
+                           bf16-hand-back)
   ft, no kept copies       the same with quantization.cpu_dequantized_copies=false: bitsandbytes
                            dequantizing every 4-bit weight in every forward and backward
   ft, 16-bit base          quantization.load_in_4bit=false: the plain loop's base, so its held-out
@@ -108,9 +111,10 @@ def main() -> None:
     measured(python("-m", "finetune", "train", str(recipe_path), "--output", str(work / "warm-up"),
                     "--set", "train.max_steps=2"))
     results = {}
-    ft, trls_head = ("-m", "finetune"), ("-m", "bench.with_trls_head")
+    ft, without = ("-m", "finetune"), ("-m", "bench.ft_without")
     for name, how, extra in (("ft", ft, []),
-                             ("ft, TRL's loss head", trls_head, []),
+                             ("ft, TRL's loss head", (*without, "loss-head"), []),
+                             ("ft, fp32 hand-back", (*without, "bf16-hand-back"), []),
                              ("ft, no kept copies", ft, ["--set", "quantization.cpu_dequantized_copies=false"]),
                              ("ft, 16-bit base", ft, ["--set", "quantization.load_in_4bit=false"])):
         out = work / name.replace(" ", "-").replace(",", "").replace("'", "")

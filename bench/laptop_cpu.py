@@ -11,8 +11,10 @@ demo's support tickets, `--steps` optimizer steps, one process at a time, nothin
                     4-bit weight in every forward and backward (train.cpu_bf16=false,
                     quantization.cpu_dequantized_copies=false), TRL's own LM head for the loss,
                     packing off (as the recipe ships)
-  TRL's loss head   as shipped, but the loss scored by TRL's LM head (bench/with_trls_head.py):
-                    what ft shipped before its CPU head (finetune/lm_head.py)
+  TRL's loss head   as shipped before ft's CPU head (finetune/lm_head.py): the loss scored by
+                    TRL's LM head, and the 4-bit layers handing back fp32 (bench/ft_without.py)
+  fp32 hand-back    as shipped before the 4-bit layers handed back their bf16 product under
+                    autocast (finetune/dequantized.py): they cast it to fp32, as bitsandbytes does
   as shipped        the recipe as it is (train.cpu_bf16 auto, kept copies auto, ft's CPU loss
                     head, packing off)
   as shipped, packing on   the same with train.packing=true: the packed path's memory
@@ -39,12 +41,13 @@ from finetune.run import RunDir
 SETTINGS = ["data.heldout_max=8", "data.max_length=512", "data.too_long=drop", "train.batch_size=4",
             "train.grad_accum=2", "lora.r=16", "lora.alpha=32", "train.save_steps=1000", "train.logging_steps=1",
             "eval.after_train=false", "train.rehearsal=0", "eval.batch_size=8"]
-TRLS_HEAD = ("-m", "bench.with_trls_head")
+WITHOUT = ("-m", "bench.ft_without")
 FT = ("-m", "finetune")
 # name → (how ft is started, the settings)
-CONFIGS = {"before": (TRLS_HEAD, ["train.cpu_bf16=false", "quantization.cpu_dequantized_copies=false",
-                                  "train.packing=false"]),
-           "TRL's loss head": (TRLS_HEAD, ["train.packing=false"]),
+CONFIGS = {"before": ((*WITHOUT, "loss-head"), ["train.cpu_bf16=false", "quantization.cpu_dequantized_copies=false",
+                                               "train.packing=false"]),
+           "TRL's loss head": ((*WITHOUT, "loss-head,bf16-hand-back"), ["train.packing=false"]),
+           "fp32 hand-back": ((*WITHOUT, "bf16-hand-back"), ["train.packing=false"]),
            "as shipped": (FT, ["train.packing=false"]),
            "as shipped, packing on": (FT, ["train.packing=true"])}
 

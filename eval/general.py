@@ -39,7 +39,8 @@ from finetune.data import is_categorical
 from finetune.errors import UserError
 from finetune.recipe import Recipe
 
-GENERAL_FORMAT = 2  # bump when the general section's scoring changes: cached base answers are redone
+GENERAL_FORMAT = 3  # bump when the general section's scoring or numerics change: cached base answers are redone
+# 3: the CPU 4-bit layers hand back bf16 under autocast (finetune/dequantized.py)
 ASKS_FOR_JSON = "json"  # the kind of general prompt that asks for JSON: left out of leakage
 
 

@@ -1,23 +1,29 @@
-"""Keep each frozen 4-bit weight's dequantized copy on a CPU, instead of dequantizing it in every
-forward and again in every backward.
+"""ft's forward for every frozen 4-bit layer on a CPU: the dequantized copy kept while RAM allows,
+and under bf16 autocast the bf16 product handed back as it comes.
 
 bitsandbytes' CPU path for a 4-bit linear layer (0.50: `_gemm_4bit_default_impl`, and
 `MatMul4Bit.backward`) dequantizes the whole weight to the input's dtype and calls
 `torch.nn.functional.linear`; the weight never changes (it is frozen), so the same numbers are
 computed on every call: on the demo that is 9% of a greedy-decoding step, and keeping them trains
-1.06× faster (bench/RESULTS.md 16). `DequantizedLinear4bit` computes them once and keeps them. The
+1.06× faster (bench/RESULTS.md 16). `DequantizedLinear4bit` computes them once and keeps them
+(loading.keep_dequantized_copies decides, preflight counts them; where they do not fit it calls
+bitsandbytes' own matmul, which dequantizes per call and keeps nothing for the backward). The
 layer stays a bitsandbytes Linear4bit (its 4-bit weight, quantization state, state dict and
 peft's wrapping are untouched: what the adapter is trained against and what export merges is the
-same 4-bit weight), only its forward reads the copy. tests/test_dequantized.py checks outputs and
-input gradients bit for bit against bitsandbytes' own path, in fp32 and under bf16 autocast.
+same 4-bit weight), only its forward differs.
 
 Under CPU bf16 autocast (train.cpu_bf16) `linear` casts its fp32 weight to bf16 on every call;
-the copy kept there is that bf16 cast (the same rounding, done once, half the memory).
+the copy kept there is that bf16 cast (the same rounding, done once, half the memory). And the
+product stays bf16, as nn.Linear's and peft's 16-bit layers hand it back under autocast:
+bitsandbytes casts it to the input's fp32, and peft's 4-bit LoRA wrapper then clones and adds in
+fp32, copies that were 1.14× of a micro-step at the 0.8B's shape (bench/RESULTS.md 17). Every
+CPU 4-bit layer takes this forward, copies kept or not, so a run's numbers never depend on how
+much RAM was free. tests/test_dequantized.py checks outputs and input gradients bit for bit
+against bitsandbytes' own path (in fp32, and under bf16 autocast before bitsandbytes' cast back).
 
 No library does this: bitsandbytes keeps only the packed weight by design (it exists to save
 memory), and its AVX512-BF16 inference kernel has no backward (loading.keep_4bit_layers_differentiable).
-It is written here as a forward of a few lines, and used only on a CPU where the copies fit in
-RAM (loading.keep_dequantized_copies decides, preflight counts them).
+It is written here as a forward of a few lines.
 """
 
 from __future__ import annotations
@@ -36,10 +42,11 @@ def copy_dtype(compute: torch.dtype) -> torch.dtype:
 
 
 class DequantizedLinear4bit(bnb.nn.Linear4bit):
-    """A Linear4bit whose forward multiplies by a kept dequantized copy of its frozen weight.
-    Mirrors Linear4bit.forward (0.50.2) on its non-packed path step by step."""
+    """A Linear4bit whose forward multiplies by a kept dequantized copy of its frozen weight (or,
+    with `_copies` None, by bitsandbytes' own dequantize-per-call matmul). Mirrors
+    Linear4bit.forward (0.50.2) on its non-packed path step by step, but for the final cast."""
 
-    _copies: dict
+    _copies: dict | None
 
     def dequantized(self, compute: torch.dtype) -> torch.Tensor:
         dtype = copy_dtype(compute)
@@ -68,7 +75,13 @@ class DequantizedLinear4bit(bnb.nn.Linear4bit):
             if bias.dtype != x.dtype:
                 bias.data = bias.data.to(x.dtype)
             bias = bias.to(self.compute_dtype)
-        return F.linear(x, self.dequantized(x.dtype), bias).to(inp_dtype)
+        if self._copies is None:
+            out = bnb.matmul_4bit(x, self.weight, bias=bias, quant_state=self.weight.quant_state)
+        else:
+            out = F.linear(x, self.dequantized(x.dtype), bias)
+        if torch.is_autocast_enabled("cpu"):  # as nn.Linear under autocast: the product in autocast's dtype
+            return out.to(torch.get_autocast_dtype("cpu"))
+        return out.to(inp_dtype)
 
 
 def four_bit_layers(model) -> list:
@@ -80,15 +93,14 @@ def copies_bytes(model, element_bytes: int) -> int:
     return sum(m.in_features * m.out_features for m in four_bit_layers(model)) * element_bytes
 
 
-def keep_copies(model) -> int:
-    """Switch every CPU 4-bit layer of `model` to DequantizedLinear4bit (copies made lazily, on
-    first use); returns how many."""
+def use_ft_forward(model, keep_copies: bool) -> int:
+    """Switch every CPU 4-bit layer of `model` to DequantizedLinear4bit, keeping copies (made
+    lazily, on first use) or not; returns how many."""
     count = 0
     for module in four_bit_layers(model):
         if module.weight.device.type != "cpu":
             continue
-        if not isinstance(module, DequantizedLinear4bit):
-            module.__class__ = DequantizedLinear4bit
-            module._copies = {}
+        module.__class__ = DequantizedLinear4bit
+        module._copies = {} if keep_copies else None
         count += 1
     return count

@@ -157,10 +157,11 @@ def load_base_model(recipe: Recipe, base: ResolvedBase, dtype=None):
     if not gpu and recipe.quantization.load_in_4bit:
         from finetune import dequantized
 
-        if keep_dequantized_copies(recipe, dequantized.copies_bytes(model, 4), available_ram()):
+        keep = keep_dequantized_copies(recipe, dequantized.copies_bytes(model, 4), available_ram())
+        dequantized.use_ft_forward(model, keep_copies=keep)
+        if keep:
             from finetune.lm_head import keep_head_copy
 
-            dequantized.keep_copies(model)
             keep_head_copy(model)
     return model
 

@@ -1,6 +1,6 @@
-"""The kept dequantized copies (finetune/dequantized.py) against bitsandbytes' own CPU path:
-outputs and input gradients bit for bit, in fp32 and under bf16 autocast, for every 4-bit
-format ft writes. The twin's LoRA gradients with the copies are checked against the fp32
+"""ft's CPU 4-bit forward (finetune/dequantized.py), copies kept or not, against bitsandbytes' own
+CPU path: outputs and input gradients bit for bit, in fp32 and under bf16 autocast (where ft hands
+back the bf16 product bitsandbytes casts to fp32), for every 4-bit format ft writes. The twin's LoRA gradients with the copies are checked against the fp32
 reference in tests/test_gradients.py, with and without them.
 
 What this cannot exercise here: bitsandbytes' GPU kernels (the copies are never kept on a GPU).
@@ -36,42 +36,50 @@ def output_and_input_gradient(layer, x: torch.Tensor, autocast: bool):
     return out.detach(), x.grad
 
 
+@pytest.mark.parametrize("keep", [True, False], ids=["kept-copy", "per-call"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("quant_type,double_quant,bias", [("nf4", True, False), ("nf4", False, True),
                                                           ("fp4", True, True)])
-def test_kept_copy_equals_bitsandbytes_bit_for_bit(quant_type, double_quant, bias, autocast):
-    from finetune.dequantized import DequantizedLinear4bit, keep_copies
+def test_ft_forward_equals_bitsandbytes_bit_for_bit(quant_type, double_quant, bias, autocast, keep):
+    """Under autocast the product is handed back in bf16, as nn.Linear does; bitsandbytes casts the
+    same bf16 product to fp32, so its values are ours exactly and the input gradients too."""
+    from finetune.dequantized import DequantizedLinear4bit, use_ft_forward
 
     layer = quantized_layer(quant_type, double_quant, bias)
     x = torch.randn(3, 7, 192)
     expected = output_and_input_gradient(layer, x, autocast)
-    assert keep_copies(torch.nn.Sequential(layer)) == 1 and isinstance(layer, DequantizedLinear4bit)
+    assert use_ft_forward(torch.nn.Sequential(layer), keep_copies=keep) == 1
+    assert isinstance(layer, DequantizedLinear4bit)
     got = output_and_input_gradient(layer, x, autocast)
-    assert got[0].dtype == expected[0].dtype
-    assert torch.equal(got[0], expected[0]), "forward differs from bitsandbytes' dequantize-and-matmul"
+    assert got[0].dtype == (torch.bfloat16 if autocast else expected[0].dtype)
+    assert torch.equal(got[0].to(expected[0].dtype), expected[0]), \
+        "forward differs from bitsandbytes' dequantize-and-matmul"
     assert torch.equal(got[1], expected[1]), "input gradient differs from bitsandbytes' backward"
-    kept = next(iter(layer._copies.values()))[1]
-    assert kept.dtype == (torch.bfloat16 if autocast else torch.float32)  # autocast's cast, done once
-    assert not kept.requires_grad
+    if keep:
+        kept = next(iter(layer._copies.values()))[1]
+        assert kept.dtype == (torch.bfloat16 if autocast else torch.float32)  # autocast's cast, done once
+        assert not kept.requires_grad
+    else:
+        assert layer._copies is None
 
 
 def test_no_grad_inference_equals_bitsandbytes():
-    from finetune.dequantized import keep_copies
+    from finetune.dequantized import use_ft_forward
 
     layer = quantized_layer("nf4", True, False).eval()
     x = torch.randn(5, 192)
     with torch.no_grad():
         expected = layer(x)
-        keep_copies(torch.nn.Sequential(layer))
+        use_ft_forward(torch.nn.Sequential(layer), keep_copies=True)
         assert torch.equal(layer(x), expected)
 
 
 def test_a_replaced_weight_is_dequantized_again():
     """peft's merge re-quantizes a 4-bit layer's weight into new storage: the old copy must go."""
-    from finetune.dequantized import keep_copies
+    from finetune.dequantized import use_ft_forward
 
     layer = quantized_layer("nf4", True, False)
-    keep_copies(torch.nn.Sequential(layer))
+    use_ft_forward(torch.nn.Sequential(layer), keep_copies=True)
     x = torch.randn(2, 192)
     with torch.no_grad():
         before = layer(x)

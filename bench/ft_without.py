@@ -1,0 +1,47 @@
+"""`ft train` with some of its CPU speed-ups switched off: the baselines the CPU benches compare
+ft with, in the same run.
+
+    python -m bench.ft_without SWITCH[,SWITCH...] train RECIPE [ft train's options]
+
+  loss-head       the loss scored by TRL's own LM head, not ft's CpuLogProbs (finetune/lm_head.py);
+                  TRL's compact path (labelled positions only) stays on: what is compared is the head
+  bf16-hand-back  the 4-bit layers cast their bf16 product back to fp32 under autocast, as
+                  bitsandbytes does (finetune/dequantized.py)
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def without_loss_head() -> None:
+    from finetune import lm_head
+
+    lm_head.fused_head_for_cpu = lambda trl_function: trl_function  # score_only_trained_positions installs this
+
+
+def without_bf16_hand_back() -> None:
+    from finetune.dequantized import DequantizedLinear4bit
+
+    ft_forward = DequantizedLinear4bit.forward
+    DequantizedLinear4bit.forward = lambda self, x: ft_forward(self, x).to(x.dtype)
+
+
+SWITCHES = {"loss-head": without_loss_head, "bf16-hand-back": without_bf16_hand_back}
+
+
+def main() -> None:
+    names = sys.argv[1].split(",")
+    unknown = [n for n in names if n not in SWITCHES]
+    if unknown:
+        sys.exit(f"unknown switch {unknown}: choose from {', '.join(SWITCHES)}")
+    for name in names:
+        SWITCHES[name]()
+    from finetune.cli import main as ft
+
+    sys.argv = ["ft", *sys.argv[2:]]
+    ft()
+
+
+if __name__ == "__main__":
+    main()
