@@ -139,6 +139,14 @@ def write_result(name: str, result: dict) -> Path:
     return path
 
 
+def per_cpu_kind(name: str) -> str:
+    """A CPU bench's result name: the figures of a CPU without native bf16 kept beside, not over,
+    those of one with it (the two take different paths: fp32 there, bf16 autocast here)."""
+    from finetune.loading import native_bf16_cpu
+
+    return name if native_bf16_cpu() else f"{name}_no_native_bf16"
+
+
 def cache_dir() -> Path:
     from finetune.run import cache_root
 

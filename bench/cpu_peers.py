@@ -17,6 +17,9 @@ after the other, nothing else running:
                            bf16-hand-back)
   ft, no kept copies       the same with quantization.cpu_dequantized_copies=false: bitsandbytes
                            dequantizing every 4-bit weight in every forward and backward
+  ft before issue 30       all of these off, LoRA weights in bf16 as TRL casts them, and fp32
+                           (train.cpu_bf16=false): what ft was before
+                           (on a CPU without native bf16, the floor: "never slower than today")
   ft, 16-bit base          quantization.load_in_4bit=false: the plain loop's base, so its held-out
                            loss is comparable with the loop's (a 4-bit base costs ~0.03 nats here)
   Unsloth CPU backend      bench/unsloth_cpu.py in Unsloth's own venv (UNSLOTH_FORCE_CPU=1), as its
@@ -45,7 +48,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import ROOT, machine, measured, python, table, write_result
+from bench.common import ROOT, machine, measured, per_cpu_kind, python, table, write_result
 from bench.real_model_train import bench_recipe, heldout_loss
 from finetune.run import RunDir
 
@@ -116,6 +119,8 @@ def main() -> None:
                              ("ft, TRL's loss head", (*without, "loss-head"), []),
                              ("ft, fp32 hand-back", (*without, "bf16-hand-back"), []),
                              ("ft, no kept copies", ft, ["--set", "quantization.cpu_dequantized_copies=false"]),
+                             ("ft before issue 30", (*without, "loss-head,bf16-hand-back,fp32-adapters"),
+                              ["--set", "quantization.cpu_dequantized_copies=false", "--set", "train.cpu_bf16=false"]),
                              ("ft, 16-bit base", ft, ["--set", "quantization.load_in_4bit=false"])):
         out = work / name.replace(" ", "-").replace(",", "").replace("'", "")
         m = measured(python(*how, "train", str(recipe_path), "--output", str(out), *extra))
@@ -189,7 +194,7 @@ def main() -> None:
     print("\nheld-out loss by seed: " + "; ".join(
         f"{name}: {', '.join(f'{x:.4f}' for x in v.values())} (mean {means[name]:.4f})" for name, v in seeds.items()))
     print(f"ft's mean minus the plain loop's: {means['ft'] - means['plain peft loop']:+.4f} nats")
-    print(f"\nwritten: {write_result('cpu_peers', record)}")
+    print(f"\nwritten: {write_result(per_cpu_kind('cpu_peers'), record)}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ ft with, in the same run.
                   TRL's compact path (labelled positions only) stays on: what is compared is the head
   bf16-hand-back  the 4-bit layers cast their bf16 product back to fp32 under autocast, as
                   bitsandbytes does (finetune/dequantized.py)
+  fp32-adapters   the LoRA weights left in bf16, as TRL's SFTTrainer casts them for a quantized
+                  model (finetune/train/trainer.keep_adapters_fp32)
 """
 
 from __future__ import annotations
@@ -27,7 +29,14 @@ def without_bf16_hand_back() -> None:
     DequantizedLinear4bit.forward = lambda self, x: ft_forward(self, x).to(x.dtype)
 
 
-SWITCHES = {"loss-head": without_loss_head, "bf16-hand-back": without_bf16_hand_back}
+def without_fp32_adapters() -> None:
+    from finetune.train import trainer
+
+    trainer.keep_adapters_fp32 = lambda model: 0
+
+
+SWITCHES = {"loss-head": without_loss_head, "bf16-hand-back": without_bf16_hand_back,
+            "fp32-adapters": without_fp32_adapters}
 
 
 def main() -> None:

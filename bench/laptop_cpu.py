@@ -15,6 +15,8 @@ demo's support tickets, `--steps` optimizer steps, one process at a time, nothin
                     TRL's LM head, and the 4-bit layers handing back fp32 (bench/ft_without.py)
   fp32 hand-back    as shipped before the 4-bit layers handed back their bf16 product under
                     autocast (finetune/dequantized.py): they cast it to fp32, as bitsandbytes does
+  bf16 adapters     as shipped before ft kept the LoRA weights fp32 on a CPU: TRL's SFTTrainer
+                    casts them to bf16 for a quantized model (finetune/train/trainer.py)
   as shipped        the recipe as it is (train.cpu_bf16 auto, kept copies auto, ft's CPU loss
                     head, packing off)
   as shipped, packing on   the same with train.packing=true: the packed path's memory
@@ -34,7 +36,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from bench.common import ROOT, machine, measured, python, table, write_result
+from bench.common import ROOT, machine, measured, per_cpu_kind, python, table, write_result
 from bench.full_size import QWEN35_0_8B, recipe_for, write_checkpoint
 from finetune.run import RunDir
 
@@ -44,10 +46,12 @@ SETTINGS = ["data.heldout_max=8", "data.max_length=512", "data.too_long=drop", "
 WITHOUT = ("-m", "bench.ft_without")
 FT = ("-m", "finetune")
 # name → (how ft is started, the settings)
-CONFIGS = {"before": ((*WITHOUT, "loss-head"), ["train.cpu_bf16=false", "quantization.cpu_dequantized_copies=false",
-                                               "train.packing=false"]),
-           "TRL's loss head": ((*WITHOUT, "loss-head,bf16-hand-back"), ["train.packing=false"]),
-           "fp32 hand-back": ((*WITHOUT, "bf16-hand-back"), ["train.packing=false"]),
+CONFIGS = {"before": ((*WITHOUT, "loss-head,fp32-adapters"), ["train.cpu_bf16=false",
+                                                             "quantization.cpu_dequantized_copies=false",
+                                                             "train.packing=false"]),
+           "TRL's loss head": ((*WITHOUT, "loss-head,bf16-hand-back,fp32-adapters"), ["train.packing=false"]),
+           "fp32 hand-back": ((*WITHOUT, "bf16-hand-back,fp32-adapters"), ["train.packing=false"]),
+           "bf16 adapters": ((*WITHOUT, "fp32-adapters"), ["train.packing=false"]),
            "as shipped": (FT, ["train.packing=false"]),
            "as shipped, packing on": (FT, ["train.packing=true"])}
 
@@ -109,7 +113,7 @@ def main() -> None:
                      r["tokens_per_s"], r["peak_anon_mib"], r["peak_rss_mib"], r["epoch_minutes"]])
     print(table(["", "s / step", "rounds", "real tok/s", "peak anon MiB", "peak RSS MiB",
                  f"epoch of {tickets} tickets, min"], rows))
-    print(f"\nwritten: {write_result('laptop_cpu', {'machine': machine(), 'cpu': flags, 'steps': args.steps, 'repeat': args.repeat, 'results': results})}")
+    print(f"\nwritten: {write_result(per_cpu_kind('laptop_cpu'), {'machine': machine(), 'cpu': flags, 'steps': args.steps, 'repeat': args.repeat, 'results': results})}")
 
 
 if __name__ == "__main__":

@@ -223,7 +223,7 @@ def memory_estimate(recipe, text_config, params: int, embed: int, lora: int, gpu
     activations = tokens * hidden * layers * (4 if checkpointing else 34) * (dense_bytes // 2)
     # Adapters with AdamW: weight, gradient and two moments. On a GPU TRL casts a quantized
     # model's trainable parameters to bf16, and torch's AdamW keeps its moments in the parameter's
-    # dtype: 8 bytes a parameter; fp32 on a CPU: 16.
+    # dtype: 8 bytes a parameter; fp32 on a CPU (ft casts them back, train/trainer.keep_adapters_fp32): 16.
     return Memory(weights, activations, logits, process, lora * (8 if gpu else 16))
 
 

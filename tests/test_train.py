@@ -90,6 +90,11 @@ def test_training_lowers_heldout_loss_and_writes_run_folder(tmp_path, base):
     assert (run.checkpoints / "checkpoint-12" / "trainer_state.json").is_file()
     adapter = json.loads((run.adapter / "adapter_config.json").read_text())
     assert adapter["r"] == 16 and set(adapter["target_modules"]) == set(prep_targets(base))
+    # a 4-bit base: TRL's SFTTrainer casts its adapters to bf16, on a CPU ft trains them in fp32
+    # (finetune/train/trainer.keep_adapters_fp32); what was trained is what was saved
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(str(run.adapter / "adapter_model.safetensors")).values()} == {torch.float32}
 
 
 def prep_targets(base: str):

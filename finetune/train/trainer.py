@@ -141,7 +141,28 @@ def make_trainer(model, args, prep: Prepared, train_ds, heldout_ds, callbacks, p
     trainer = SafeTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=heldout_ds,
                           processing_class=prep.tokenizer, callbacks=callbacks, data_collator=collator)
     trainer.remove_callback(PrinterCallback)  # logs go to metrics.jsonl and the progress bar
+    if not on_gpu():
+        keep_adapters_fp32(trainer.model)
     return trainer
+
+
+def keep_adapters_fp32(model) -> int:
+    """Cast the trainable weights back to fp32 on a CPU; returns how many were not.
+
+    TRL 1.16's SFTTrainer casts a quantized model's trainable weights to bf16 (the QLoRA paper's
+    choice, made for GPUs) on any device and whatever `bf16` says. On a CPU that made every LoRA
+    matmul a bf16 one, emulated where the CPU has no native bf16 (a third of a step at the 0.8B's
+    shape on an AVX2 EPYC, bench/RESULTS.md 18), and AdamW update bf16 weights everywhere. On a CPU
+    ft trains adapters in fp32, as its 16-bit-base runs always did; bf16 autocast
+    (train.cpu_bf16) still multiplies them in bf16 where the CPU has it natively."""
+    import torch
+
+    cast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+            cast += 1
+    return cast
 
 
 def restore_finished(trainer, checkpoint: Path):
