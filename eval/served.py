@@ -218,9 +218,11 @@ def likely_cause(gguf: Generation, served: Generation, end_of_turn: list[str]) -
     if common == 0:
         return ("different from the first word: the server rendered another prompt (its template, or a "
                 "system message it adds)")
+    # ft's GGUF column runs the kernels and the prompt batch a default server runs here (export/llama.py):
+    # what numerics remain come from the server's settings or its reuse of the previous request's prefix
     return ("the same start, then apart: a sampling option the server adds (repeat penalty, temperature) "
-            "or other numerics (llama.cpp's results depend on its CPU kernels, the prompt's batch size and "
-            "the prefix a server reuses from the previous request)")
+            "or numerics (llama.cpp's results depend on how many prompt tokens it evaluates at once: a "
+            "server batch other than 512, or the prefix a server reuses from the previous request)")
 
 
 def divergence(items: list[Item], gguf: list[Generation], served: list[Generation], end_of_turn: list[str],

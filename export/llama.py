@@ -68,15 +68,35 @@ def server_cpu_kernels():
     return default_params("llama_model_default_params", use_extra_bufts=False)
 
 
+# How many prompt tokens llama.cpp evaluates at once decides its float results (its kernels differ
+# by batch size), and greedy answers part at near-ties: the demo's file answered 5 of 16 held-out
+# prompts differently evaluated in 64-token pieces than in one piece, as a server evaluates them.
+# Answers are generated with the batch a server uses (Ollama's num_batch, llama-server's and
+# llama-cpp-python's n_ubatch: 512), so `ft eval --gguf` and `ft chat` answer as a default
+# server does. Scores over every position take 64 at a time: llama.cpp keeps an output buffer
+# of batch × vocabulary floats, 63 MB for a 248k vocabulary instead of 500 MB.
+SERVER_BATCH = 512
+SCORING_BATCH = 64
+
+
+@contextlib.contextmanager
+def last_logits_only(llm):
+    """Ask llama.cpp for the last position's logits only (a prompt before generation). llama-cpp-
+    python takes the choice at construction (`logits_all`) and reads this attribute per batch."""
+    llm._logits_all = False
+    try:
+        yield
+    finally:
+        llm._logits_all = True
+
+
 class GGUFModel:
     def __init__(self, path: Path, n_ctx: int = 2048, log: Path | None = None, vocab_only: bool = False):
         from llama_cpp import Llama
 
         self.log = log
         with native_log(log), server_cpu_kernels():
-            # n_batch 64: llama.cpp's output buffers are n_batch × vocabulary floats, 63 MB each for
-            # a 248k vocabulary instead of 500 MB at 512; prompt processing is no slower on a CPU.
-            self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 64), logits_all=True,
+            self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, SERVER_BATCH), logits_all=True,
                              vocab_only=vocab_only, verbose=False, n_threads=os.cpu_count())
         self.n_ctx = n_ctx
 
@@ -98,22 +118,28 @@ class GGUFModel:
         """[len(ids), n_vocab] logits, position t predicting token t+1."""
         with native_log(self.log):
             self.llm.reset()
-            self.llm.eval(ids)
+            for start in range(0, len(ids), SCORING_BATCH):
+                self.llm.eval(ids[start:start + SCORING_BATCH])
         return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
 
     def tokens(self, prompt: list[int], max_new_tokens: int, stop_ids: set[int]):
         """Greedy decoding, one token at a time (a stop token is yielded, then nothing more)."""
+        from llama_cpp import llama_get_logits_ith
+
         with native_log(self.log):
             self.llm.reset()
-            self.llm.eval(prompt)
+            with last_logits_only(self.llm):  # the prompt in one server-sized batch, one output row
+                self.llm.eval(prompt)
+            logits = np.ctypeslib.as_array(llama_get_logits_ith(self.llm.ctx, -1), shape=(self.llm.n_vocab(),))
             for _ in range(max_new_tokens):
                 if self.llm.n_tokens >= self.n_ctx:
                     return
-                token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+                token = int(np.argmax(logits))
                 yield token
                 if token in stop_ids:
                     return
                 self.llm.eval([token])
+                logits = self.llm.scores[self.llm.n_tokens - 1]
 
     def generate(self, prompt: list[int], max_new_tokens: int, stop_ids: set[int]) -> tuple[list[int], bool]:
         """Greedy decoding; (new tokens, ended with a stop token)."""

@@ -24,6 +24,7 @@ import json
 import shutil
 import subprocess
 import sys
+import urllib.request
 
 import numpy as np
 import pytest
@@ -332,21 +333,23 @@ def ollama_options(modelfile: str, drop: tuple[str, ...] = ()) -> dict:
     return options
 
 
-def test_a_real_server_answers_near_what_ft_evaluated_and_the_report_says_where_not(exported):
+def test_a_real_server_answers_what_ft_evaluated_and_the_report_says_where_not(exported):
     """`ft eval --served` on the README's demo: the shipped file behind llama-cpp-python's
     OpenAI-compatible server (the pinned llama.cpp), asked as an application asks (chat API, the
-    job's system message, temperature 0). Measured on the 60-step demo (AVX512 EPYC): with the
-    server's own default repeat penalty (1.1) 13 of 60 answers differ from the GGUF column's;
-    with it off in the request (`--request-field repeat_penalty=1`, what ft's Modelfile sets for
-    Ollama) 6 still do, by numerics alone: llama.cpp's float results depend on the prompt's batch
-    size and on the prefix the server reuses from the previous request, and greedy decoding flips
-    at near-ties (a fresh llama.cpp context with the same settings gives the GGUF column's answer).
-    Checked: the penalty accounts for part of the divergence, what remains is reported as the same
-    start then apart, and the task metrics that decide shipping (valid JSON, clean stops) hold."""
+    job's system message, temperature 0). The server's own default repeat penalty (1.1) changes
+    answers, and the report says they start as the file's, then part. With it off in the request
+    (`--request-field repeat_penalty=1`, what ft's Modelfile sets for Ollama) the server answers as
+    ft's GGUF column: on the 12-step run here (AVX512 EPYC) 9 and 0 of 16 differ. The one cause
+    left is numerics of the server's own making, the prefix it reuses from the previous request
+    (llama.cpp's float results depend on how many tokens it evaluates at once): any answer that
+    still differs must be the column's when asked alone of a fresh server. Before the column
+    evaluated prompts in one server-sized batch (export/llama.SERVER_BATCH), 3 to 5 of these 16
+    differed with the penalty off, all of them the column's answer at 64 tokens a batch."""
     from tests.conftest import start_server
 
     run, _ = exported
-    proc, url = start_server(run.export_dir / "smollm2-support-q4_k_m.gguf")
+    shipped = run.export_dir / "smollm2-support-q4_k_m.gguf"
+    proc, url = start_server(shipped)
     reports = {}
     try:
         for name, extra in (("default", []), ("no penalty", ["--request-field", "repeat_penalty=1"])):
@@ -358,9 +361,22 @@ def test_a_real_server_answers_near_what_ft_evaluated_and_the_report_says_where_
         proc.kill()
         proc.wait()
     default, plain = (reports[k]["served"]["divergence"] for k in ("default", "no penalty"))
-    assert default["differ"] >= plain["differ"], (default["differ"], plain["differ"])
-    assert plain["differ"] <= default["total"] // 4, plain
-    assert all("the same start, then apart" in e["likely_cause"] for e in plain["examples"]), plain["examples"]
+    assert default["differ"] > plain["differ"], (default["differ"], plain["differ"])
+    assert all("the same start, then apart" in e["likely_cause"] for e in default["examples"]), default["examples"]
+    predictions = [json.loads(line) for line in (run.eval_dir / "predictions.jsonl").open()]
+    apart = [p for p in predictions if p["outputs"]["served"] != p["outputs"]["gguf"]]
+    assert len(apart) == plain["differ"]
+    for row in apart:  # each alone, on a fresh server: no prefix to reuse
+        proc, url = start_server(shipped)
+        body = {"messages": row["prompt"], "temperature": 0, "max_tokens": 48, "repeat_penalty": 1}
+        request = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        try:
+            answer = json.loads(urllib.request.urlopen(request, timeout=300).read())
+        finally:
+            proc.kill()
+            proc.wait()
+        assert answer["choices"][0]["message"]["content"].strip() == row["outputs"]["gguf"]["text"], row["where"]
     metrics = {m["name"]: m["values"] for m in reports["no penalty"]["metrics"]}
     for name in ("json_valid", "clean_stop"):
         assert metrics[name]["served"] == metrics[name]["gguf"], (name, metrics[name])
