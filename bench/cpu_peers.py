@@ -131,9 +131,10 @@ def main() -> None:
         # returns (runner.finish), outside it already
         seconds = summary.train_runtime_s - sum(evaluations[:-1])
         four_bit = "load_in_4bit=false" not in " ".join(extra)
+        precision = "fp32" if "train.cpu_bf16=false" in extra else ft_precision
         results[name] = dict(runtime=seconds, tokens=int(run.trained_tokens()), rss=m["peak_rss_mib"],
                              wall=m["wall_s"], adapter=out / "adapter", four_bit=four_bit,
-                             precision=ft_precision + (", 4-bit base" if four_bit else ", fp32 base"))
+                             precision=precision + (", 4-bit base" if four_bit else ", fp32 base"))
         print(f"{name}: {seconds:.1f} s", flush=True)
 
     m = measured([str(unsloth), str(ROOT / "bench" / "unsloth_cpu.py"), str(pc), base.path, str(work / "unsloth"),
