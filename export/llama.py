@@ -69,8 +69,8 @@ def server_cpu_kernels():
 
 
 # How many prompt tokens llama.cpp evaluates at once decides its float results (its kernels differ
-# by batch size), and greedy answers part at near-ties: the demo's file answered 5 of 16 held-out
-# prompts differently evaluated in 64-token pieces than in one piece, as a server evaluates them.
+# by batch size), and greedy answers part at near-ties: a 12-step SmolLM2 run's Q4_K_M file answered
+# 5 of 16 held-out prompts differently in 64-token pieces than in one piece, as a server evaluates them.
 # Answers are generated with the batch a server uses (Ollama's num_batch, llama-server's and
 # llama-cpp-python's n_ubatch: 512), so `ft eval --gguf` and `ft chat` answer as a default
 # server does. Scores over every position take 64 at a time: llama.cpp keeps an output buffer
@@ -83,11 +83,11 @@ SCORING_BATCH = 64
 def last_logits_only(llm):
     """Ask llama.cpp for the last position's logits only (a prompt before generation). llama-cpp-
     python takes the choice at construction (`logits_all`) and reads this attribute per batch."""
-    llm._logits_all = False
+    constructed, llm._logits_all = llm._logits_all, False
     try:
         yield
     finally:
-        llm._logits_all = True
+        llm._logits_all = constructed
 
 
 class GGUFModel:
@@ -130,16 +130,15 @@ class GGUFModel:
             self.llm.reset()
             with last_logits_only(self.llm):  # the prompt in one server-sized batch, one output row
                 self.llm.eval(prompt)
-            logits = np.ctypeslib.as_array(llama_get_logits_ith(self.llm.ctx, -1), shape=(self.llm.n_vocab(),))
             for _ in range(max_new_tokens):
                 if self.llm.n_tokens >= self.n_ctx:
                     return
-                token = int(np.argmax(logits))
+                last = llama_get_logits_ith(self.llm.ctx, -1)  # the last evaluated position's row
+                token = int(np.argmax(np.ctypeslib.as_array(last, shape=(self.llm.n_vocab(),))))
                 yield token
                 if token in stop_ids:
                     return
                 self.llm.eval([token])
-                logits = self.llm.scores[self.llm.n_tokens - 1]
 
     def generate(self, prompt: list[int], max_new_tokens: int, stop_ids: set[int]) -> tuple[list[int], bool]:
         """Greedy decoding; (new tokens, ended with a stop token)."""
