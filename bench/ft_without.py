@@ -35,8 +35,37 @@ def without_fp32_adapters() -> None:
     trainer.keep_adapters_fp32 = lambda model: 0
 
 
+def without_freed_memory() -> None:
+    from finetune import allocator
+
+    allocator.keep_freed_memory = lambda: False
+
+
+def without_delta_rule() -> None:
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as qwen
+
+    from finetune.train import packing
+
+    library = qwen.torch_chunk_gated_delta_rule  # as imported, before ft wraps it
+    ft_rule = packing.chunk_gated_delta_rule
+
+    def rule(query, key, value, g, beta, segment=None, chunk_size=64, l2norm=True):
+        if segment is not None:
+            return ft_rule(query, key, value, g, beta, segment, chunk_size, l2norm)
+        return library(query, key, value, g=g, beta=beta, chunk_size=chunk_size, use_qk_l2norm_in_kernel=l2norm)[0]
+
+    packing.chunk_gated_delta_rule = rule
+
+
+def without_conv() -> None:
+    from finetune.train import packing
+
+    packing.cpu_causal_conv1d = lambda hidden_states, weight, bias, activation: None  # the caller's original
+
+
 SWITCHES = {"loss-head": without_loss_head, "bf16-hand-back": without_bf16_hand_back,
-            "fp32-adapters": without_fp32_adapters}
+            "fp32-adapters": without_fp32_adapters, "freed-memory": without_freed_memory,
+            "delta-rule": without_delta_rule, "conv": without_conv}
 
 
 def main() -> None:

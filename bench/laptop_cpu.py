@@ -1,22 +1,32 @@
 """The laptop recipe's training at Qwen3.5-0.8B's full shape on this CPU: before and after.
 
-    python -m bench.laptop_cpu [--steps 4]
+    python -m bench.laptop_cpu [--steps 4] [--repeat 2] [--configs NAME ...] [--set KEY=VALUE ...]
 
 A 0.8B-shaped checkpoint (the published config, random bf16 weights, the hub layout; written by
-bench/full_size.py's writer) trained at recipes/laptop-qwen3.5-0.8b.yaml's settings (batch 4 ×
-accumulation 2, max_length 512, LoRA r 16, gradient checkpointing as preflight decides), on the
-demo's support tickets, `--steps` optimizer steps, one process at a time, nothing else running:
+bench/full_size.py's writer) trained by recipes/laptop-qwen3.5-0.8b.yaml itself (its system
+prompt, batch 4 × accumulation 2, max_length 512, LoRA r 16 and dropout; gradient checkpointing as
+preflight decides), pointed at that checkpoint, on the demo's support tickets, `--steps`
+optimizer steps, one process at a time, nothing else running. The configs: the recipe as
+shipped, and as ft or the recipe were before one change or several (the older ones with the
+recipe's dropout of then, 0.05):
 
   before            what ft did before issue 30: fp32 matmuls, bitsandbytes dequantizing every
                     4-bit weight in every forward and backward (train.cpu_bf16=false,
                     quantization.cpu_dequantized_copies=false), TRL's own LM head for the loss,
-                    packing off (as the recipe ships)
-  TRL's loss head   as shipped before ft's CPU head (finetune/lm_head.py): the loss scored by
-                    TRL's LM head, and the 4-bit layers handing back fp32 (bench/ft_without.py)
-  fp32 hand-back    as shipped before the 4-bit layers handed back their bf16 product under
-                    autocast (finetune/dequantized.py): they cast it to fp32, as bitsandbytes does
-  bf16 adapters     as shipped before ft kept the LoRA weights fp32 on a CPU: TRL's SFTTrainer
-                    casts them to bf16 for a quantized model (finetune/train/trainer.py)
+                    and everything below
+  TRL's loss head   the loss scored by TRL's LM head, not ft's (finetune/lm_head.py), the 4-bit
+                    layers handing back fp32, and everything below
+  fp32 hand-back    the 4-bit layers casting their bf16 product to fp32 under autocast, as
+                    bitsandbytes does (finetune/dequantized.py), and everything below
+  bf16 adapters     TRL's cast of the LoRA weights to bf16 for a quantized model left in place
+                    (finetune/train/trainer.py), and everything below
+  previous          as shipped before RESULTS 19: the recipe's LoRA dropout at 0.05, glibc's malloc
+                    unmapping every large freed block (finetune/allocator.py), transformers' delta
+                    rule and causal conv (finetune/train/linear_attention.py)
+  dropout 0.05      as shipped, with the recipe's LoRA dropout at 0.05
+  freed memory returned   as shipped, with glibc's malloc at its defaults
+  library delta rule      as shipped, with transformers' PyTorch delta rule on padded batches
+  library conv      as shipped, with transformers' PyTorch causal conv on padded batches
   as shipped        the recipe as it is (train.cpu_bf16 auto, kept copies auto, ft's CPU loss
                     head, packing off)
   as shipped, packing on   the same with train.packing=true: the packed path's memory
@@ -32,28 +42,42 @@ anonymous memory of the process, and what the recipe's whole epoch would take at
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import tempfile
 from pathlib import Path
 
 from bench.common import ROOT, machine, measured, per_cpu_kind, python, table, write_result
-from bench.full_size import QWEN35_0_8B, recipe_for, write_checkpoint
+from bench.full_size import QWEN35_0_8B, write_checkpoint
 from finetune.run import RunDir
 
-SETTINGS = ["data.heldout_max=8", "data.max_length=512", "data.too_long=drop", "train.batch_size=4",
-            "train.grad_accum=2", "lora.r=16", "lora.alpha=32", "train.save_steps=1000", "train.logging_steps=1",
+SETTINGS = ["data.heldout_max=8", "data.too_long=drop", "train.save_steps=1000", "train.logging_steps=1",
             "eval.after_train=false", "train.rehearsal=0", "eval.batch_size=8"]
 WITHOUT = ("-m", "bench.ft_without")
 FT = ("-m", "finetune")
+EARLIER = ["train.packing=false", "lora.dropout=0.05"]  # the recipe before RESULTS 19
 # name → (how ft is started, the settings)
-CONFIGS = {"before": ((*WITHOUT, "loss-head,fp32-adapters"), ["train.cpu_bf16=false",
-                                                             "quantization.cpu_dequantized_copies=false",
-                                                             "train.packing=false"]),
-           "TRL's loss head": ((*WITHOUT, "loss-head,bf16-hand-back,fp32-adapters"), ["train.packing=false"]),
-           "fp32 hand-back": ((*WITHOUT, "bf16-hand-back,fp32-adapters"), ["train.packing=false"]),
-           "bf16 adapters": ((*WITHOUT, "fp32-adapters"), ["train.packing=false"]),
+CONFIGS = {"before": ((*WITHOUT, "loss-head,fp32-adapters,freed-memory,delta-rule,conv"),
+                      ["train.cpu_bf16=false", "quantization.cpu_dequantized_copies=false", *EARLIER]),
+           "TRL's loss head": ((*WITHOUT, "loss-head,bf16-hand-back,fp32-adapters,freed-memory,delta-rule,conv"), EARLIER),
+           "fp32 hand-back": ((*WITHOUT, "bf16-hand-back,fp32-adapters,freed-memory,delta-rule,conv"), EARLIER),
+           "bf16 adapters": ((*WITHOUT, "fp32-adapters,freed-memory,delta-rule,conv"), EARLIER),
+           "previous": ((*WITHOUT, "freed-memory,delta-rule,conv"), EARLIER),
+           "dropout 0.05": (FT, EARLIER),
+           "freed memory returned": ((*WITHOUT, "freed-memory"), ["train.packing=false"]),
+           "library delta rule": ((*WITHOUT, "delta-rule"), ["train.packing=false"]),
+           "library conv": ((*WITHOUT, "conv"), ["train.packing=false"]),
            "as shipped": (FT, ["train.packing=false"]),
            "as shipped, packing on": (FT, ["train.packing=true"])}
+
+
+def laptop_recipe_at(work: Path, base: Path) -> Path:
+    """recipes/laptop-qwen3.5-0.8b.yaml with its base pointed at the written checkpoint."""
+    text = (ROOT / "recipes" / "laptop-qwen3.5-0.8b.yaml").read_text()
+    text = re.sub(r"^  base: \S+", f"  base: {base}", text, count=1, flags=re.M)
+    path = work / "laptop.yaml"
+    path.write_text(text.replace("../datasets", str(ROOT / "datasets")))
+    return path
 
 
 def step_times(run: RunDir) -> tuple[list[float], float]:
@@ -69,6 +93,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=1, help="rounds of every config, interleaved")
     ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a recipe setting for every config (e.g. train.gradient_checkpointing=true)")
     args = ap.parse_args()
     import torch
 
@@ -78,11 +104,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="ft-bench-laptop-"))
     base = work / "qwen3.5-0.8b"
     write_checkpoint(base, "tiny-qwen3.5-tied-hub", QWEN35_0_8B, None)
-    recipe = recipe_for(work, base, "laptop-bench")
+    recipe = laptop_recipe_at(work, base)
     tickets = len((ROOT / "datasets" / "support" / "train.jsonl").read_text().splitlines())
     epoch_steps = -(-tickets // (laptop.train.batch_size * laptop.train.grad_accum))
     flags = {"avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()), "amx": bool(torch.cpu._is_amx_tile_supported())}
-    print(f"machine: {machine()}\nCPU bf16: {flags}\n0.8B shape, {args.steps} steps of 4 × 2, max_length 512\n",
+    print(f"machine: {machine()}\nCPU bf16: {flags}\n0.8B shape, the laptop recipe, {args.steps} steps\n",
           flush=True)
     seen = {name: dict(durations=[], medians=[], tokens_per_step=[], anon=[], rss=[]) for name in args.configs}
     for round_ in range(args.repeat):
@@ -90,7 +116,7 @@ def main() -> None:
             how, extra = CONFIGS[name]
             out = work / f"{name}-{round_}".replace(" ", "-").replace(",", "").replace("'", "")
             sets = [x for s in [*SETTINGS, f"train.max_steps={args.steps}", f"data.limit={args.steps * 8 + 8}",
-                                *extra] for x in ("--set", s)]
+                                *extra, *args.set] for x in ("--set", s)]
             m = measured(python(*how, "train", str(recipe), "--output", str(out), *sets))
             durations, tokens_per_step = step_times(RunDir(out))
             got = seen[name]
@@ -113,7 +139,7 @@ def main() -> None:
                      r["tokens_per_s"], r["peak_anon_mib"], r["peak_rss_mib"], r["epoch_minutes"]])
     print(table(["", "s / step", "rounds", "real tok/s", "peak anon MiB", "peak RSS MiB",
                  f"epoch of {tickets} tickets, min"], rows))
-    print(f"\nwritten: {write_result(per_cpu_kind('laptop_cpu'), {'machine': machine(), 'cpu': flags, 'steps': args.steps, 'repeat': args.repeat, 'results': results})}")
+    print(f"\nwritten: {write_result(per_cpu_kind('laptop_cpu'), {'machine': machine(), 'cpu': flags, 'steps': args.steps, 'repeat': args.repeat, 'settings': args.set, 'results': results})}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from finetune import logs
+from finetune import allocator, logs
 from finetune.errors import (EXIT_GATE_FAILED, EXIT_INTERNAL_ERROR, EXIT_USER_ERROR, EXIT_VERIFY_FAILED,
                              GateFailed, Interrupted, UserError, VerifyFailed)
 
@@ -69,7 +69,7 @@ def train(
     import gc
 
     gc.collect()  # the trained model (trainer, callbacks and model refer to each other) before eval loads another
-    release_freed_memory()
+    allocator.release_freed_memory()
     start, end = summary.heldout_loss_start, summary.heldout_loss_end
     if end is None:  # a sharded run finished from its last checkpoint (runner.finish)
         out.print("held-out loss after training: not measured on this resume (ft eval measures it)")
@@ -78,20 +78,6 @@ def train(
     out.print(f"adapter: {run.adapter}")
     if loaded.eval.after_train:
         _evaluate(run)
-
-
-def release_freed_memory() -> None:
-    """Hand memory Python has freed back to the system. glibc keeps freed heap pages after a large
-    model is released (its mmap threshold rises as big blocks are freed), so the evaluation that
-    `ft train` runs next would stack its model on top of the trained one's pages: the 0.8B's
-    `ft train` peaked at 5.4 GiB where training took 3.1 (bench/RESULTS.md 10)."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    if libc is not None and hasattr(libc, "malloc_trim"):  # glibc only; elsewhere nothing to do
-        libc.malloc_trim(0)
 
 
 def _eval_can_run(recipe, splits) -> str:

@@ -229,7 +229,8 @@ def test_gated_deltanet_pieces_restart_at_every_sequence():
     random inputs of the 9B's head layout; the library's own functions on the packed row leak."""
     from transformers.models.qwen3_5 import modeling_qwen3_5 as qwen
 
-    from finetune.train.packing import chunk_gated_delta_rule_segments, segment_causal_conv1d
+    from finetune.train.linear_attention import chunk_gated_delta_rule
+    from finetune.train.packing import segment_causal_conv1d
 
     segment_aware_linear_attention()
     torch.manual_seed(0)
@@ -242,14 +243,14 @@ def test_gated_deltanet_pieces_restart_at_every_sequence():
     beta = torch.rand(1, total, 4)
     segment = torch.repeat_interleave(torch.arange(4), torch.tensor(lengths))[None]
     one_by_one = torch.cat([
-        chunk_gated_delta_rule_segments(*(x[:, a:b] for x in (q, k, v, g, beta)), torch.zeros(1, b - a, dtype=torch.long))
+        chunk_gated_delta_rule(*(x[:, a:b] for x in (q, k, v, g, beta)), torch.zeros(1, b - a, dtype=torch.long))
         for a, b in zip(starts[:-1].tolist(), starts[1:].tolist())], dim=1)
-    packed = chunk_gated_delta_rule_segments(q, k, v, g, beta, segment)
+    packed = chunk_gated_delta_rule(q, k, v, g, beta, segment)
     torch.testing.assert_close(packed, one_by_one, rtol=1e-4, atol=1e-5)
     # one sequence, no boundary: identical to transformers' own implementation
     reference, _ = pytorch_of(qwen._ft_originals[1])(*at_value_heads(q, k, v), v, g=g, beta=beta,
                                                     use_qk_l2norm_in_kernel=True)
-    torch.testing.assert_close(chunk_gated_delta_rule_segments(q, k, v, g, beta, torch.zeros_like(segment)),
+    torch.testing.assert_close(chunk_gated_delta_rule(q, k, v, g, beta, torch.zeros_like(segment)),
                                reference, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(reference, one_by_one, atol=1e-3)  # without boundaries, state leaks
 

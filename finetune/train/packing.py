@@ -22,7 +22,8 @@ functions. On CUDA tensors, when the fast kernels are installed (flash-linear-at
 causal-conv1d; see `VarlenKernels`), it calls their variable-length entry points: fla's chunked
 delta rule with `cu_seqlens` over the batch flattened to one row (fla takes cu_seqlens only for a
 batch of one), causal-conv1d with a `seq_idx` per position. Otherwise it runs ft's PyTorch
-versions below, written by hand because no library has a boundary-aware CPU version. Neither path
+versions (the conv below, the delta rule in finetune/train/linear_attention.py), written by hand
+because no library has a boundary-aware CPU version. Neither path
 reads a device value on the host per layer (fla computes its chunk index once per forward and
 caches it by tensor identity; every layer gets the same cu_seqlens tensor).
 tests/test_packing.py proves that packed and unpacked losses and gradients agree to fp32 tolerance
@@ -36,6 +37,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from finetune.train.linear_attention import chunk_gated_delta_rule, cpu_causal_conv1d
 
 IGNORE = -100
 REAL_TOKENS = "ft_real_tokens"
@@ -150,11 +153,13 @@ def _segment_ids(cu_seqlens: torch.Tensor, batch: int, length: int) -> torch.Ten
 
 
 def segment_causal_conv1d(original, kernels: VarlenKernels = VarlenKernels()):
-    """causal_conv1d_fn whose window stops at each sequence start (as zero padding would)."""
+    """causal_conv1d_fn whose window stops at each sequence start (as zero padding would); on a
+    CPU it also takes a padded batch's training calls to ft's conv."""
 
     def conv(hidden_states, weight, bias=None, activation=None, cu_seq_lens_q=None, **kwargs):
-        if cu_seq_lens_q is None:
-            return original(hidden_states, weight, bias, activation=activation, **kwargs)
+        if cu_seq_lens_q is None:  # a padded batch: ft's conv in a CPU training step, else the original
+            out = cpu_causal_conv1d(hidden_states, weight, bias, activation)
+            return out if out is not None else original(hidden_states, weight, bias, activation=activation, **kwargs)
         batch, _, length = hidden_states.shape  # [batch, channels, length]
         segment = _segment_ids(cu_seq_lens_q, batch, length)
         if kernels.serve(kernels.conv, hidden_states):
@@ -204,11 +209,15 @@ def varlen_conv1d(kernel, x, weight, bias, activation, segment):
 
 
 def segment_delta_rule(original, kernels: VarlenKernels = VarlenKernels()):
-    """chunk_gated_delta_rule that restarts from a zero state at every sequence start."""
+    """chunk_gated_delta_rule that restarts from a zero state at every sequence start; on a CPU
+    it also takes a padded batch's stateless calls (training, the held-out loss) to ft's rule."""
 
     def rule(query, key, value, g, beta, cu_seqlens=None, initial_state=None, output_final_state=False,
              use_qk_l2norm_in_kernel=False, chunk_size=64, **kwargs):
-        if cu_seqlens is None or initial_state is not None or output_final_state:
+        stateless = initial_state is None and not output_final_state
+        if cu_seqlens is None and stateless and query.device.type == "cpu":  # a padded batch on a CPU
+            return chunk_gated_delta_rule(query, key, value, g, beta, None, chunk_size, use_qk_l2norm_in_kernel), None
+        if cu_seqlens is None or not stateless:
             return original(query, key, value, g=g, beta=beta, cu_seqlens=cu_seqlens, initial_state=initial_state,
                             output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
                             chunk_size=chunk_size, **kwargs)
@@ -216,8 +225,7 @@ def segment_delta_rule(original, kernels: VarlenKernels = VarlenKernels()):
             return varlen_delta_rule(kernels.delta_rule, query, key, value, g, beta, cu_seqlens,
                                      use_qk_l2norm_in_kernel), None
         segment = _segment_ids(cu_seqlens, *query.shape[:2])
-        return chunk_gated_delta_rule_segments(query, key, value, g, beta, segment, chunk_size,
-                                               use_qk_l2norm_in_kernel), None
+        return chunk_gated_delta_rule(query, key, value, g, beta, segment, chunk_size, use_qk_l2norm_in_kernel), None
 
     return rule
 
@@ -230,75 +238,6 @@ def varlen_delta_rule(kernel, query, key, value, g, beta, cu_seqlens, l2norm: bo
     flat = [x.reshape(1, batch * length, *x.shape[2:]) for x in (query, key, value, g, beta)]
     out, _ = kernel(*flat, cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=l2norm)
     return out.reshape(batch, length, *out.shape[2:])
-
-
-def chunk_gated_delta_rule_segments(query, key, value, g, beta, segment, chunk_size=64, l2norm=True):
-    """transformers' torch_chunk_gated_delta_rule (5.23) with sequence boundaries inside a row.
-
-    Same chunked algorithm and the same operations, plus four masks so that nothing crosses from
-    one sequence into the next (`segment[b, t]` numbers each position's sequence):
-    - within a chunk, pairs (i, j) from different sequences get no decay weight (so neither the
-      UT system nor the intra-chunk attention couples them);
-    - a position reads the state carried in from earlier chunks only if it belongs to the
-      sequence that was running when the chunk began ("carry");
-    - the state leaving a chunk keeps the carried state only if the chunk has no boundary, and
-      takes updates only from the chunk's last sequence.
-    Packed rows then cost exactly what their real tokens cost: no per-sequence padding.
-    """
-    import torch.nn.functional as F
-
-    dtype = query.dtype
-    batch, length, k_heads, k_dim = key.shape
-    v_heads, v_dim = value.shape[-2:]
-    if k_heads != v_heads:
-        query = query.repeat_interleave(v_heads // k_heads, dim=2)
-        key = key.repeat_interleave(v_heads // k_heads, dim=2)
-    query, key, value, beta, decay = [x.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
-                                      for x in (query, key, value, beta, g)]
-    if l2norm:
-        query = query * torch.rsqrt((query * query).sum(-1, keepdim=True) + 1e-6)
-        key = key * torch.rsqrt((key * key).sum(-1, keepdim=True) + 1e-6)
-    query = query * query.shape[-1] ** -0.5
-
-    pad = (chunk_size - length % chunk_size) % chunk_size
-    query, key, value = (F.pad(x, (0, 0, 0, pad)) for x in (query, key, value))
-    beta, decay = (F.pad(x, (0, pad)) for x in (beta, decay))
-    # trailing pad: a sequence of its own (an id above any real one, known without a host sync)
-    segment = F.pad(segment, (0, pad), value=batch * length)
-    chunks = (length + pad) // chunk_size
-
-    v_beta = value * beta.unsqueeze(-1)
-    k_beta = key * beta.unsqueeze(-1)
-    query, key, k_beta, v_beta = [x.reshape(batch, v_heads, chunks, chunk_size, x.shape[-1])
-                                  for x in (query, key, k_beta, v_beta)]
-    decay = decay.reshape(batch, v_heads, chunks, chunk_size)
-    seg = segment.reshape(batch, 1, chunks, chunk_size)  # broadcast over heads
-    same = seg.unsqueeze(-1) == seg.unsqueeze(-2)  # [b, 1, n, i, j]
-    prev_last = torch.cat([seg[:, :, :1, :1] - 1, seg[:, :, :-1, -1:]], dim=2)  # sequence running into the chunk
-    carry = (seg == prev_last).to(torch.float32)  # [b, 1, n, c]
-    in_last = (seg == seg[..., -1:]).to(torch.float32)  # position belongs to the chunk's last sequence
-
-    upper = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=query.device).triu(1)
-    cum_decay = decay.cumsum(dim=3)
-    pairwise = (cum_decay.unsqueeze(4) - cum_decay.unsqueeze(3)).masked_fill(upper | ~same, float("-inf")).exp()
-
-    ut_system = (k_beta @ key.transpose(-1, -2)) * pairwise
-    intra_chunk_attn = (query @ key.transpose(-1, -2)) * pairwise
-    decayed_k_beta = k_beta * (cum_decay.exp() * carry).unsqueeze(-1)
-    new_values = torch.linalg.solve_triangular(ut_system, v_beta, upper=False, unitriangular=True)
-    k_cumdecay = torch.linalg.solve_triangular(ut_system, decayed_k_beta, upper=False, unitriangular=True)
-
-    state = torch.zeros(batch, v_heads, k_dim, v_dim, dtype=new_values.dtype, device=new_values.device)
-    out = torch.zeros_like(new_values)
-    query = query * (cum_decay.exp() * carry).unsqueeze(-1)
-    key = key * ((cum_decay[..., -1:] - cum_decay).exp() * in_last).unsqueeze(-1)
-    chunk_decay = (cum_decay[..., -1].exp() * carry[..., -1])[..., None, None]
-    for i in range(chunks):
-        v_new = new_values[:, :, i] - k_cumdecay[:, :, i] @ state
-        out[:, :, i] = query[:, :, i] @ state + intra_chunk_attn[:, :, i] @ v_new
-        state = state * chunk_decay[:, :, i] + key[:, :, i].transpose(-1, -2) @ v_new
-    out = out.reshape(batch, v_heads, -1, v_dim)[:, :, :length]
-    return out.transpose(1, 2).to(dtype, memory_format=torch.contiguous_format)
 
 
 def missing_kernels_note(family, gpu: bool, kernels: VarlenKernels | None = None) -> str | None:
@@ -321,7 +260,9 @@ def missing_kernels_note(family, gpu: bool, kernels: VarlenKernels | None = None
 def segment_aware_linear_attention(kernels: VarlenKernels | None = None) -> VarlenKernels:
     """Install the boundary-aware functions in transformers' Qwen3.5 module; returns the kernels
     packed rows will use. Called again, it re-wraps transformers' originals (a test can switch
-    paths). Without cu_seq_lens_q (generation, unpacked batches) the originals run unchanged."""
+    paths). Without cu_seq_lens_q (a padded batch) the originals run, except on a CPU: there the
+    delta rule is ft's where no state goes in or out (not in generation), and so is the conv in a
+    training step (finetune/train/linear_attention.py; installed for every CPU run, packed or not)."""
     from transformers.models.qwen3_5 import modeling_qwen3_5 as qwen
 
     kernels = find_varlen_kernels() if kernels is None else kernels

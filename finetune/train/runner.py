@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from finetune import logs
+from finetune import allocator, logs
 from finetune.adapter import AdapterInfo, save_adapter
 from finetune.bases import ResolvedBase
 from finetune.distributed import barrier, check_resume, shards, start, world
@@ -138,6 +138,8 @@ def fit(recipe: Recipe, run: RunDir, plan: TrainingPlan, checkpoint: Path | None
     from finetune.train.trainer import log_trackers_into, make_trainer, restore_finished, sft_config
 
     w, prep = world(), plan.prep
+    if not on_gpu():
+        allocator.keep_freed_memory()  # before the first step's allocations: finetune/allocator.py
     if w.main:
         log_trackers_into(recipe, run)
     args = sft_config(recipe, run, plan.batches, prep.base.family, evaluate_first=checkpoint is None)  # before the model
@@ -146,9 +148,10 @@ def fit(recipe: Recipe, run: RunDir, plan: TrainingPlan, checkpoint: Path | None
     check_loaded(loaded, recipe, prep.base.path, plan.backend)
     packed = recipe.train.packing and plan.backend == "hf"  # unsloth brings its own padding-free path
     linear_attention = None
-    if packed:
+    if packed or (plan.backend == "hf" and not on_gpu()):  # on a CPU ft's delta rule, packed or not
         kernels = segment_aware_linear_attention()
-        linear_attention = kernels.describe() if on_gpu() else "ft's PyTorch version (CPU)"
+        if packed:
+            linear_attention = kernels.describe() if on_gpu() else "ft's PyTorch version (CPU)"
     if w.main:
         run.update_manifest(loaded=loaded, packing=PackingRecord(enabled=packed, linear_attention=linear_attention))
     train_dataset = with_rehearsal(recipe, run, plan, model, rehearsal, console)

@@ -1,0 +1,55 @@
+"""glibc's malloc in a training process: freed memory kept for the next step, and handed back
+before the evaluation.
+
+PyTorch's CPU tensors come from malloc, with no cache of their own. glibc serves every block
+above its mmap threshold (dynamic, at most 32 MiB) with a fresh mmap and unmaps it when freed, so
+every training step asks the kernel again for the same large activations, gradients and logit
+tiles, and faults in and zeroes every page of them before the first write: on the laptop
+recipe's shape (Qwen3.5-0.8B, 4 × 180 tokens) ~3.7 million page faults a micro-step's worth of
+LM-head tiles alone, and the loss head ran 1.75× slower for it (bench/RESULTS.md 19).
+
+`keep_freed_memory` raises the mmap threshold and the trim threshold so that blocks up to
+`KEEP_BYTES` come from the heap and stay there when freed, reused by the next step's
+allocations of the same sizes (what a caching allocator does on a GPU). Blocks above it (the
+model's weights, loaded once) are still mapped and unmapped as before. The cost is that the
+process keeps what it freed until it exits: its resident size stays near its peak rather than
+falling between steps (measured in bench/RESULTS.md 19; preflight's estimate is of the peak).
+
+Written here because neither PyTorch nor the training libraries set it: PyTorch's CPU allocator
+is plain malloc, and the usual advice (LD_PRELOAD of jemalloc or tcmalloc, Intel's for its
+extension) needs the allocator installed and the process started under it. `mallopt` is glibc's
+own switch for the same behaviour, set from inside the process. Elsewhere (macOS, musl) it does
+nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import platform
+
+KEEP_BYTES = 1 << 30  # blocks up to 1 GiB from the heap; and up to 1 GiB free at its top kept
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc's malloc to keep freed blocks up to KEEP_BYTES for reuse; whether it was set.
+    For a CPU training process only (a merge frees what it wrote and should give it back)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    # mallopt returns 1 on success; both are plain ints in glibc's interface
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(KEEP_BYTES))
+                and libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(KEEP_BYTES)))
+
+
+def release_freed_memory() -> None:
+    """Hand memory Python has freed back to the system. glibc keeps freed heap pages after a large
+    model is released (its mmap threshold rises as big blocks are freed, and keep_freed_memory
+    raises it on purpose), so the evaluation that `ft train` runs next would stack its model on
+    top of the trained one's pages: the 0.8B's `ft train` peaked at 5.4 GiB where training took 3.1
+    (bench/RESULTS.md 10). malloc_trim returns every free page, whatever the thresholds."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):  # glibc only; elsewhere nothing to do
+        libc.malloc_trim(0)

@@ -1,0 +1,116 @@
+"""finetune/train/linear_attention.py against transformers' PyTorch delta rule, and both against the
+recurrence itself in fp64 (token by token, the definition the chunked algorithm rearranges):
+ft's rule inverts the UT system once where transformers solves it twice, the same in exact
+arithmetic; here it must be as close to fp64 as transformers' is, in fp32 and under CPU bf16
+autocast (what training runs), for the output and every input's gradient.
+Not exercised here: CUDA (ft's rule runs there only for packed rows without fla's kernels)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from finetune.train.linear_attention import chunk_gated_delta_rule
+from tests.test_packing import pytorch_of
+
+
+def recurrence_fp64(query, key, value, g, beta):
+    """Gated delta rule one token at a time, fp64: S ← S·exp(g_t); S ← S + β_t k_t (v_t − Sᵀk_t)ᵀ;
+    o_t = Sᵀ q_t, with q and k L2-normalized and q scaled by 1/√d_k."""
+    q, k, v, g, beta = (x.double() for x in (query, key, value, g, beta))
+    q = q / q.norm(dim=-1, keepdim=True) * q.shape[-1] ** -0.5
+    k = k / k.norm(dim=-1, keepdim=True)
+    batch, length, heads, k_dim = k.shape
+    state = torch.zeros(batch, heads, k_dim, v.shape[-1], dtype=torch.float64)
+    out = []
+    for t in range(length):
+        state = state * g[:, t].exp()[..., None, None]
+        remembered = (state * k[:, t, :, :, None]).sum(-2)
+        state = state + k[:, t, :, :, None] * ((v[:, t] - remembered) * beta[:, t, :, None])[:, :, None, :]
+        out.append((state * q[:, t, :, :, None]).sum(-2))
+    return torch.stack(out, dim=1)
+
+
+def inputs(seed: int):
+    torch.manual_seed(seed)
+    shape = (2, 150, 4, 32)  # 150: a partial last chunk of 64
+    q, k, v = (torch.randn(shape) for _ in range(3))
+    g, beta = -torch.rand(2, 150, 4) * 0.3, torch.rand(2, 150, 4)
+    return [x.requires_grad_() for x in (q, k, v, g, beta)]
+
+
+def output_and_grads(rule, xs, autocast: bool):
+    for x in xs:
+        x.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = rule(*xs)
+    weights = torch.linspace(-1, 1, out.numel()).reshape(out.shape)  # a loss that weighs every output
+    (out.double() * weights).sum().backward()
+    return [out.detach().double()] + [x.grad.double() for x in xs]
+
+
+def relative_error(got, want):
+    return float((got - want).norm() / want.norm())
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_fts_delta_rule_is_as_close_to_fp64_as_transformers(autocast):
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as qwen
+
+    from finetune.train.packing import segment_aware_linear_attention
+
+    segment_aware_linear_attention()
+    library = pytorch_of(qwen._ft_originals[1])  # transformers' own PyTorch delta rule
+    xs = inputs(0)
+    exact = output_and_grads(recurrence_fp64, xs, autocast=False)
+    ours = output_and_grads(lambda *a: chunk_gated_delta_rule(*a), xs, autocast)
+    theirs = output_and_grads(lambda q, k, v, g, b: library(q, k, v, g=g, beta=b, use_qk_l2norm_in_kernel=True)[0],
+                              xs, autocast)
+    for name, mine, lib, want in zip(["output", "q", "k", "v", "g", "beta"], ours, theirs, exact):
+        # measured: fp32 both ~3e-7 from fp64; bf16 autocast both ~4e-3 (its matmuls' rounding, not the solve's)
+        limit = 1.5 * relative_error(lib, want) + (1e-6 if not autocast else 1e-4)
+        assert relative_error(mine, want) <= limit, (name, relative_error(mine, want), relative_error(lib, want))
+
+
+def conv_reference_fp64(x, weight):
+    """SiLU(causal depthwise conv) in fp64, transformers' definition: pad K-1 both sides, keep the first L."""
+    channels, length = x.shape[1], x.shape[2]
+    out = torch.nn.functional.conv1d(x.double(), weight.double().unsqueeze(1), padding=weight.shape[1] - 1,
+                                     groups=channels)[:, :, :length]
+    return torch.nn.functional.silu(out)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_fts_causal_conv_is_as_close_to_fp64_as_transformers(autocast):
+    """The layer hands the conv its projection transposed ([batch, channels, length], channel-last
+    strides), in bf16 under autocast; both the output and the input's gradient are compared."""
+    import inspect
+
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as qwen
+
+    from finetune.train.linear_attention import cpu_causal_conv1d
+
+    library = inspect.unwrap(qwen._ft_originals[0] if hasattr(qwen, "_ft_originals") else qwen.causal_conv1d_fn)
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if autocast else torch.float32
+    projected = torch.randn(2, 150, 96).to(dtype)  # what in_proj_qkv hands over: [batch, length, channels]
+    weight = torch.randn(96, 4) * 0.5  # frozen fp32, as the checkpoint loads it
+    weights_of_loss = torch.linspace(-1, 1, projected.numel()).reshape(2, 96, 150).double()
+
+    def run(conv, precise: bool):
+        x = (projected.double() if precise else projected).clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast and not precise):
+            out = conv(x.transpose(1, 2))
+        (out.double() * weights_of_loss).sum().backward()
+        return out.detach().double(), x.grad.double()
+
+    exact = run(lambda x: conv_reference_fp64(x, weight), precise=True)
+    ours = run(lambda x: cpu_causal_conv1d(x, weight, None, "silu"), precise=False)
+    theirs = run(lambda x: library(x, weight, None, activation="silu"), precise=False)
+    assert ours[0].shape == theirs[0].shape == exact[0].shape
+    for name, mine, lib, want in zip(["output", "input gradient"], ours, theirs, exact):
+        # measured: fp32 both ~1e-7 from fp64; bf16 autocast both ~3e-3 (the weight and output roundings)
+        limit = 1.5 * relative_error(lib, want) + (1e-6 if not autocast else 1e-4)
+        assert relative_error(mine, want) <= limit, (name, relative_error(mine, want), relative_error(lib, want))
+    with torch.no_grad():  # not a training step: the caller's original runs
+        assert cpu_causal_conv1d(projected.transpose(1, 2), weight, None, "silu") is None
