@@ -9,4 +9,4 @@ target=.older-transformers
 # with the hub client it supports (huggingface_hub < 2, on httpx)
 pip install -q --no-deps --target "$target" transformers==5.17.0 huggingface_hub==1.33.0 httpx==0.28.1 httpcore==1.0.9 h11==0.16.0
 PYTHONPATH="$target" python -c "import transformers; assert transformers.__version__ == '5.17.0', transformers.__version__"
-PYTHONPATH="$target" python -m pytest -q -p no:cacheprovider tests/test_packing.py tests/test_gradients.py tests/test_train.py
+PYTHONPATH="$target" python -m pytest -q -p no:cacheprovider tests/test_packing.py tests/test_linear_attention.py tests/test_gradients.py tests/test_train.py
