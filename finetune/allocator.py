@@ -11,9 +11,11 @@ LM-head tiles alone, and the loss head ran 1.75× slower for it (bench/RESULTS.m
 `keep_freed_memory` raises the mmap threshold and the trim threshold so that blocks up to
 `KEEP_BYTES` come from the heap and stay there when freed, reused by the next step's
 allocations of the same sizes (what a caching allocator does on a GPU). Blocks above it (the
-model's weights, loaded once) are still mapped and unmapped as before. The cost is that the
-process keeps what it freed until it exits: its resident size stays near its peak rather than
-falling between steps (measured in bench/RESULTS.md 19; preflight's estimate is of the peak).
+model's weights, loaded once) are still mapped and unmapped as before. The cost is memory: the
+heap keeps what was freed, and blocks of other sizes fragment it, so the peak rises (the 0.8B at
+4 × 512: +0.55 GiB on 10 GiB without gradient checkpointing; +1.05 GiB on 5 GiB with it, over
+preflight's estimate, bench/RESULTS.md 19). So training keeps them only where preflight left
+gradient checkpointing off, which it does when its estimate fits in half the available RAM.
 
 Written here because neither PyTorch nor the training libraries set it: PyTorch's CPU allocator
 is plain malloc, and the usual advice (LD_PRELOAD of jemalloc or tcmalloc, Intel's for its
