@@ -4,9 +4,9 @@ before the evaluation.
 PyTorch's CPU tensors come from malloc, with no cache of their own. glibc serves every block
 above its mmap threshold (dynamic, at most 32 MiB) with a fresh mmap and unmaps it when freed, so
 every training step asks the kernel again for the same large activations, gradients and logit
-tiles, and faults in and zeroes every page of them before the first write: on the laptop
-recipe's shape (Qwen3.5-0.8B, 4 × 180 tokens) ~3.7 million page faults a micro-step's worth of
-LM-head tiles alone, and the loss head ran 1.75× slower for it (bench/RESULTS.md 19).
+tiles, and faults in and zeroes every page of them before the first write (~11 µs a fault on
+the VMs measured): Qwen3.5-0.8B's loss head alone, 5 passes over 191 rows, took 3.7 million page
+faults and ran 1.75× slower for them (bench/RESULTS.md 19).
 
 `keep_freed_memory` raises the mmap threshold and the trim threshold so that blocks up to
 `KEEP_BYTES` come from the heap and stay there when freed, reused by the next step's
@@ -37,9 +37,9 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 def keep_freed_memory() -> bool:
     """Tell glibc's malloc to keep freed blocks up to KEEP_BYTES for reuse; whether it was set.
     For a CPU training process only (a merge frees what it wrote and should give it back)."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    libc = glibc()
+    if libc is None:
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     # mallopt returns 1 on success; both are plain ints in glibc's interface
     return bool(libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(KEEP_BYTES))
                 and libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(KEEP_BYTES)))
@@ -51,7 +51,13 @@ def release_freed_memory() -> None:
     raises it on purpose), so the evaluation that `ft train` runs next would stack its model on
     top of the trained one's pages: the 0.8B's `ft train` peaked at 5.4 GiB where training took 3.1
     (bench/RESULTS.md 10). malloc_trim returns every free page, whatever the thresholds."""
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    if libc is not None and hasattr(libc, "malloc_trim"):  # glibc only; elsewhere nothing to do
+    libc = glibc()
+    if libc is not None:
         libc.malloc_trim(0)
+
+
+def glibc() -> ctypes.CDLL | None:
+    """The C library where it is glibc (mallopt's and malloc_trim's home); None elsewhere."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

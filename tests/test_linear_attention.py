@@ -1,8 +1,10 @@
-"""finetune/train/linear_attention.py against transformers' PyTorch delta rule, and both against the
-recurrence itself in fp64 (token by token, the definition the chunked algorithm rearranges):
-ft's rule inverts the UT system once where transformers solves it twice, the same in exact
-arithmetic; here it must be as close to fp64 as transformers' is, in fp32 and under CPU bf16
-autocast (what training runs), for the output and every input's gradient.
+"""finetune/train/linear_attention.py against transformers' PyTorch delta rule and causal conv, and
+all against fp64 references (the delta rule's recurrence token by token, the definition the
+chunked algorithm rearranges; the conv in fp64): ft's rule inverts the UT system once where
+transformers solves it twice, ft's conv sums its taps in blocks where transformers calls oneDNN,
+the same in exact arithmetic; each must be as close to fp64 as transformers' is, in fp32 and
+under CPU bf16 autocast (what training runs), for the output and every input's gradient. And a
+Qwen3.5 twin's training step on a CPU must actually run through both.
 Not exercised here: CUDA (ft's rule runs there only for packed rows without fla's kernels)."""
 
 from __future__ import annotations
@@ -84,13 +86,13 @@ def conv_reference_fp64(x, weight):
 def test_fts_causal_conv_is_as_close_to_fp64_as_transformers(autocast):
     """The layer hands the conv its projection transposed ([batch, channels, length], channel-last
     strides), in bf16 under autocast; both the output and the input's gradient are compared."""
-    import inspect
-
     from transformers.models.qwen3_5 import modeling_qwen3_5 as qwen
 
     from finetune.train.linear_attention import cpu_causal_conv1d
+    from finetune.train.packing import segment_aware_linear_attention
 
-    library = inspect.unwrap(qwen._ft_originals[0] if hasattr(qwen, "_ft_originals") else qwen.causal_conv1d_fn)
+    segment_aware_linear_attention()
+    library = pytorch_of(qwen._ft_originals[0])  # transformers' own PyTorch conv
     torch.manual_seed(0)
     dtype = torch.bfloat16 if autocast else torch.float32
     projected = torch.randn(2, 150, 96).to(dtype)  # what in_proj_qkv hands over: [batch, length, channels]
@@ -114,3 +116,44 @@ def test_fts_causal_conv_is_as_close_to_fp64_as_transformers(autocast):
         assert relative_error(mine, want) <= limit, (name, relative_error(mine, want), relative_error(lib, want))
     with torch.no_grad():  # not a training step: the caller's original runs
         assert cpu_causal_conv1d(projected.transpose(1, 2), weight, None, "silu") is None
+
+
+def test_a_cpu_training_step_of_a_qwen35_twin_runs_through_fts_pieces(qwen_twin, monkeypatch):
+    """What training installs (segment_aware_linear_attention, on every CPU run) must be what a
+    padded batch's forward and backward call in each linear-attention layer, and give the model's
+    loss as transformers' own pieces do."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as qwen
+
+    from finetune.train import packing
+
+    calls = {"delta rule": 0, "conv": 0}
+
+    def counted(name, function):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(packing, "chunk_gated_delta_rule", counted("delta rule", packing.chunk_gated_delta_rule))
+    monkeypatch.setattr(packing, "cpu_causal_conv1d", counted("conv", packing.cpu_causal_conv1d))
+    model = AutoModelForCausalLM.from_pretrained(qwen_twin, dtype=torch.float32)
+    model.requires_grad_(False)  # frozen, as under LoRA; the input's gradient still flows through every layer
+    ids = torch.randint(0, model.config.get_text_config().vocab_size, (2, 70))
+    embeds = model.get_input_embeddings()(ids).requires_grad_()
+
+    def loss_and_input_grad():
+        embeds.grad = None
+        loss = model(inputs_embeds=embeds, labels=ids, use_cache=False).loss
+        loss.backward()
+        return loss.detach(), embeds.grad.clone()
+
+    packing.segment_aware_linear_attention()
+    ours = loss_and_input_grad()
+    layers = sum(t == "linear_attention" for t in model.config.get_text_config().layer_types)
+    assert layers > 0 and calls == {"delta rule": layers, "conv": layers}
+    monkeypatch.setattr(qwen, "torch_chunk_gated_delta_rule", qwen._ft_originals[1])
+    monkeypatch.setattr(qwen, "causal_conv1d_fn", qwen._ft_originals[0])
+    theirs = loss_and_input_grad()
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-4, atol=1e-7)

@@ -28,8 +28,9 @@ output is sliced (a strided tensor the SiLU and its backward then walk slowly) a
 and the heads' reshape copies it again: ~40 ms of copies and strided elementwise work a layer at
 4 × 222, about 10% of the 0.8B's step. ft computes the same K-tap depthwise conv as K shifted
 multiply-adds in the layout the projection hands over ([batch, length, channels], contiguous),
-in fp32 with the weight rounded as autocast rounds it, rounds the sum to the compute dtype once
-(as the conv's output is) and applies SiLU there; the backward recomputes that from the input.
+in fp32 blocks of positions that stay in cache, with the weight rounded as autocast rounds it;
+it rounds the sum to the compute dtype once (as the conv's output is), applies SiLU there and
+keeps the rounded sum for SiLU's backward: 39.5 → 18.6 ms a layer, forward and backward.
 
 tests/test_linear_attention.py holds both to transformers' functions and to fp64 references.
 Written here because no library has a CPU version: fla's and causal-conv1d's kernels are CUDA.
