@@ -9,6 +9,12 @@ ft with, in the same run.
                   bitsandbytes does (finetune/dequantized.py)
   fp32-adapters   the LoRA weights left in bf16, as TRL's SFTTrainer casts them for a quantized
                   model (finetune/train/trainer.keep_adapters_fp32)
+  freed-memory    glibc's malloc at its defaults: large freed blocks unmapped (finetune/allocator.py)
+  delta-rule      transformers' PyTorch delta rule on a CPU's padded batches, at the model's
+                  chunk of 64 (finetune/train/linear_attention.py)
+  chunk-64        ft's delta rule at the model's chunk of 64, not the one that pads least
+                  (linear_attention.cpu_chunk_size)
+  conv            transformers' PyTorch causal conv on a CPU's padded batches
 """
 
 from __future__ import annotations
@@ -52,9 +58,16 @@ def without_delta_rule() -> None:
     def rule(query, key, value, g, beta, segment=None, chunk_size=64, l2norm=True):
         if segment is not None:
             return ft_rule(query, key, value, g, beta, segment, chunk_size, l2norm)
-        return library(query, key, value, g=g, beta=beta, chunk_size=chunk_size, use_qk_l2norm_in_kernel=l2norm)[0]
+        # at the chunk the model asks for (ft's router has picked its own by now)
+        return library(query, key, value, g=g, beta=beta, use_qk_l2norm_in_kernel=l2norm)[0]
 
     packing.chunk_gated_delta_rule = rule
+
+
+def without_chunk_choice() -> None:
+    from finetune.train import packing
+
+    packing.cpu_chunk_size = lambda length, chunk_size=64: chunk_size
 
 
 def without_conv() -> None:
@@ -65,7 +78,7 @@ def without_conv() -> None:
 
 SWITCHES = {"loss-head": without_loss_head, "bf16-hand-back": without_bf16_hand_back,
             "fp32-adapters": without_fp32_adapters, "freed-memory": without_freed_memory,
-            "delta-rule": without_delta_rule, "conv": without_conv}
+            "delta-rule": without_delta_rule, "chunk-64": without_chunk_choice, "conv": without_conv}
 
 
 def main() -> None:

@@ -158,6 +158,10 @@ class TrainSection(Section):
         "fp32); auto = where the CPU computes bf16 natively (AVX512-BF16 or AMX), never where it is emulated")
     packing: bool = Field(True, description="padding-free packing: a batch's examples share rows, boundaries "
                           "kept (same result, less padding; hf backend)")
+    # batches of 4 support tickets drawn at random are 5% padding; grouped, 0.3% (bench/RESULTS.md 20)
+    group_by_length: bool = Field(False, description="batch examples of similar length together: transformers' "
+                                  "length-grouped sampler (random groups of up to 50 optimizer steps' rows, each "
+                                  "sorted longest first); less padding where packing is off, another data order")
     seed: int = Field(42, description="seeds data order, LoRA init and the held-out split")
     save_steps: int = Field(50, ge=1, description="checkpoint every N optimizer steps")
     save_total_limit: int = Field(2, ge=1, description="checkpoints kept (oldest deleted)")

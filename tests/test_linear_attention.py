@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finetune.train.linear_attention import chunk_gated_delta_rule
+from finetune.train.linear_attention import chunk_gated_delta_rule, cpu_chunk_size
 from tests.test_packing import pytorch_of
 
 
@@ -55,8 +55,9 @@ def relative_error(got, want):
     return float((got - want).norm() / want.norm())
 
 
+@pytest.mark.parametrize("chunk_size", [64, 32])  # 32: what cpu_chunk_size picks for 150 tokens
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
-def test_fts_delta_rule_is_as_close_to_fp64_as_transformers(autocast):
+def test_fts_delta_rule_is_as_close_to_fp64_as_transformers(autocast, chunk_size):
     from transformers.models.qwen3_5 import modeling_qwen3_5 as qwen
 
     from finetune.train.packing import segment_aware_linear_attention
@@ -65,13 +66,19 @@ def test_fts_delta_rule_is_as_close_to_fp64_as_transformers(autocast):
     library = pytorch_of(qwen._ft_originals[1])  # transformers' own PyTorch delta rule
     xs = inputs(0)
     exact = output_and_grads(recurrence_fp64, xs, autocast=False)
-    ours = output_and_grads(lambda *a: chunk_gated_delta_rule(*a), xs, autocast)
+    ours = output_and_grads(lambda *a: chunk_gated_delta_rule(*a, chunk_size=chunk_size), xs, autocast)
     theirs = output_and_grads(lambda q, k, v, g, b: library(q, k, v, g=g, beta=b, use_qk_l2norm_in_kernel=True)[0],
                               xs, autocast)
     for name, mine, lib, want in zip(["output", "q", "k", "v", "g", "beta"], ours, theirs, exact):
         # measured: fp32 both ~3e-7 from fp64; bf16 autocast both ~4e-3 (its matmuls' rounding, not the solve's)
         limit = 1.5 * relative_error(lib, want) + (1e-6 if not autocast else 1e-4)
         assert relative_error(mine, want) <= limit, (name, relative_error(mine, want), relative_error(lib, want))
+
+
+def test_the_cpu_chunk_is_the_one_that_pads_least():
+    # a support ticket's 222 tokens: 256 in 64s, 224 in 32s; 245 and 256 pad the same either way
+    assert [cpu_chunk_size(n) for n in (222, 150, 70, 245, 256, 480, 512, 20)] == [32, 32, 32, 64, 64, 32, 64, 32]
+    assert cpu_chunk_size(40, chunk_size=1) == 1
 
 
 def conv_reference_fp64(x, weight):

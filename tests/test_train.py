@@ -293,3 +293,66 @@ def test_bf16_compute_keeps_norms_embeddings_and_the_residual_stream_in_bf16(qwe
     with torch.no_grad():
         model(input_ids=torch.tensor([[1, 2, 3, 4]]))
     assert seen == [torch.bfloat16]
+
+
+def test_grouped_batches_are_sorted_by_length_and_their_order_is_the_seeds_not_the_global_rngs():
+    """train.group_by_length: transformers' length-grouped sampler (groups of up to 50 steps'
+    rows, each sorted longest first), drawn from the data seed and the epoch. Its own sampler
+    draws from the global RNG as it stands when the epoch starts, which a resumed process does
+    not reproduce; ft's must give the same order whatever that state is. Lengths drawn in the
+    support tickets' range (194-260 of Qwen3.5's tokens; on the real ones batches of 4 drawn at
+    random are 5.0% padding, grouped 0.3%)."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from finetune.train.guard import LengthGroupedEpochs
+
+    lengths = torch.randint(194, 261, (480,), generator=torch.Generator().manual_seed(0)).tolist()
+    grouped = LengthGroupedEpochs(LengthGroupedSampler(8, lengths=lengths), seed=42)
+    torch.manual_seed(1)
+    first = list(grouped)
+    torch.manual_seed(2)
+    assert list(grouped) == first and sorted(first) == list(range(480))
+    grouped.set_epoch(1)
+    assert list(grouped) != first  # each epoch its own order
+
+    def padding(order):
+        return sum(4 * max(lengths[i] for i in order[k:k + 4]) for k in range(0, len(order), 4)) / sum(lengths) - 1
+
+    shuffled = torch.randperm(480, generator=torch.Generator().manual_seed(0)).tolist()
+    assert padding(first) < 0.01 and padding(shuffled) > 0.05, (padding(first), padding(shuffled))
+
+
+def test_a_grouped_run_trains_on_length_sorted_batches(tmp_path, monkeypatch):
+    """The recipe key reaches the Trainer: one step of 8 rows (4 × 2 accumulated) is a group, so
+    its first micro-batch holds its 4 longest rows; the held-out loss is computed on the same
+    batches as without grouping (transformers would group those too)."""
+    from finetune.train.guard import LengthGroupedEpochs, SafeTrainer
+
+    seen, samplers = [], []
+    step, sampler = SafeTrainer.training_step, SafeTrainer._get_train_sampler
+
+    def spy_step(self, model, inputs, *args):
+        seen.append(inputs["attention_mask"].sum(1).tolist())
+        return step(self, model, inputs, *args)
+
+    def spy_sampler(self, *args):
+        samplers.append(sampler(self, *args))
+        return samplers[-1]
+
+    monkeypatch.setattr(SafeTrainer, "training_step", spy_step)
+    monkeypatch.setattr(SafeTrainer, "_get_train_sampler", spy_sampler)
+    common = ("data.limit=24", "train.max_steps=3", "train.batch_size=4", "train.grad_accum=2",
+              "train.packing=false", "train.save_steps=100", "data.heldout_max=8")
+    starts = {}
+    for grouped in (True, False):
+        run = RunDir(tmp_path / str(grouped))
+        seen.clear()
+        train(recipe_for("tiny-qwen3.5", *common, f"train.group_by_length={str(grouped).lower()}"), run)
+        starts[grouped] = json.loads(run.manifest.read_text())["summary"]["heldout_loss_start"]
+        if grouped:
+            assert isinstance(samplers[-1], LengthGroupedEpochs)
+            assert len(seen) == 6
+            for longer, shorter in zip(seen[0::2], seen[1::2]):
+                assert min(longer) >= max(shorter), seen
+    assert not isinstance(samplers[-1], LengthGroupedEpochs)
+    assert starts[True] == starts[False]

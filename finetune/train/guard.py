@@ -1,6 +1,6 @@
 """Training that does not lose work: checkpoints appear whole or not at all, Ctrl-C and SIGTERM
-save a checkpoint and stop, and a loss that stops being finite stops the run before a bad
-checkpoint is written.
+save a checkpoint and stop, a loss that stops being finite stops the run before a bad
+checkpoint is written, and a resumed run sees the batches the killed run would have.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import signal
 from pathlib import Path
 
 import torch
+from torch.utils.data import SequentialSampler
 from transformers import TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import SFTTrainer
 
 from finetune.distributed import any_rank
@@ -35,6 +37,24 @@ class NonFiniteLoss(Exception):
     def __init__(self, step: int, loss: float):
         self.step, self.loss = step, loss
         super().__init__(f"loss {loss} at step {step}")
+
+
+class LengthGroupedEpochs(LengthGroupedSampler):
+    """transformers' length-grouped order (train.group_by_length), each epoch's drawn from the data
+    seed and the epoch. transformers builds its LengthGroupedSampler without a generator, so the
+    order comes from the global RNG as it stands when the epoch starts, which a resumed process
+    does not reproduce (accelerate seeds the default random sampler this way, not this one)."""
+
+    def __init__(self, grouped: LengthGroupedSampler, seed: int):
+        super().__init__(grouped.batch_size, lengths=grouped.lengths)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:  # accelerate's data loader calls it at every epoch
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return super().__iter__()
 
 
 class SafeTrainer(SFTTrainer):
@@ -77,6 +97,19 @@ class SafeTrainer(SFTTrainer):
             for old in complete_checkpoints(final)[: -self.args.save_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if type(sampler) is LengthGroupedSampler:
+            return LengthGroupedEpochs(sampler, self.args.data_seed)
+        return sampler
+
+    def _get_eval_sampler(self, eval_dataset):
+        # The held-out loss on the same batches whatever train.group_by_length says: transformers
+        # would group them too, and its loss is a mean of the batches' means.
+        if self.args.train_sampling_strategy == "group_by_length" and eval_dataset is not None:
+            return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
+        return super()._get_eval_sampler(eval_dataset)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)

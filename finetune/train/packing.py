@@ -38,7 +38,7 @@ from typing import Callable
 
 import torch
 
-from finetune.train.linear_attention import chunk_gated_delta_rule, cpu_causal_conv1d
+from finetune.train.linear_attention import chunk_gated_delta_rule, cpu_causal_conv1d, cpu_chunk_size
 
 IGNORE = -100
 REAL_TOKENS = "ft_real_tokens"
@@ -216,7 +216,8 @@ def segment_delta_rule(original, kernels: VarlenKernels = VarlenKernels()):
              use_qk_l2norm_in_kernel=False, chunk_size=64, **kwargs):
         stateless = initial_state is None and not output_final_state
         if cu_seqlens is None and stateless and query.device.type == "cpu":  # a padded batch on a CPU
-            return chunk_gated_delta_rule(query, key, value, g, beta, None, chunk_size, use_qk_l2norm_in_kernel), None
+            return chunk_gated_delta_rule(query, key, value, g, beta, None, cpu_chunk_size(query.shape[1], chunk_size),
+                                          use_qk_l2norm_in_kernel), None
         if cu_seqlens is None or not stateless:
             return original(query, key, value, g=g, beta=beta, cu_seqlens=cu_seqlens, initial_state=initial_state,
                             output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
@@ -225,6 +226,8 @@ def segment_delta_rule(original, kernels: VarlenKernels = VarlenKernels()):
             return varlen_delta_rule(kernels.delta_rule, query, key, value, g, beta, cu_seqlens,
                                      use_qk_l2norm_in_kernel), None
         segment = _segment_ids(cu_seqlens, *query.shape[:2])
+        if query.device.type == "cpu":
+            chunk_size = cpu_chunk_size(query.shape[1], chunk_size)
         return chunk_gated_delta_rule(query, key, value, g, beta, segment, chunk_size, use_qk_l2norm_in_kernel), None
 
     return rule

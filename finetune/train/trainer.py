@@ -76,6 +76,7 @@ def sft_config(recipe: Recipe, run: RunDir, plan: BatchPlan, family: Family, eva
         eval_on_start=evaluate_first,
         seed=t.seed,
         data_seed=t.seed,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         bf16=gpu or cpu_bf16(recipe),  # on a CPU: autocast, fp32 weights and optimizer
         use_cpu=not gpu,
         gradient_checkpointing=False,  # already set up by load_model (peft needs it first)
