@@ -15,6 +15,8 @@ ft with, in the same run.
   chunk-64        ft's delta rule at the model's chunk of 64, not the one that pads least
                   (linear_attention.cpu_chunk_size)
   conv            transformers' PyTorch causal conv on a CPU's padded batches
+  step-sort       each step's rows left in drawn order, not sorted by length across its
+                  micro-batches (finetune/train/order.py)
 """
 
 from __future__ import annotations
@@ -70,6 +72,12 @@ def without_chunk_choice() -> None:
     packing.cpu_chunk_size = lambda length, chunk_size=64: chunk_size
 
 
+def without_step_sort() -> None:
+    from finetune.train import order
+
+    order.sorted_within_steps = lambda drawn, lengths, rows_a_step: drawn
+
+
 def without_conv() -> None:
     from finetune.train import packing
 
@@ -78,7 +86,8 @@ def without_conv() -> None:
 
 SWITCHES = {"loss-head": without_loss_head, "bf16-hand-back": without_bf16_hand_back,
             "fp32-adapters": without_fp32_adapters, "freed-memory": without_freed_memory,
-            "delta-rule": without_delta_rule, "chunk-64": without_chunk_choice, "conv": without_conv}
+            "delta-rule": without_delta_rule, "chunk-64": without_chunk_choice, "conv": without_conv,
+            "step-sort": without_step_sort}
 
 
 def main() -> None:

@@ -24,14 +24,18 @@ recipe's dropout of then, 0.05):
                     (finetune/train/trainer.py), and everything below
   previous          as shipped before RESULTS 19: the recipe's LoRA dropout at 0.05, glibc's malloc
                     unmapping every large freed block (finetune/allocator.py), transformers' delta
-                    rule and causal conv (finetune/train/linear_attention.py), batches in random order
-  as in RESULTS 19  as shipped before RESULTS 20: batches in random order, the delta rule's chunk 64
+                    rule and causal conv (finetune/train/linear_attention.py), a step's rows in
+                    drawn order
+  as in RESULTS 19  as shipped before RESULTS 20: a step's rows in drawn order, the delta rule's
+                    chunk 64
   dropout 0.05      as shipped, with the recipe's LoRA dropout at 0.05
   freed memory returned   as shipped, with glibc's malloc at its defaults
   library delta rule      as shipped, with transformers' PyTorch delta rule on padded batches
   chunk 64          as shipped, with ft's delta rule at the model's chunk of 64
   library conv      as shipped, with transformers' PyTorch causal conv on padded batches
-  random order      as shipped, with train.group_by_length off (random batches, 5% padding)
+  steps unsorted    as shipped, with each step's rows in drawn order, not sorted by length across
+                    its 2 micro-batches (finetune/train/order.py)
+  grouped by length as shipped, with train.group_by_length (off in the recipe: it costs held-out loss)
   as shipped        the recipe as it is (train.cpu_bf16 auto, kept copies auto, ft's CPU loss
                     head, packing off)
   as shipped, packing on   the same with train.packing=true: the packed path's memory
@@ -44,7 +48,7 @@ step (median, and the range of the rounds' medians), real tokens/s at the median
 anonymous memory of the process, and what the recipe's whole epoch would take at that speed.
 A few steps of a small sample understate what train.group_by_length saves: it sorts within groups
 of up to 50 steps' rows, a quarter of the sample when that is smaller (40 tickets: within each
-step, 3.2% padding left against 5.0% in random order; an epoch of 480: 0.3%). `--tickets`
+step, as ft does anyway; an epoch of 480: groups of 15 steps, 0.3% padding). `--tickets`
 measures the whole epoch instead: training minutes from the first step to the last, the first
 step's one-time costs included, the held-out loss before it left out.
 """
@@ -65,22 +69,23 @@ SETTINGS = ["data.heldout_max=8", "data.too_long=drop", "train.save_steps=1000",
             "eval.after_train=false", "train.rehearsal=0", "eval.batch_size=8"]
 WITHOUT = ("-m", "bench.ft_without")
 FT = ("-m", "finetune")
-EARLIER = ["train.packing=false", "lora.dropout=0.05", "train.group_by_length=false"]  # the recipe before RESULTS 19
+EARLIER = ["train.packing=false", "lora.dropout=0.05"]  # the recipe before RESULTS 19
 PADDED = ["train.packing=false"]
 # name → (how ft is started, the settings)
-CONFIGS = {"before": ((*WITHOUT, "loss-head,fp32-adapters,freed-memory,delta-rule,conv"),
+CONFIGS = {"before": ((*WITHOUT, "loss-head,fp32-adapters,freed-memory,delta-rule,conv,step-sort"),
                       ["train.cpu_bf16=false", "quantization.cpu_dequantized_copies=false", *EARLIER]),
-           "TRL's loss head": ((*WITHOUT, "loss-head,bf16-hand-back,fp32-adapters,freed-memory,delta-rule,conv"), EARLIER),
-           "fp32 hand-back": ((*WITHOUT, "bf16-hand-back,fp32-adapters,freed-memory,delta-rule,conv"), EARLIER),
-           "bf16 adapters": ((*WITHOUT, "fp32-adapters,freed-memory,delta-rule,conv"), EARLIER),
-           "previous": ((*WITHOUT, "freed-memory,delta-rule,conv"), EARLIER),
-           "as in RESULTS 19": ((*WITHOUT, "chunk-64"), [*PADDED, "train.group_by_length=false"]),
+           "TRL's loss head": ((*WITHOUT, "loss-head,bf16-hand-back,fp32-adapters,freed-memory,delta-rule,conv,step-sort"), EARLIER),
+           "fp32 hand-back": ((*WITHOUT, "bf16-hand-back,fp32-adapters,freed-memory,delta-rule,conv,step-sort"), EARLIER),
+           "bf16 adapters": ((*WITHOUT, "fp32-adapters,freed-memory,delta-rule,conv,step-sort"), EARLIER),
+           "previous": ((*WITHOUT, "freed-memory,delta-rule,conv,step-sort"), EARLIER),
+           "as in RESULTS 19": ((*WITHOUT, "chunk-64,step-sort"), PADDED),
            "dropout 0.05": (FT, [*PADDED, "lora.dropout=0.05"]),
            "freed memory returned": ((*WITHOUT, "freed-memory"), PADDED),
            "library delta rule": ((*WITHOUT, "delta-rule"), PADDED),
            "chunk 64": ((*WITHOUT, "chunk-64"), PADDED),
            "library conv": ((*WITHOUT, "conv"), PADDED),
-           "random order": (FT, [*PADDED, "train.group_by_length=false"]),
+           "steps unsorted": ((*WITHOUT, "step-sort"), PADDED),
+           "grouped by length": (FT, [*PADDED, "train.group_by_length=true"]),
            "as shipped": (FT, PADDED),
            "as shipped, packing on": (FT, ["train.packing=true"])}
 

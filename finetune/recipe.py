@@ -158,10 +158,12 @@ class TrainSection(Section):
         "fp32); auto = where the CPU computes bf16 natively (AVX512-BF16 or AMX), never where it is emulated")
     packing: bool = Field(True, description="padding-free packing: a batch's examples share rows, boundaries "
                           "kept (same result, less padding; hf backend)")
-    # batches of 4 support tickets drawn at random are 5% padding; grouped, 0.3% (bench/RESULTS.md 20)
+    # batches of 4 support tickets drawn at random are 5% padding, grouped 0.3%; but on the SmolLM2
+    # demo grouping cost 0.04-0.05 nats of held-out loss (bench/RESULTS.md 20; finetune/train/order.py)
     group_by_length: bool = Field(False, description="batch examples of similar length together: transformers' "
                                   "length-grouped sampler (random groups of up to 50 optimizer steps' rows, each "
-                                  "sorted longest first); less padding where packing is off, another data order")
+                                  "sorted longest first); less padding where packing is off, but it changes which "
+                                  "rows share a step and when (held-out loss 0.04 nats worse on the demo)")
     seed: int = Field(42, description="seeds data order, LoRA init and the held-out split")
     save_steps: int = Field(50, ge=1, description="checkpoint every N optimizer steps")
     save_total_limit: int = Field(2, ge=1, description="checkpoints kept (oldest deleted)")

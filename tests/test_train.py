@@ -295,38 +295,46 @@ def test_bf16_compute_keeps_norms_embeddings_and_the_residual_stream_in_bf16(qwe
     assert seen == [torch.bfloat16]
 
 
-def test_grouped_batches_are_sorted_by_length_and_their_order_is_the_seeds_not_the_global_rngs():
-    """train.group_by_length: transformers' length-grouped sampler (groups of up to 50 steps'
-    rows, each sorted longest first), drawn from the data seed and the epoch. Its own sampler
-    draws from the global RNG as it stands when the epoch starts, which a resumed process does
-    not reproduce; ft's must give the same order whatever that state is. Lengths drawn in the
-    support tickets' range (194-260 of Qwen3.5's tokens; on the real ones batches of 4 drawn at
-    random are 5.0% padding, grouped 0.3%)."""
-    from transformers.trainer_pt_utils import LengthGroupedSampler
 
-    from finetune.train.guard import LengthGroupedEpochs
+def test_the_training_order_is_the_seeds_and_sorting_a_step_keeps_its_rows():
+    """finetune/train/order.py. Both orders come from the data seed and the epoch, not from the
+    global RNG as it stands when an epoch starts (which a resumed process does not reproduce).
+    Sorting each step's rows longest first keeps every step's rows (so its update) and cuts the
+    padding; transformers' length grouping cuts it further. Lengths drawn in the support tickets'
+    range (194-260 of Qwen3.5's tokens; on the real ones batches of 4 are 5.0% padding at random,
+    3.2% sorted within steps of 8, 0.3% grouped)."""
+    from finetune.train.order import LengthGroupedEpochs, StepsSortedByLength, sorted_within_steps
 
     lengths = torch.randint(194, 261, (480,), generator=torch.Generator().manual_seed(0)).tolist()
-    grouped = LengthGroupedEpochs(LengthGroupedSampler(8, lengths=lengths), seed=42)
-    torch.manual_seed(1)
-    first = list(grouped)
-    torch.manual_seed(2)
-    assert list(grouped) == first and sorted(first) == list(range(480))
-    grouped.set_epoch(1)
-    assert list(grouped) != first  # each epoch its own order
 
     def padding(order):
         return sum(4 * max(lengths[i] for i in order[k:k + 4]) for k in range(0, len(order), 4)) / sum(lengths) - 1
 
     shuffled = torch.randperm(480, generator=torch.Generator().manual_seed(0)).tolist()
-    assert padding(first) < 0.01 and padding(shuffled) > 0.05, (padding(first), padding(shuffled))
+    steps = sorted_within_steps(shuffled, lengths, 8)
+    assert [sorted(steps[k:k + 8]) for k in range(0, 480, 8)] == [sorted(shuffled[k:k + 8]) for k in range(0, 480, 8)]
+    assert padding(steps) < padding(shuffled) - 0.01, (padding(steps), padding(shuffled))
+    for kind in (StepsSortedByLength, LengthGroupedEpochs):
+        sampler = kind(lengths, 8, seed=42)
+        torch.manual_seed(1)
+        first = list(sampler)
+        torch.manual_seed(2)
+        assert list(sampler) == first and sorted(first) == list(range(480)), kind
+        sampler.set_epoch(1)
+        assert list(sampler) != first, kind  # each epoch its own order
+    assert padding(list(LengthGroupedEpochs(lengths, 8, seed=42))) < 0.01
 
 
-def test_a_grouped_run_trains_on_length_sorted_batches(tmp_path, monkeypatch):
-    """The recipe key reaches the Trainer: one step of 8 rows (4 × 2 accumulated) is a group, so
-    its first micro-batch holds its 4 longest rows; the held-out loss is computed on the same
-    batches as without grouping (transformers would group those too)."""
-    from finetune.train.guard import LengthGroupedEpochs, SafeTrainer
+def test_a_step_sorted_by_length_trains_as_its_rows_in_random_micro_batches(tmp_path, monkeypatch):
+    """Padded rows, 4 × 2 accumulated: each step's first micro-batch holds its 4 longest rows, and
+    the adapter after 3 SGD steps is the one the same steps give with their rows in drawn order
+    (the loss sums over the step's tokens: the same update in exact arithmetic). With
+    train.group_by_length, transformers' grouping drawn from the seed; the held-out loss computed
+    on the same batches either way (transformers would group those too)."""
+    from safetensors.torch import load_file
+
+    from finetune.train import order
+    from finetune.train.guard import SafeTrainer
 
     seen, samplers = [], []
     step, sampler = SafeTrainer.training_step, SafeTrainer._get_train_sampler
@@ -342,17 +350,30 @@ def test_a_grouped_run_trains_on_length_sorted_batches(tmp_path, monkeypatch):
     monkeypatch.setattr(SafeTrainer, "training_step", spy_step)
     monkeypatch.setattr(SafeTrainer, "_get_train_sampler", spy_sampler)
     common = ("data.limit=24", "train.max_steps=3", "train.batch_size=4", "train.grad_accum=2",
-              "train.packing=false", "train.save_steps=100", "data.heldout_max=8")
-    starts = {}
-    for grouped in (True, False):
-        run = RunDir(tmp_path / str(grouped))
+              "train.packing=false", "train.save_steps=100", "data.heldout_max=8", "train.rehearsal=0",
+              # fp32 and plain SGD: bf16 rounds each padded shape its own way (2e-3 apart), and AdamW's
+              # first steps turn a rounding-level gradient into ±lr
+              "train.cpu_bf16=false", "train.optimizer=sgd")
+
+    def trained(name, *extra):
         seen.clear()
-        train(recipe_for("tiny-qwen3.5", *common, f"train.group_by_length={str(grouped).lower()}"), run)
-        starts[grouped] = json.loads(run.manifest.read_text())["summary"]["heldout_loss_start"]
-        if grouped:
-            assert isinstance(samplers[-1], LengthGroupedEpochs)
-            assert len(seen) == 6
-            for longer, shorter in zip(seen[0::2], seen[1::2]):
-                assert min(longer) >= max(shorter), seen
-    assert not isinstance(samplers[-1], LengthGroupedEpochs)
-    assert starts[True] == starts[False]
+        run = RunDir(tmp_path / name)
+        train(recipe_for("tiny-qwen3.5", *common, *extra), run)
+        adapter = load_file(run.root / "adapter" / "adapter_model.safetensors")
+        return list(seen), adapter, json.loads(run.manifest.read_text())["summary"]["heldout_loss_start"]
+
+    sorted_steps, sorted_adapter, start = trained("sorted")
+    assert isinstance(samplers[-1], order.StepsSortedByLength) and len(sorted_steps) == 6
+    for longer, shorter in zip(sorted_steps[0::2], sorted_steps[1::2]):
+        assert min(longer) >= max(shorter), sorted_steps
+    monkeypatch.setattr(order, "sorted_within_steps", lambda drawn, lengths, rows: drawn)
+    drawn_steps, drawn_adapter, _ = trained("drawn")
+    assert drawn_steps != sorted_steps  # the same rows, in other micro-batches
+    for name, weight in sorted_adapter.items():
+        if "lora_B" in name:  # zero at the start: the weight is the steps' summed updates
+            error = float((weight - drawn_adapter[name]).norm() / drawn_adapter[name].norm())
+            assert error < 1e-5, (name, error)  # measured 2e-7
+
+    grouped_steps, _, grouped_start = trained("grouped", "train.group_by_length=true")
+    assert isinstance(samplers[-1], order.LengthGroupedEpochs) and len(grouped_steps) == 6
+    assert grouped_start == start

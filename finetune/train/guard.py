@@ -1,6 +1,7 @@
 """Training that does not lose work: checkpoints appear whole or not at all, Ctrl-C and SIGTERM
-save a checkpoint and stop, a loss that stops being finite stops the run before a bad
-checkpoint is written, and a resumed run sees the batches the killed run would have.
+save a checkpoint and stop, and a loss that stops being finite stops the run before a bad
+checkpoint is written. (The order of the rows, which a resumed run must see again:
+finetune/train/order.py.)
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import SequentialSampler
 from transformers import TrainerCallback
-from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import SFTTrainer
 
 from finetune.distributed import any_rank
 from finetune.run import complete_checkpoints
+from finetune.train.order import train_sampler
 from finetune.train.packing import REAL_TOKENS
 
 STAGING = ".staging"
@@ -39,30 +40,16 @@ class NonFiniteLoss(Exception):
         super().__init__(f"loss {loss} at step {step}")
 
 
-class LengthGroupedEpochs(LengthGroupedSampler):
-    """transformers' length-grouped order (train.group_by_length), each epoch's drawn from the data
-    seed and the epoch. transformers builds its LengthGroupedSampler without a generator, so the
-    order comes from the global RNG as it stands when the epoch starts, which a resumed process
-    does not reproduce (accelerate seeds the default random sampler this way, not this one)."""
-
-    def __init__(self, grouped: LengthGroupedSampler, seed: int):
-        super().__init__(grouped.batch_size, lengths=grouped.lengths)
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch: int) -> None:  # accelerate's data loader calls it at every epoch
-        self.epoch = epoch
-
-    def __iter__(self):
-        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return super().__iter__()
-
-
 class SafeTrainer(SFTTrainer):
     """TRL's SFTTrainer, with checkpoints written into `checkpoints/.staging/` and renamed into
     place only once complete (a rename within one folder is atomic), and never with non-finite
     adapter weights."""
 
     _staging: Path | None = None
+
+    def __init__(self, *args, padded_rows: bool = True, **kwargs):
+        self.padded_rows = padded_rows  # one example a row (TRL pads them): its sampler may sort a step's rows
+        super().__init__(*args, **kwargs)
 
     def _get_output_dir(self, trial=None) -> str:
         return str(self._staging) if self._staging is not None else super()._get_output_dir(trial=trial)
@@ -99,10 +86,9 @@ class SafeTrainer(SFTTrainer):
         self.accelerator.wait_for_everyone()
 
     def _get_train_sampler(self, train_dataset=None):
-        sampler = super()._get_train_sampler(train_dataset)
-        if type(sampler) is LengthGroupedSampler:
-            return LengthGroupedEpochs(sampler, self.args.data_seed)
-        return sampler
+        chosen = super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return train_sampler(chosen, dataset, self.args, self.padded_rows)
 
     def _get_eval_sampler(self, eval_dataset):
         # The held-out loss on the same batches whatever train.group_by_length says: transformers

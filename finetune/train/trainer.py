@@ -140,7 +140,8 @@ def make_trainer(model, args, prep: Prepared, train_ds, heldout_ds, callbacks, p
     collator = PackingCollator(prep.tokenizer.pad_token_id) if packed else None
     score_only_trained_positions()  # and CPU rows through ft's head (finetune/lm_head.py)
     trainer = SafeTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=heldout_ds,
-                          processing_class=prep.tokenizer, callbacks=callbacks, data_collator=collator)
+                          processing_class=prep.tokenizer, callbacks=callbacks, data_collator=collator,
+                          padded_rows=not packed)
     trainer.remove_callback(PrinterCallback)  # logs go to metrics.jsonl and the progress bar
     if not on_gpu():
         keep_adapters_fp32(trainer.model)
