@@ -22,10 +22,11 @@ algorithm and operations, with two changes:
   compute the inverse too. On 2 CPU cores, the 0.8B's layer at 4 × 222 tokens: forward and
   backward 0.12 → 0.09 s (bench/RESULTS.md 19).
 
-On a CPU the chunk is the one of 64 (the model's) and 32 that pads the row least
-(`cpu_chunk_size`): the rule pads every row to whole chunks, and a support ticket's 222 tokens
-are 256 in chunks of 64 and 224 in chunks of 32. Where both pad the same, 64: the same work in
-fewer, wider steps. The result is the same in exact arithmetic (tests/test_linear_attention.py).
+On a CPU the chunk is the one of 64 (the model's), 48 and 32 that pads the row least
+(`cpu_chunk_size`): the rule pads every row to whole chunks, and its time follows the padded
+length: a batch of support tickets whose longest is 230 tokens is 256 in chunks of 64 and 240 in
+chunks of 48. Where two pad the same, the larger: the same work in fewer, wider steps. The
+result is the same in exact arithmetic (tests/test_linear_attention.py).
 
 **The causal conv** (`CausalConv1dSilu`): transformers' PyTorch fallback casts the layer's bf16
 input to fp32 for the fp32 conv weight, autocast casts it back to bf16 for oneDNN's conv, the
@@ -112,14 +113,14 @@ def chunk_gated_delta_rule(query, key, value, g, beta, segment=None, chunk_size=
 
 
 def cpu_chunk_size(length: int, chunk_size: int = 64) -> int:
-    """The chunk, `chunk_size` or half of it, that pads `length` least; `chunk_size` on a tie. On 2
-    cores, the 0.8B's layer forward and backward at 4 rows: 222 tokens 0.108 → 0.096 s, 200 tokens
-    0.117 → 0.104 s, 288 tokens 0.147 → 0.138 s; at 245 and 256 (no less padding) the same, and at 480
-    (480 against 512) too: the more chunks, the more state updates."""
+    """The chunk of `chunk_size`, ¾ or ½ of it that pads `length` least; the larger on a tie. On 2
+    cores the 0.8B's layer, forward and backward at 4 rows, tracks the padded length: 222 tokens
+    0.111 s in chunks of 64 (256), 0.098 in 32s (224); 230 tokens 0.116 → 0.100 in 48s (240);
+    250 tokens 0.114 in 64s, 0.125 in 48s (288)."""
     def padded(chunk: int) -> int:
         return -(-length // chunk) * chunk
-    half = chunk_size // 2
-    return half if half > 0 and padded(half) < padded(chunk_size) else chunk_size
+    candidates = [c for c in (chunk_size, chunk_size * 3 // 4, chunk_size // 2) if c > 0]
+    return min(candidates, key=lambda c: (padded(c), -c))
 
 
 def compute_dtype(device_type: str, fallback: torch.dtype) -> torch.dtype:
