@@ -9,7 +9,8 @@ ft with, in the same run.
                   bitsandbytes does (finetune/dequantized.py)
   fp32-adapters   the LoRA weights left in bf16, as TRL's SFTTrainer casts them for a quantized
                   model (finetune/train/trainer.keep_adapters_fp32)
-  freed-memory    glibc's malloc at its defaults: large freed blocks unmapped (finetune/allocator.py)
+  kept-freed      not a switch off but RESULTS 19's allocator, since removed: glibc keeps freed
+                  blocks up to 1 GiB on its heap (finetune/allocator.py says why it went)
   delta-rule      transformers' PyTorch delta rule on a CPU's padded batches, at the model's
                   chunk of 64 (finetune/train/linear_attention.py)
   chunk-64        ft's delta rule at the model's chunk of 64, not the one that pads least
@@ -43,10 +44,17 @@ def without_fp32_adapters() -> None:
     trainer.keep_adapters_fp32 = lambda model: 0
 
 
-def without_freed_memory() -> None:
-    from finetune import allocator
+def with_kept_freed_blocks() -> None:
+    """What ft shipped in RESULTS 19 and dropped in 20: glibc told to serve blocks up to 1 GiB from
+    its heap and keep them when freed (padded batches fragment it: 17 GiB over an epoch)."""
+    import ctypes
 
-    allocator.keep_freed_memory = lambda: False
+    from finetune.allocator import glibc
+
+    libc, keep = glibc(), ctypes.c_int(1 << 30)
+    if libc is not None:
+        libc.mallopt(-3, keep)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, keep)  # M_TRIM_THRESHOLD
 
 
 def without_delta_rule() -> None:
@@ -85,7 +93,7 @@ def without_conv() -> None:
 
 
 SWITCHES = {"loss-head": without_loss_head, "bf16-hand-back": without_bf16_hand_back,
-            "fp32-adapters": without_fp32_adapters, "freed-memory": without_freed_memory,
+            "fp32-adapters": without_fp32_adapters, "kept-freed": with_kept_freed_blocks,
             "delta-rule": without_delta_rule, "chunk-64": without_chunk_choice, "conv": without_conv,
             "step-sort": without_step_sort}
 

@@ -22,14 +22,14 @@ recipe's dropout of then, 0.05):
                     bitsandbytes does (finetune/dequantized.py), and everything below
   bf16 adapters     TRL's cast of the LoRA weights to bf16 for a quantized model left in place
                     (finetune/train/trainer.py), and everything below
-  previous          as shipped before RESULTS 19: the recipe's LoRA dropout at 0.05, glibc's malloc
-                    unmapping every large freed block (finetune/allocator.py), transformers' delta
+  previous          as shipped before RESULTS 19: the recipe's LoRA dropout at 0.05, transformers' delta
                     rule and causal conv (finetune/train/linear_attention.py), a step's rows in
                     drawn order
-  as in RESULTS 19  as shipped before RESULTS 20: a step's rows in drawn order, the delta rule's
+  as in RESULTS 19  as shipped before RESULTS 20: glibc keeping freed blocks up to 1 GiB on its
+                    heap (finetune/allocator.py), a step's rows in drawn order, the delta rule's
                     chunk 64
   dropout 0.05      as shipped, with the recipe's LoRA dropout at 0.05
-  freed memory returned   as shipped, with glibc's malloc at its defaults
+  kept freed blocks as shipped, with RESULTS 19's allocator (glibc keeping freed blocks)
   library delta rule      as shipped, with transformers' PyTorch delta rule on padded batches
   chunk 64          as shipped, with ft's delta rule at the model's chunk of 64
   library conv      as shipped, with transformers' PyTorch causal conv on padded batches
@@ -72,15 +72,15 @@ FT = ("-m", "finetune")
 EARLIER = ["train.packing=false", "lora.dropout=0.05"]  # the recipe before RESULTS 19
 PADDED = ["train.packing=false"]
 # name → (how ft is started, the settings)
-CONFIGS = {"before": ((*WITHOUT, "loss-head,fp32-adapters,freed-memory,delta-rule,conv,step-sort"),
+CONFIGS = {"before": ((*WITHOUT, "loss-head,fp32-adapters,delta-rule,conv,step-sort"),
                       ["train.cpu_bf16=false", "quantization.cpu_dequantized_copies=false", *EARLIER]),
-           "TRL's loss head": ((*WITHOUT, "loss-head,bf16-hand-back,fp32-adapters,freed-memory,delta-rule,conv,step-sort"), EARLIER),
-           "fp32 hand-back": ((*WITHOUT, "bf16-hand-back,fp32-adapters,freed-memory,delta-rule,conv,step-sort"), EARLIER),
-           "bf16 adapters": ((*WITHOUT, "fp32-adapters,freed-memory,delta-rule,conv,step-sort"), EARLIER),
-           "previous": ((*WITHOUT, "freed-memory,delta-rule,conv,step-sort"), EARLIER),
-           "as in RESULTS 19": ((*WITHOUT, "chunk-64,step-sort"), PADDED),
+           "TRL's loss head": ((*WITHOUT, "loss-head,bf16-hand-back,fp32-adapters,delta-rule,conv,step-sort"), EARLIER),
+           "fp32 hand-back": ((*WITHOUT, "bf16-hand-back,fp32-adapters,delta-rule,conv,step-sort"), EARLIER),
+           "bf16 adapters": ((*WITHOUT, "fp32-adapters,delta-rule,conv,step-sort"), EARLIER),
+           "previous": ((*WITHOUT, "delta-rule,conv,step-sort"), EARLIER),
+           "as in RESULTS 19": ((*WITHOUT, "kept-freed,chunk-64,step-sort"), PADDED),
            "dropout 0.05": (FT, [*PADDED, "lora.dropout=0.05"]),
-           "freed memory returned": ((*WITHOUT, "freed-memory"), PADDED),
+           "kept freed blocks": ((*WITHOUT, "kept-freed"), PADDED),
            "library delta rule": ((*WITHOUT, "delta-rule"), PADDED),
            "chunk 64": ((*WITHOUT, "chunk-64"), PADDED),
            "library conv": ((*WITHOUT, "conv"), PADDED),
@@ -135,8 +135,8 @@ def main() -> None:
     tickets = len((ROOT / "datasets" / "support" / "train.jsonl").read_text().splitlines())
     epoch_steps = -(-tickets // (laptop.train.batch_size * laptop.train.grad_accum))
     flags = {"avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()), "amx": bool(torch.cpu._is_amx_tile_supported())}
-    print(f"machine: {machine()}\nCPU bf16: {flags}\n0.8B shape, the laptop recipe, {args.steps} steps\n",
-          flush=True)
+    length = f"an epoch of {args.tickets} tickets" if args.tickets else f"{args.steps} steps"
+    print(f"machine: {machine()}\nCPU bf16: {flags}\n0.8B shape, the laptop recipe, {length}\n", flush=True)
     seen = {name: dict(durations=[], medians=[], tokens_per_step=[], anon=[], rss=[], train_s=[])
             for name in args.configs}
     for round_ in range(args.repeat):

@@ -68,7 +68,10 @@ def train(
         return  # rank 0 reports, evaluates and writes; the others are done
     import gc
 
+    from finetune.lm_head import release_workspace
+
     gc.collect()  # the trained model (trainer, callbacks and model refer to each other) before eval loads another
+    release_workspace()  # the loss head's kept tiles
     allocator.release_freed_memory()
     start, end = summary.heldout_loss_start, summary.heldout_loss_end
     if end is None:  # a sharded run finished from its last checkpoint (runner.finish)

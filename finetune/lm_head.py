@@ -69,6 +69,55 @@ def row_tiles(rows: int, vocab: int):
     return [(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
+class Workspace:
+    """The head's vocabulary-wide tiles, kept from one call to the next. Each pass needs several
+    [rows, 248,320] tensors (the bf16 product, its fp32 copy, the exponentials, the kept
+    probabilities: 60-130 MB each at the laptop recipe's rows), and glibc maps every block that
+    large afresh and unmaps it when freed, so each pass faulted in and zeroed them again, page by
+    page: 385,000 faults and 2.09 s for a forward and backward over 190 rows, against 1.0 s
+    without (bench/RESULTS.md 20). Kept here, at the largest size asked so far (rows rounded up
+    to 64), they are faulted in once. (Keeping every freed block instead, glibc's `mallopt`,
+    fragmented the heap over an epoch: finetune/allocator.py.)"""
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.probs_claims = 0  # which forward's probabilities the "probs" buffer holds
+
+    def take(self, name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+        """A contiguous [rows, cols] view of the named buffer; its contents are whatever was
+        written last."""
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.dtype != dtype or buffer.numel() < rows * cols:
+            buffer = self.buffers[name] = torch.empty(-(-rows // 64) * 64 * cols, dtype=dtype)
+        return buffer[: rows * cols].view(rows, cols)
+
+    def claim_probs(self) -> int:
+        self.probs_claims += 1
+        return self.probs_claims
+
+    def release(self) -> None:
+        self.buffers.clear()
+
+
+WORKSPACE = Workspace()
+
+
+def release_workspace() -> None:
+    """Free the head's kept tiles (after training, before an evaluation loads another model)."""
+    WORKSPACE.release()
+
+
+def project(hidden: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of a row tile, `hidden @ w.T` in w's dtype (oneDNN accumulates in fp32 and
+    rounds once), in the workspace's "logits" buffer."""
+    rows, vocab = hidden.shape[0], w.shape[0]
+    logits = WORKSPACE.take("logits", rows, vocab, torch.float32)
+    if w.dtype == torch.float32:
+        return torch.mm(hidden.to(w.dtype), w.t(), out=logits)
+    low = torch.mm(hidden.to(w.dtype), w.t(), out=WORKSPACE.take("product", rows, vocab, w.dtype))
+    return logits.copy_(low)
+
+
 class CpuLogProbs(torch.autograd.Function):
     """Per-row log p(target), entropy and is-argmax of `hidden @ weight.T`, in row tiles; the
     matmuls in autocast's dtype where it is on (else the hidden states'), the softmax in fp32."""
@@ -83,49 +132,58 @@ class CpuLogProbs(torch.autograd.Function):
         log_z = hidden.new_empty(rows, dtype=torch.float32)
         log_probs, entropy = torch.empty_like(log_z), torch.empty_like(log_z)
         top1 = torch.empty(rows, dtype=torch.bool)
-        probs = torch.empty(rows, vocab, dtype=dtype) if keep else None
+        probs = WORKSPACE.take("probs", rows, vocab, dtype) if keep else None
         with torch.autocast("cpu", enabled=False):
             for start, end in row_tiles(rows, vocab):
-                z = (hidden[start:end].to(dtype) @ w.t()).float()
-                lz = torch.logsumexp(z, dim=-1)
-                log_z[start:end] = lz
-                log_probs[start:end] = z.gather(1, targets[start:end, None])[:, 0] - lz
+                z = project(hidden[start:end], w)
                 if want_top1:  # argmax gives the first maximum: TRL's "target >= max, > every column before"
                     top1[start:end] = z.argmax(dim=-1) == targets[start:end]
-                if want_entropy or keep:
-                    p = torch.exp(z.sub_(lz[:, None]))  # z is log p from here
-                    if want_entropy:
-                        entropy[start:end] = -(p * z).sum(dim=-1)
-                    if keep:
-                        probs[start:end] = p
+                top = z.amax(dim=-1, keepdim=True)
+                z.sub_(top)  # from here z is z - max: every exponential at most 1
+                target = z.gather(1, targets[start:end, None])[:, 0]
+                e = torch.exp(z, out=WORKSPACE.take("exp", end - start, vocab, torch.float32))
+                total = e.sum(dim=-1)
+                log_total = total.log()
+                log_z[start:end] = top[:, 0] + log_total
+                log_probs[start:end] = target - log_total
+                if want_entropy:  # -sum p log p = log total - sum e (z - max) / total; a row dot, no temporary
+                    entropy[start:end] = log_total - torch.bmm(e.unsqueeze(1), z.unsqueeze(2))[:, 0, 0] / total
+                if keep:
+                    probs[start:end] = e.div_(total[:, None])
         ctx.dtype = dtype
-        ctx.save_for_backward(hidden, weight, targets, log_z, entropy, probs if keep else log_z)
-        ctx.kept = keep
+        ctx.save_for_backward(hidden, weight, targets, log_z, entropy)
+        # the probabilities live in the workspace: used only if no forward has claimed it since
+        ctx.probs, ctx.probs_claim = probs, WORKSPACE.claim_probs() if keep else None
         ctx.mark_non_differentiable(top1)
         return log_probs, entropy if want_entropy else None, top1 if want_top1 else None
 
     @staticmethod
     def backward(ctx, grad_log_probs, grad_entropy, _grad_top1):
-        hidden, weight, targets, log_z, entropy, probs = ctx.saved_tensors
+        hidden, weight, targets, log_z, entropy = ctx.saved_tensors
         if grad_log_probs is None and grad_entropy is None:
             return None, None, None, None, None
         w = head_copy(weight, ctx.dtype)
+        vocab = w.shape[0]
+        kept = ctx.probs is not None and ctx.probs_claim == WORKSPACE.probs_claims and grad_entropy is None
         grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype)
         with torch.autocast("cpu", enabled=False):
-            for start, end in row_tiles(hidden.shape[0], w.shape[0]):
-                if ctx.kept and grad_entropy is None:
-                    p = probs[start:end].float()
+            for start, end in row_tiles(hidden.shape[0], vocab):
+                rows = torch.arange(end - start)
+                if kept:
+                    p = WORKSPACE.take("logits", end - start, vocab, torch.float32).copy_(ctx.probs[start:end])
                 else:
-                    log_p = (hidden[start:end].to(ctx.dtype) @ w.t()).float().sub_(log_z[start:end, None])
-                    p = torch.exp(log_p)
-                grad = torch.zeros_like(p)
-                if grad_entropy is not None:  # d entropy / dz_j = -p_j (log p_j + entropy)
-                    grad -= grad_entropy[start:end, None] * p * (log_p + entropy[start:end, None])
+                    log_p = project(hidden[start:end], w).sub_(log_z[start:end, None])
+                    p = torch.exp(log_p) if grad_entropy is not None else log_p.exp_()
+                if grad_entropy is not None:  # d entropy / dz_j = -p_j (log p_j + entropy); rarely asked
+                    grad = -grad_entropy[start:end, None] * p * (log_p + entropy[start:end, None])
+                    if grad_log_probs is not None:
+                        grad -= grad_log_probs[start:end, None] * p
+                else:
+                    grad = p.mul_(-grad_log_probs[start:end, None])  # in place: p is not needed again
                 if grad_log_probs is not None:  # d log p_target / dz_j = 1[j = target] - p_j
-                    g = grad_log_probs[start:end]
-                    grad -= g[:, None] * p
-                    grad[torch.arange(end - start), targets[start:end]] += g
-                grad_hidden[start:end] = (grad.to(ctx.dtype) @ w).to(hidden.dtype)
+                    grad[rows, targets[start:end]] += grad_log_probs[start:end]
+                low = WORKSPACE.take("product", end - start, vocab, ctx.dtype).copy_(grad)
+                grad_hidden[start:end] = (low @ w).to(hidden.dtype)
         return grad_hidden, None, None, None, None
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from finetune import allocator, logs
+from finetune import logs
 from finetune.adapter import AdapterInfo, save_adapter
 from finetune.bases import ResolvedBase
 from finetune.distributed import barrier, check_resume, shards, start, world
@@ -138,10 +138,6 @@ def fit(recipe: Recipe, run: RunDir, plan: TrainingPlan, checkpoint: Path | None
     from finetune.train.trainer import log_trackers_into, make_trainer, restore_finished, sft_config
 
     w, prep = world(), plan.prep
-    if not on_gpu() and not plan.preflight.gradient_checkpointing:
-        # before the first step's allocations (finetune/allocator.py); not where preflight turned
-        # checkpointing on for want of RAM: kept blocks fragment, +1 GiB at the 0.8B's shape there
-        allocator.keep_freed_memory()
     if w.main:
         log_trackers_into(recipe, run)
     args = sft_config(recipe, run, plan.batches, prep.base.family, evaluate_first=checkpoint is None)  # before the model
