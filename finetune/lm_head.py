@@ -16,8 +16,10 @@ argmax) with one GEMM per row tile against a bf16 copy of the frozen head kept a
 (where the 4-bit weights' copies are kept: RAM allows, finetune/dequantized.py), and
 its backward is one bf16 GEMM over the whole vocabulary (oneDNN accumulates in fp32 and rounds
 once, as autocast's own linear backward does): 0.8 s for the same rows. Where the rows are few,
-the probabilities are kept in bf16 for the backward instead of projecting again.
-tests/test_lm_head.py holds it to an fp64 reference and to TRL's own function.
+the probabilities are kept in bf16 for the backward instead of projecting again. Its
+vocabulary-wide tiles are kept from one call to the next (`Workspace`), so the kernel does not
+fault their pages in again at every pass. tests/test_lm_head.py holds it to an fp64 reference and
+to TRL's own function.
 
 Written here because no library has one: Liger's fused linear cross-entropy and TRL's kernels are
 Triton (GPU) kernels, and TRL's torch path is the one described above. Anything TRL's head

@@ -95,6 +95,30 @@ def test_entropy_gradient_equals_trls(kept):
     assert torch.allclose(ft[1].double(), ref[1], rtol=1e-5)
 
 
+def test_the_heads_tiles_are_kept_and_a_later_forward_sends_the_earlier_backward_to_projecting_again(kept):
+    """The vocabulary-wide tiles live in lm_head.WORKSPACE: a second pass of as many rows or fewer
+    takes no new buffer. The kept probabilities are one buffer, so a forward made between
+    another's forward and backward (two micro-batches' forwards, then both backwards) takes it
+    over; the earlier backward must notice and project again, giving the fp64 reference's
+    gradient, not the later rows' probabilities."""
+    lm_head.release_workspace()
+    head = lm_head.fused_head_for_cpu(trl_head())
+    h, weight, targets = problem()
+    run(head, h, weight, targets, bf16=False)
+    kept_at = {name: buffer.data_ptr() for name, buffer in lm_head.WORKSPACE.buffers.items()}
+    run(head, h[:20], weight, targets[:20], bf16=False)
+    assert {name: buffer.data_ptr() for name, buffer in lm_head.WORKSPACE.buffers.items()} == kept_at
+    assert ("probs" in kept_at) == (kept == "kept probabilities")
+
+    first, second = h.clone().requires_grad_(True), (h * 0.5).requires_grad_(True)
+    first_log_probs = head.apply(first, weight, None, targets, 1.0, 256, None, 1.0, OUTPUTS)[0]
+    second_log_probs = head.apply(second, weight, None, targets, 1.0, 256, None, 1.0, OUTPUTS)[0]
+    (-second_log_probs.sum()).backward()
+    (-first_log_probs.sum()).backward()
+    assert relative(first.grad, reference(h, weight, targets)[2]) <= 1e-5
+    assert relative(second.grad, reference(h * 0.5, weight, targets)[2]) <= 1e-5
+
+
 def test_what_the_cpu_head_does_not_handle_goes_to_trl_unchanged():
     calls = []
 
