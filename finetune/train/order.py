@@ -4,12 +4,12 @@ alone.
 
 - **Each optimizer step's rows sorted by length** (`StepsSortedByLength`), where a step is
   several micro-batches (train.grad_accum > 1) of padded rows (packing off; packed, the longest
-  examples would share a micro-batch's rows for no saving) in one process: a random order, as transformers'
-  default sampler draws, and within each step's rows the longest first, so each micro-batch pads
-  to rows of similar length. A step's update is the same in exact arithmetic: it sums the same
-  rows' losses over the step's token count (transformers' `num_items_in_batch`), whichever
-  micro-batch holds a row. The laptop recipe's 4 × 2 support tickets: 5.0% of a step's tokens
-  padding in random micro-batches, 3.2% sorted (bench/RESULTS.md 20).
+  examples would share a micro-batch's rows for no saving) in one process: a random order, as
+  transformers' default sampler draws, and within each step's rows the longest first, so each
+  micro-batch pads to rows of similar length. A step's update is the same in exact arithmetic:
+  it sums the same rows' losses over the step's token count (transformers' `num_items_in_batch`),
+  whichever micro-batch holds a row. The laptop recipe's 4 × 2 support tickets: 5.0% of a step's
+  tokens padding in random micro-batches, 3.1% sorted (bench/RESULTS.md 20).
 - **train.group_by_length**: transformers' length-grouped sampler (random groups of up to 50
   steps' rows, each sorted longest first). Less padding still (0.3% on those tickets), but it
   changes which rows share a step and when: on the SmolLM2 demo it cost 0.04–0.05 nats of
