@@ -65,11 +65,17 @@ def without_delta_rule() -> None:
     library = qwen.torch_chunk_gated_delta_rule  # as imported, before ft wraps it
     ft_rule = packing.chunk_gated_delta_rule
 
-    def rule(query, key, value, g, beta, segment=None, chunk_size=64, l2norm=True):
+    def rule(query, key, value, g, beta, segment=None, chunk_size=64, l2norm=True, initial_state=None,
+             final_state=None):
         if segment is not None:
-            return ft_rule(query, key, value, g, beta, segment, chunk_size, l2norm)
-        # at the chunk the model asks for (ft's router has picked its own by now)
-        return library(query, key, value, g=g, beta=beta, use_qk_l2norm_in_kernel=l2norm)[0]
+            return ft_rule(query, key, value, g, beta, segment, chunk_size, l2norm, initial_state, final_state)
+        # at the chunk the model asks for (ft's router has picked its own by now); a shared
+        # prefix's state in and out as transformers carries it
+        out, state = library(query, key, value, g=g, beta=beta, initial_state=initial_state,
+                             output_final_state=final_state is not None, use_qk_l2norm_in_kernel=l2norm)
+        if final_state is not None:
+            final_state.append(state)
+        return out
 
     packing.chunk_gated_delta_rule = rule
 

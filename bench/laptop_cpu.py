@@ -27,7 +27,9 @@ recipe's dropout of then, 0.05):
                     drawn order
   as in RESULTS 19  as shipped before RESULTS 20: glibc keeping freed blocks up to 1 GiB on its
                     heap (finetune/allocator.py), a step's rows in drawn order, the delta rule's
-                    chunk 64
+                    chunk 64, and below
+  as in RESULTS 20  as shipped before RESULTS 21: every row computing the system prompt's tokens
+                    itself (train.shared_prefix=false; finetune/train/shared_prefix.py)
   dropout 0.05      as shipped, with the recipe's LoRA dropout at 0.05
   kept freed blocks as shipped, with RESULTS 19's allocator (glibc keeping freed blocks)
   library delta rule      as shipped, with transformers' PyTorch delta rule on padded batches
@@ -69,8 +71,9 @@ SETTINGS = ["data.heldout_max=8", "data.too_long=drop", "train.save_steps=1000",
             "eval.after_train=false", "train.rehearsal=0", "eval.batch_size=8"]
 WITHOUT = ("-m", "bench.ft_without")
 FT = ("-m", "finetune")
-EARLIER = ["train.packing=false", "lora.dropout=0.05"]  # the recipe before RESULTS 19
+EARLIER = ["train.packing=false", "lora.dropout=0.05", "train.shared_prefix=false"]  # the recipe before RESULTS 19
 PADDED = ["train.packing=false"]
+PER_ROW = [*PADDED, "train.shared_prefix=false"]  # as before RESULTS 21
 # name → (how ft is started, the settings)
 CONFIGS = {"before": ((*WITHOUT, "loss-head,fp32-adapters,delta-rule,conv,step-sort"),
                       ["train.cpu_bf16=false", "quantization.cpu_dequantized_copies=false", *EARLIER]),
@@ -78,7 +81,8 @@ CONFIGS = {"before": ((*WITHOUT, "loss-head,fp32-adapters,delta-rule,conv,step-s
            "fp32 hand-back": ((*WITHOUT, "bf16-hand-back,fp32-adapters,delta-rule,conv,step-sort"), EARLIER),
            "bf16 adapters": ((*WITHOUT, "fp32-adapters,delta-rule,conv,step-sort"), EARLIER),
            "previous": ((*WITHOUT, "delta-rule,conv,step-sort"), EARLIER),
-           "as in RESULTS 19": ((*WITHOUT, "kept-freed,chunk-64,step-sort"), PADDED),
+           "as in RESULTS 19": ((*WITHOUT, "kept-freed,chunk-64,step-sort"), PER_ROW),
+           "as in RESULTS 20": (FT, PER_ROW),
            "dropout 0.05": (FT, [*PADDED, "lora.dropout=0.05"]),
            "kept freed blocks": ((*WITHOUT, "kept-freed"), PADDED),
            "library delta rule": ((*WITHOUT, "delta-rule"), PADDED),

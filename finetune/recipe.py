@@ -164,6 +164,10 @@ class TrainSection(Section):
                                   "length-grouped sampler (random groups of up to 50 optimizer steps' rows, each "
                                   "sorted longest first); less padding where packing is off, but it changes which "
                                   "rows share a step and when (held-out loss 0.04 nats worse on the demo)")
+    # exact (the same loss and gradients); off only to compare (bench/RESULTS.md 21)
+    shared_prefix: bool = Field(True, description="compute the leading tokens every row of a micro-batch shares "
+                                "(the system prompt) once, not once a row: padded rows on a CPU, no gradient "
+                                "checkpointing (finetune/train/shared_prefix.py)")
     seed: int = Field(42, description="seeds data order, LoRA init and the held-out split")
     save_steps: int = Field(50, ge=1, description="checkpoint every N optimizer steps")
     save_total_limit: int = Field(2, ge=1, description="checkpoints kept (oldest deleted)")

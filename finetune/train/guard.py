@@ -19,6 +19,7 @@ from trl import SFTTrainer
 
 from finetune.distributed import any_rank
 from finetune.run import complete_checkpoints
+from finetune.train import shared_prefix as prefix
 from finetune.train.order import train_sampler
 from finetune.train.packing import REAL_TOKENS
 
@@ -47,8 +48,11 @@ class SafeTrainer(SFTTrainer):
 
     _staging: Path | None = None
 
-    def __init__(self, *args, padded_rows: bool = True, **kwargs):
+    def __init__(self, *args, padded_rows: bool = True, shared_prefix: bool = False, **kwargs):
         self.padded_rows = padded_rows  # one example a row (TRL pads them): its sampler may sort a step's rows
+        self.shared_prefix = shared_prefix  # a micro-batch's common leading tokens computed once
+        if shared_prefix:
+            prefix.install()
         super().__init__(*args, **kwargs)
 
     def _get_output_dir(self, trial=None) -> str:
@@ -120,12 +124,33 @@ class SafeTrainer(SFTTrainer):
             mask = inputs.get("attention_mask")
             real = mask.sum() if mask is not None else inputs["input_ids"].numel()
         before = getattr(self, "_total_train_tokens", 0)
-        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        shared = prefix.shared_length(inputs["input_ids"], inputs["attention_mask"], inputs["labels"]) \
+            if self.shared_prefix and not return_outputs else 0
+        if shared:
+            result = self.loss_with_shared_prefix(model, inputs, shared, num_items_in_batch)
+        else:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if self.model.training:
             real = self.accelerator.gather_for_metrics(torch.as_tensor(real, device=inputs["input_ids"].device))
             self._total_train_tokens = before + int(real.sum())
             self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
         return result
+
+
+    def loss_with_shared_prefix(self, model, inputs, shared: int, num_items_in_batch):
+        """The loss of a padded micro-batch whose rows begin with the same `shared` tokens: those
+        run once through the decoder (no head: nothing there is scored), the rows' remainders
+        then through TRL's loss as the batch (finetune/train/shared_prefix.py)."""
+        head, rest = prefix.split_batch(inputs, shared)
+        decoder = self.accelerator.unwrap_model(model).get_base_model().get_decoder()
+        with prefix.PrefixPass(shared) as passes:
+            with self.accelerator.autocast():  # as the model's own forward runs (accelerate wraps it)
+                decoder(**head, use_cache=False)
+            with passes.suffixes():
+                loss = super().compute_loss(model, rest, False, num_items_in_batch)
+            if passes.leftover():
+                raise RuntimeError(f"the shared prefix's tensors were not all read: {passes.leftover()} left")
+        return loss
 
 
 class StopOnSignal(TrainerCallback):

@@ -48,9 +48,12 @@ import torch
 import torch.nn.functional as F
 
 
-def chunk_gated_delta_rule(query, key, value, g, beta, segment=None, chunk_size=64, l2norm=True):
-    """The layer's output [batch, length, v_heads, v_dim], from a zero state; `segment`:
-    [batch, length] sequence index of every position (None: one sequence a row)."""
+def chunk_gated_delta_rule(query, key, value, g, beta, segment=None, chunk_size=64, l2norm=True,
+                           initial_state=None, final_state: list | None = None):
+    """The layer's output [batch, length, v_heads, v_dim], from `initial_state` ([batch, v_heads,
+    k_dim, v_dim], fp32; None: zero); `segment`: [batch, length] sequence index of every position
+    (None: one sequence a row). `final_state`, a list, gets the state after the last position
+    (trailing padding leaves it unchanged: its keys, values and decays are zero)."""
     dtype = query.dtype
     batch, length, k_heads, k_dim = key.shape
     v_heads, v_dim = value.shape[-2:]
@@ -99,16 +102,28 @@ def chunk_gated_delta_rule(query, key, value, g, beta, segment=None, chunk_size=
     with torch.autocast(query.device.type, enabled=False):  # fp32, as transformers' solves are
         new_values, k_cumdecay = inverse @ v_beta, inverse @ decayed_k_beta
 
-    state = torch.zeros(batch, v_heads, k_dim, v_dim, dtype=new_values.dtype, device=new_values.device)
-    out = torch.zeros_like(new_values)
+    if initial_state is None:
+        state = torch.zeros(batch, v_heads, k_dim, v_dim, dtype=new_values.dtype, device=new_values.device)
+    else:
+        state = initial_state.to(new_values.dtype)
     query = query * masked(cum_decay.exp(), carry).unsqueeze(-1)
     key = key * masked((cum_decay[..., -1:] - cum_decay).exp(), in_last).unsqueeze(-1)
     chunk_decay = masked(cum_decay[..., -1].exp(), last_carry)[..., None, None]
-    for i in range(chunks):
-        v_new = new_values[:, :, i] - k_cumdecay[:, :, i] @ state
-        out[:, :, i] = query[:, :, i] @ state + intra_chunk_attn[:, :, i] @ v_new
-        state = state * chunk_decay[:, :, i] + key[:, :, i].transpose(-1, -2) @ v_new
-    out = out.reshape(batch, v_heads, -1, v_dim)[:, :, :length]
+    # The scan reads each chunk whole: split once into contiguous chunk-major pieces (unbind's
+    # backward stacks the pieces' gradients once), and the outputs stacked once. transformers
+    # indexes [:, :, i] and writes out[:, :, i]: in the backward every index zero-fills and adds
+    # a whole-tensor gradient and every write clones one, O(chunks²) memory traffic that was 8% of
+    # the 0.8B's micro-step at 7 chunks (bench/RESULTS.md 21).
+    pieces = [x.movedim(2, 0).contiguous().unbind(0)
+              for x in (new_values, k_cumdecay, query, intra_chunk_attn, key.transpose(-1, -2), chunk_decay)]
+    outs = []
+    for new_value, k_cum, q, attn, k_t, decay_i in zip(*pieces):
+        v_new = new_value - k_cum @ state
+        outs.append(q @ state + attn @ v_new)
+        state = state * decay_i + k_t @ v_new
+    if final_state is not None:
+        final_state.append(state)
+    out = torch.stack(outs, dim=2).reshape(batch, v_heads, -1, v_dim)[:, :, :length]
     return out.transpose(1, 2).to(dtype, memory_format=torch.contiguous_format)
 
 

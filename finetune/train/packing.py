@@ -38,6 +38,7 @@ from typing import Callable
 
 import torch
 
+from finetune.train import shared_prefix
 from finetune.train.linear_attention import chunk_gated_delta_rule, cpu_causal_conv1d, cpu_chunk_size
 
 IGNORE = -100
@@ -158,8 +159,11 @@ def segment_causal_conv1d(original, kernels: VarlenKernels = VarlenKernels()):
 
     def conv(hidden_states, weight, bias=None, activation=None, cu_seq_lens_q=None, **kwargs):
         if cu_seq_lens_q is None:  # a padded batch: ft's conv in a CPU training step, else the original
+            hidden_states, front = shared_prefix.conv_input(hidden_states, weight.shape[-1])
             out = cpu_causal_conv1d(hidden_states, weight, bias, activation)
-            return out if out is not None else original(hidden_states, weight, bias, activation=activation, **kwargs)
+            if out is None:
+                out = original(hidden_states, weight, bias, activation=activation, **kwargs)
+            return out[:, :, front:]
         batch, _, length = hidden_states.shape  # [batch, channels, length]
         segment = _segment_ids(cu_seq_lens_q, batch, length)
         if kernels.serve(kernels.conv, hidden_states):
@@ -216,8 +220,12 @@ def segment_delta_rule(original, kernels: VarlenKernels = VarlenKernels()):
              use_qk_l2norm_in_kernel=False, chunk_size=64, **kwargs):
         stateless = initial_state is None and not output_final_state
         if cu_seqlens is None and stateless and query.device.type == "cpu":  # a padded batch on a CPU
-            return chunk_gated_delta_rule(query, key, value, g, beta, None, cpu_chunk_size(query.shape[1], chunk_size),
-                                          use_qk_l2norm_in_kernel), None
+            final = [] if shared_prefix.recording() else None  # a shared prefix's state, for its rows
+            out = chunk_gated_delta_rule(query, key, value, g, beta, None, cpu_chunk_size(query.shape[1], chunk_size),
+                                         use_qk_l2norm_in_kernel, shared_prefix.initial_state(query.shape[0]), final)
+            if final:
+                shared_prefix.record_state(final[0])
+            return out, None
         if cu_seqlens is None or not stateless:
             return original(query, key, value, g=g, beta=beta, cu_seqlens=cu_seqlens, initial_state=initial_state,
                             output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,

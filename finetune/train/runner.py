@@ -133,6 +133,7 @@ def fit(recipe: Recipe, run: RunDir, plan: TrainingPlan, checkpoint: Path | None
     from finetune.train.backends import check_loaded, loaded_facts
     from finetune.train.guard import NonFiniteLoss, NonFiniteWeights, StopOnNonFiniteLoss, StopOnSignal
     from finetune.train.lora import load_model
+    from finetune.train import shared_prefix
     from finetune.train.packing import segment_aware_linear_attention
     from finetune.train.progress import HeldoutLossAtStart, MetricsCallback, RichProgress
     from finetune.train.trainer import log_trackers_into, make_trainer, restore_finished, sft_config
@@ -157,7 +158,9 @@ def fit(recipe: Recipe, run: RunDir, plan: TrainingPlan, checkpoint: Path | None
     progress = RichProgress(console) if w.main else None
     start_loss = HeldoutLossAtStart(run if w.main else None)
     callbacks = [MetricsCallback(run), nonfinite, start_loss, stop] + ([progress] if progress else [])
-    trainer = make_trainer(model, args, prep, train_dataset, plan.heldout_dataset, callbacks, packed)
+    shares = recipe.train.shared_prefix and plan.backend == "hf" and shared_prefix.applies(
+        model, packed, plan.preflight.gradient_checkpointing)
+    trainer = make_trainer(model, args, prep, train_dataset, plan.heldout_dataset, callbacks, packed, shares)
     try:
         result = restore_finished(trainer, checkpoint) if checkpoint is not None else None
         restored = result is not None

@@ -129,7 +129,8 @@ def check_trl_can_train_here(gpu: bool) -> None:
                     "(a CUDA GPU)", "installed packages", "pip install 'trl>=1.16' (it has a non-Triton path)")
 
 
-def make_trainer(model, args, prep: Prepared, train_ds, heldout_ds, callbacks, packed: bool):
+def make_trainer(model, args, prep: Prepared, train_ds, heldout_ds, callbacks, packed: bool,
+                 shared_prefix: bool = False):
     from transformers.trainer_callback import PrinterCallback
 
     from finetune.train.guard import SafeTrainer
@@ -141,7 +142,7 @@ def make_trainer(model, args, prep: Prepared, train_ds, heldout_ds, callbacks, p
     score_only_trained_positions()  # and CPU rows through ft's head (finetune/lm_head.py)
     trainer = SafeTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=heldout_ds,
                           processing_class=prep.tokenizer, callbacks=callbacks, data_collator=collator,
-                          padded_rows=not packed)
+                          padded_rows=not packed, shared_prefix=shared_prefix)
     trainer.remove_callback(PrinterCallback)  # logs go to metrics.jsonl and the progress bar
     if not on_gpu():
         keep_adapters_fp32(trainer.model)
