@@ -95,7 +95,7 @@ def without_step_sort() -> None:
 def without_conv() -> None:
     from finetune.train import packing
 
-    packing.cpu_causal_conv1d = lambda hidden_states, weight, bias, activation: None  # the caller's original
+    packing.cpu_causal_conv1d = lambda hidden_states, weight, bias, activation, skip=0: None  # the caller's original
 
 
 SWITCHES = {"loss-head": without_loss_head, "bf16-hand-back": without_bf16_hand_back,

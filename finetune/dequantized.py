@@ -69,7 +69,9 @@ class DequantizedLinear4bit(bnb.nn.Linear4bit):
             self.compute_type_is_set = True
         inp_dtype = x.dtype
         if self.compute_dtype is not None:
-            x = x.to(self.compute_dtype)
+            # the dtype F.linear will multiply in: under CPU autocast a bf16 input (the MLP's down
+            # projection's) goes to fp32 and back to bf16 otherwise, two copies and their backwards
+            x = x.to(copy_dtype(self.compute_dtype) if self._copies is not None else self.compute_dtype)
         bias = self.bias
         if bias is not None:
             if bias.dtype != x.dtype:
@@ -78,7 +80,7 @@ class DequantizedLinear4bit(bnb.nn.Linear4bit):
         if self._copies is None:
             out = bnb.matmul_4bit(x, self.weight, bias=bias, quant_state=self.weight.quant_state)
         else:
-            out = F.linear(x, self.dequantized(x.dtype), bias)
+            out = F.linear(x, self.dequantized(self.compute_dtype or inp_dtype), bias)
         if torch.is_autocast_enabled("cpu"):  # as nn.Linear under autocast: the product in autocast's dtype
             return out.to(torch.get_autocast_dtype("cpu"))
         return out.to(inp_dtype)

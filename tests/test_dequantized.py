@@ -130,3 +130,50 @@ def test_preflight_counts_the_copies_in_the_matmul_dtype(monkeypatch):
         assert kept.weights - without.weights == (params - embed) * element + head
     on_gpu = memory_estimate(recipe, config, params, embed, lora, gpu=True, checkpointing=True, kept_copies=True)
     assert on_gpu.weights == memory_estimate(recipe, config, params, embed, lora, gpu=True, checkpointing=True).weights
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["kept-copy", "per-call"])
+def test_a_bf16_input_under_autocast_equals_bitsandbytes(keep):
+    """The MLP's down projection gets a bf16 input under autocast: ft multiplies it as it comes
+    (bitsandbytes casts it to fp32 and autocast back to bf16): output and input gradient the same
+    bit for bit."""
+    from finetune.dequantized import use_ft_forward
+
+    layer = quantized_layer("nf4", True, False)
+    x = torch.randn(3, 7, 192).to(torch.bfloat16)
+    expected = output_and_input_gradient(layer, x, autocast=True)
+    use_ft_forward(torch.nn.Sequential(layer), keep_copies=keep)
+    got = output_and_input_gradient(layer, x, autocast=True)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_lora_inputs_left_in_their_dtype_give_the_same_bits():
+    """peft's 4-bit LoRA wrapper, with its input cast to the fp32 adapter's dtype (peft's default
+    on a CPU) and without (trainer.lora_inputs_as_they_come, under CPU bf16 autocast): output, input
+    gradient and both adapters' gradients bit for bit, for a bf16 input and an fp32 one."""
+    from peft import LoraConfig, get_peft_model
+
+    from finetune.dequantized import use_ft_forward
+    from finetune.train.trainer import lora_inputs_as_they_come
+
+    model = get_peft_model(torch.nn.Sequential(quantized_layer("nf4", True, False)),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=["0"]))
+    use_ft_forward(model, keep_copies=True)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data = torch.randn_like(param) * 0.1  # zero at init: nothing would flow through A
+
+    def run(x):
+        model.zero_grad(set_to_none=True)
+        out, grad = output_and_input_gradient(model, x, autocast=True)
+        return [out, grad] + [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(3, 7, 192).to(dtype)
+        cast = run(x)
+        assert lora_inputs_as_they_come(model) == 1
+        as_they_come = run(x)
+        for module in model.modules():
+            if hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = True
+        assert len(cast) == 4 and all(torch.equal(a, b) for a, b in zip(cast, as_they_come)), dtype

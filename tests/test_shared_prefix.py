@@ -130,3 +130,23 @@ def test_training_shares_only_where_the_hooks_cover_the_path(qwen_twin):
     assert not shared_prefix.applies(model, packed=False, checkpointing=True)
     eager = AutoModelForCausalLM.from_pretrained(qwen_twin, attn_implementation="eager")
     assert not shared_prefix.applies(eager, packed=False, checkpointing=False)
+
+
+def test_the_conv_with_left_context_is_the_whole_conv_without_its_first_outputs():
+    """A shared prefix's last K-1 conv inputs put in front of a row: ft's conv drops their outputs
+    itself; the rest of the output and every gradient bit for bit those of the whole conv sliced."""
+    from finetune.train.linear_attention import cpu_causal_conv1d
+
+    torch.manual_seed(0)
+    weight = torch.randn(48, 4) * 0.3
+    for autocast in (False, True):
+        x = torch.randn(2, 40, 48).transpose(1, 2).requires_grad_()  # the layer's [batch, channels, length] view
+        upstream = torch.randn(2, 48, 37)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            whole = cpu_causal_conv1d(x, weight, None, "silu")[:, :, 3:]
+            whole.backward(upstream.to(whole.dtype))
+            want = x.grad.clone()
+            x.grad = None
+            skipped = cpu_causal_conv1d(x, weight, None, "silu", skip=3)
+            skipped.backward(upstream.to(skipped.dtype))
+        assert torch.equal(skipped, whole) and torch.equal(x.grad, want), autocast

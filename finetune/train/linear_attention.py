@@ -153,7 +153,11 @@ class CausalConv1dSilu(torch.autograd.Function):
     the rounded sum is kept for the backward, as the SiLU autograd keeps its input."""
 
     @staticmethod
-    def forward(ctx, x, weight):
+    def forward(ctx, x, weight, skip: int = 0):
+        """`skip`: x's first positions are left context only (a shared prefix's last inputs,
+        finetune/train/shared_prefix.py), read by the taps but given no output. Dropped here, not
+        sliced off by the caller: a slice's backward would hand the gradient over as a
+        [batch, channels, length] tensor that this layout transposes again."""
         dtype = compute_dtype(x.device.type, weight.dtype)
         taps = weight.to(dtype).float()
         rows = x.transpose(1, 2).contiguous()  # [batch, length, channels]: free for the layer's layout
@@ -161,20 +165,23 @@ class CausalConv1dSilu(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             for start, end, total in _blocks(rows, taps, reach=-1):
                 before[:, start:end] = total
-            out = torch.nn.functional.silu(before)
+            out = torch.nn.functional.silu(before[:, skip:])
         ctx.save_for_backward(before, taps)
-        ctx.input_dtype = x.dtype
+        ctx.input_dtype, ctx.skip = x.dtype, skip
         return out.transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad):
         before, taps = ctx.saved_tensors
+        skip = ctx.skip
         grad_x = torch.empty(before.shape, dtype=ctx.input_dtype, device=before.device)
         with torch.autocast(before.device.type, enabled=False):
-            grad_before = torch.ops.aten.silu_backward(grad.transpose(1, 2).to(before.dtype), before)
+            grad_before = torch.ops.aten.silu_backward(grad.transpose(1, 2).to(before.dtype), before[:, skip:])
+            if skip:  # the context positions have no output: no gradient of their own
+                grad_before = torch.nn.functional.pad(grad_before, (0, 0, skip, 0))
             for start, end, total in _blocks(grad_before, taps, reach=+1):  # out[t] read x[t - s]
                 grad_x[:, start:end] = total
-        return grad_x.transpose(1, 2), None
+        return grad_x.transpose(1, 2), None, None
 
 
 def _blocks(rows, taps, reach: int):
@@ -194,10 +201,10 @@ def _blocks(rows, taps, reach: int):
         yield start, end, total
 
 
-def cpu_causal_conv1d(hidden_states, weight, bias, activation) -> torch.Tensor | None:
-    """CausalConv1dSilu where it applies (a CPU training step: frozen weight, no bias, SiLU);
-    None elsewhere, for the caller's original."""
+def cpu_causal_conv1d(hidden_states, weight, bias, activation, skip: int = 0) -> torch.Tensor | None:
+    """CausalConv1dSilu where it applies (a CPU training step: frozen weight, no bias, SiLU),
+    without outputs for the first `skip` positions; None elsewhere, for the caller's original."""
     if (hidden_states.device.type != "cpu" or not torch.is_grad_enabled() or weight.requires_grad
             or bias is not None or activation not in ("silu", "swish") or hidden_states.dim() != 3):
         return None
-    return CausalConv1dSilu.apply(hidden_states, weight).to(hidden_states.dtype)
+    return CausalConv1dSilu.apply(hidden_states, weight, skip).to(hidden_states.dtype)

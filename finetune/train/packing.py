@@ -160,10 +160,10 @@ def segment_causal_conv1d(original, kernels: VarlenKernels = VarlenKernels()):
     def conv(hidden_states, weight, bias=None, activation=None, cu_seq_lens_q=None, **kwargs):
         if cu_seq_lens_q is None:  # a padded batch: ft's conv in a CPU training step, else the original
             hidden_states, front = shared_prefix.conv_input(hidden_states, weight.shape[-1])
-            out = cpu_causal_conv1d(hidden_states, weight, bias, activation)
+            out = cpu_causal_conv1d(hidden_states, weight, bias, activation, front)
             if out is None:
-                out = original(hidden_states, weight, bias, activation=activation, **kwargs)
-            return out[:, :, front:]
+                out = original(hidden_states, weight, bias, activation=activation, **kwargs)[:, :, front:]
+            return out
         batch, _, length = hidden_states.shape  # [batch, channels, length]
         segment = _segment_ids(cu_seq_lens_q, batch, length)
         if kernels.serve(kernels.conv, hidden_states):

@@ -146,7 +146,24 @@ def make_trainer(model, args, prep: Prepared, train_ds, heldout_ds, callbacks, p
     trainer.remove_callback(PrinterCallback)  # logs go to metrics.jsonl and the progress bar
     if not on_gpu():
         keep_adapters_fp32(trainer.model)
+        if args.bf16:
+            lora_inputs_as_they_come(trainer.model)
     return trainer
+
+
+def lora_inputs_as_they_come(model) -> int:
+    """Under CPU bf16 autocast, leave each LoRA layer's input in the dtype it comes in; returns
+    how many layers. peft's 4-bit LoRA wrapper casts its input to the adapter's dtype wherever
+    autocast is off, and asks CUDA's (`torch.is_autocast_enabled()` with no device), so on a CPU
+    a bf16 input (the MLP's down projection's) went to fp32 for the fp32 adapter and autocast
+    took it back to bf16 for lora_A's matmul: the same numbers, with two copies and their
+    backwards a layer (tests/test_dequantized.py: bit for bit)."""
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False
+            count += 1
+    return count
 
 
 def keep_adapters_fp32(model) -> int:
