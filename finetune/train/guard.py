@@ -124,8 +124,9 @@ class SafeTrainer(SFTTrainer):
             mask = inputs.get("attention_mask")
             real = mask.sum() if mask is not None else inputs["input_ids"].numel()
         before = getattr(self, "_total_train_tokens", 0)
+        padded = "attention_mask" in inputs and "labels" in inputs
         shared = prefix.shared_length(inputs["input_ids"], inputs["attention_mask"], inputs["labels"]) \
-            if self.shared_prefix and not return_outputs else 0
+            if self.shared_prefix and padded and not return_outputs else 0
         if shared:
             result = self.loss_with_shared_prefix(model, inputs, shared, num_items_in_batch)
         else:
