@@ -59,8 +59,8 @@ def test_rehearsal_rows_reach_the_trainer_with_the_base_answers_as_labels(tmp_pa
     seen = []
     real = trainer.make_trainer
 
-    def capture(model, args, prep, train_ds, heldout_ds, callbacks, packed):
-        made = real(model, args, prep, train_ds, heldout_ds, callbacks, packed)
+    def capture(model, args, prep, train_ds, heldout_ds, callbacks, *rest):
+        made = real(model, args, prep, train_ds, heldout_ds, callbacks, *rest)
         seen.append((made.train_dataset, prep, model))  # what TRL kept, after its own preparation
         return made
 

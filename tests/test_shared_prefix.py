@@ -74,7 +74,7 @@ def both_ways(tmp_path, monkeypatch, base: str, *settings: str) -> dict:
                 with self.compute_loss_context_manager():
                     loss = original(self, model, dict(batch), False, num_items_in_batch)
                 loss.backward()
-                seen[share] = (float(loss), lora_gradients(model))
+                seen[share] = (float(loss.detach()), lora_gradients(model))
             self.shared_prefix = seen["applies"]
             model.zero_grad(set_to_none=True)
         return original(self, model, batch, return_outputs, num_items_in_batch)

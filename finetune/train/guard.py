@@ -144,7 +144,7 @@ class SafeTrainer(SFTTrainer):
         then through TRL's loss as the batch (finetune/train/shared_prefix.py)."""
         head, rest = prefix.split_batch(inputs, shared)
         decoder = self.accelerator.unwrap_model(model).get_base_model().get_decoder()
-        with prefix.PrefixPass(shared) as passes:
+        with prefix.PrefixPass() as passes:
             with self.accelerator.autocast():  # as the model's own forward runs (accelerate wraps it)
                 decoder(**head, use_cache=False)
             with passes.suffixes():

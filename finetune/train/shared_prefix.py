@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-MIN_SHARED_TOKENS = 16  # below this the extra one-row pass and the masks cost more than they save
+# Fewer shared tokens save little against the one-row pass's per-layer calls (not measured: the
+# ones seen here are a chat template's opening, 3-5 tokens, or a system prompt, 20-100)
+MIN_SHARED_TOKENS = 16
 
 
 @dataclass
@@ -36,7 +38,6 @@ class PrefixTensors:
     keys_values: list = field(default_factory=list)  # [1, kv_heads, P, head_dim] pairs
     conv_tails: list = field(default_factory=list)  # [1, P', channels]: the conv's last K-1 inputs
     states: list = field(default_factory=list)  # [1, heads, k_dim, v_dim] delta-rule states
-    length: int = 0
     reading: bool = False  # False while the prefix runs (recording), True while the suffixes do
 
 
@@ -125,11 +126,11 @@ def recording() -> bool:
 
 
 class PrefixPass:
-    """`with PrefixPass(length) as prefix:` run the prefix; then `with prefix.suffixes():` run the
-    rows' remainders. Nothing is kept after the second block."""
+    """`with PrefixPass() as prefix:` run the prefix; then `with prefix.suffixes():` run the
+    rows' remainders. Nothing is kept after the first block ends."""
 
-    def __init__(self, length: int):
-        self.tensors = PrefixTensors(length=length)
+    def __init__(self):
+        self.tensors = PrefixTensors()
 
     def __enter__(self) -> PrefixPass:
         global ACTIVE
