@@ -28,8 +28,9 @@ recipe's dropout of then, 0.05):
   as in RESULTS 19  as shipped before RESULTS 20: glibc keeping freed blocks up to 1 GiB on its
                     heap (finetune/allocator.py), a step's rows in drawn order, the delta rule's
                     chunk 64, and below
-  as in RESULTS 20  as shipped before RESULTS 21: every row computing the system prompt's tokens
-                    itself (train.shared_prefix=false; finetune/train/shared_prefix.py)
+  as in RESULTS 20  as shipped, but every row computing the system prompt's tokens itself
+                    (train.shared_prefix=false; finetune/train/shared_prefix.py); RESULTS 21's
+                    scan and cast changes kept
   dropout 0.05      as shipped, with the recipe's LoRA dropout at 0.05
   kept freed blocks as shipped, with RESULTS 19's allocator (glibc keeping freed blocks)
   library delta rule      as shipped, with transformers' PyTorch delta rule on padded batches

@@ -137,7 +137,6 @@ class SafeTrainer(SFTTrainer):
             self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
         return result
 
-
     def loss_with_shared_prefix(self, model, inputs, shared: int, num_items_in_batch):
         """The loss of a padded micro-batch whose rows begin with the same `shared` tokens: those
         run once through the decoder (no head: nothing there is scored), the rows' remainders

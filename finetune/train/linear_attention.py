@@ -112,8 +112,8 @@ def chunk_gated_delta_rule(query, key, value, g, beta, segment=None, chunk_size=
     # The scan reads each chunk whole: split once into contiguous chunk-major pieces (unbind's
     # backward stacks the pieces' gradients once), and the outputs stacked once. transformers
     # indexes [:, :, i] and writes out[:, :, i]: in the backward every index zero-fills and adds
-    # a whole-tensor gradient and every write clones one, O(chunks²) memory traffic that was 8% of
-    # the 0.8B's micro-step at 7 chunks (bench/RESULTS.md 21).
+    # a whole-tensor gradient and every write clones one, O(chunks²) memory traffic: the 0.8B's
+    # layer at 4 × 217 (7 chunks), backward 60 → 45 ms (bench/RESULTS.md 21).
     pieces = [x.movedim(2, 0).contiguous().unbind(0)
               for x in (new_values, k_cumdecay, query, intra_chunk_attn, key.transpose(-1, -2), chunk_decay)]
     outs = []
